@@ -1,0 +1,177 @@
+"""`layerwise` command line: a thin table from commands to library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerwise.config import config_from_dict, merge, parse_assignment
+from layerwise.errors import LayerwiseError, one_line
+
+log = logging.getLogger("layerwise")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from layerwise.presets import resolve_config
+    from layerwise.train import summary_table, train
+    from layerwise.train.checkpoint import RunDir
+
+    overrides = [parse_assignment(a) for a in args.set]
+    flags = {
+        "train": {
+            "epochs_per_block": args.epochs_per_block,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "seed": args.seed,
+            "mode": args.mode,
+            "lr": args.lr,
+        },
+        "data": {"val_size": args.val_size, "workers": args.workers},
+    }
+    overrides.append({s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()})
+    if args.resume and args.out is None:
+        raise LayerwiseError("--resume needs --out RUN_DIR, the run to continue")
+    if args.resume and args.preset is None and args.config is None:
+        saved = RunDir(args.out).saved_config()
+        cfg = config_from_dict(merge(saved, merge_all(overrides)))
+    else:
+        cfg = resolve_config(args.preset or (None if args.config else "demo"), args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.download:
+        download_cifar10(args.data)
+    log.info("run %s: preset %s, mode %s, J=%d, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.J, cfg.model.k)
+    summary = train(cfg, out, data=args.data, resume=args.resume)
+    print(summary_table(summary))
+    print(f"run saved in {out}")
+    return 0
+
+
+def merge_all(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in dicts:
+        out = merge(out, d)
+    return out
+
+
+def download_cifar10(root: str | None) -> None:
+    """Fetch the CIFAR-10 python archive into root, only because the user asked with --download."""
+    if root is None:
+        raise LayerwiseError("--download needs --data FOLDER to download CIFAR-10 into")
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(root=root, train=True, download=True)
+    except Exception as e:  # network errors come in many types
+        raise LayerwiseError(f"could not download CIFAR-10 into {root} ({one_line(e)}); fetch it by hand") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from layerwise.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.data, device=args.device, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['n']} images from {args.data}, checkpoint {result['checkpoint']}")
+    print(f"{'block':<6} {'top-1':>7} {'top-5':>7} {'ens top-1':>9} {'ens top-5':>9}")
+    for j, b in result["blocks"].items():
+        print(f"{j:<6} {b['top1']:>7.2f} {b['top5']:>7.2f} {b['ensemble_top1']:>9.2f} {b['ensemble_top5']:>9.2f}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from layerwise.models import build_model
+    from layerwise.presets import list_presets, load_preset
+
+    rows = []
+    for name in list_presets():
+        cfg = load_preset(name)
+        with torch.device("meta"):  # sizes ImageNet models without allocating them
+            net = build_model(cfg.model, 1000 if cfg.data.augment == "imagenet" else 10)
+        rows.append(
+            {
+                "name": name,
+                "J": cfg.model.J,
+                "k": cfg.model.k,
+                "mode": cfg.train.mode,
+                "params_final_m": round(net.final_parameters() / 1e6, 2),
+                "params_heads_m": round(net.head_parameters() / 1e6, 2),
+                "paper": cfg.paper,
+                "description": cfg.description,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'preset':<26} {'J':>2} {'k':>2} {'mode':<7} {'final (M)':>9} {'heads (M)':>9}  paper")
+    for r in rows:
+        paper = ", ".join(f"{k} {v:g}" for k, v in r["paper"].items())
+        print(
+            f"{r['name']:<26} {r['J']:>2} {r['k']:>2} {r['mode']:<7} {r['params_final_m']:>9.2f} "
+            f"{r['params_heads_m']:>9.2f}  {paper}"
+        )
+    print("final = every block + the last head (the delivered network); heads = all auxiliary heads.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerwise", description="Greedy layerwise CNN training (Belilovsky et al. 2019)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a preset or config; with no arguments, the demo on the built-in sample")
+    t.add_argument("--preset", help="a registered preset (see `layerwise presets`); default: demo")
+    t.add_argument("--config", help="a YAML config file; may name a preset to start from")
+    t.add_argument("--data", help="CIFAR-10 archive/folder, ImageFolder tree or ImageNet layout; default: built-in sample")
+    t.add_argument("--out", help="run directory; default: runs/<preset>-<mode>-<time>")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first")
+    t.add_argument("--mode", choices=["greedy", "e2e"])
+    t.add_argument("--epochs-per-block", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--val-size", type=float, help="held-out validation images (a count, or a fraction below 1)")
+    t.add_argument("--workers", type=int, help="DataLoader workers for streamed (ImageNet) data")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr_step=4")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="per-block and ensemble top-1/top-5 of a run on held-out data")
+    e.add_argument("run_dir")
+    e.add_argument("--data", required=True, help="data no one trained on (CIFAR-10 archive: its test_batch)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list presets with J, k and parameter counts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+    )
+    try:
+        return args.func(args)
+    except LayerwiseError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with: layerwise train --out RUN_DIR --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

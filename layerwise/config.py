@@ -1,0 +1,239 @@
+"""Typed configuration: model, data and training settings, validated once when a run starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from layerwise.errors import LayerwiseError
+
+
+@dataclass
+class ModelConfig:
+    """The staged network: J blocks, each followed by its own auxiliary head."""
+
+    arch: str = "simcnn"
+    """`simcnn` (the paper's SimCNN: P is space-to-depth) or `vgg11` (VGG-11-BN cut into blocks: P is a
+    max-pool, heads use the paper's VGG auxiliary design and the last head is VGG's own classifier)."""
+    k: int = 3
+    """The paper's k: hidden layers of each auxiliary problem, the block included. Heads have k-1 convs."""
+    widths: list[int] = field(default_factory=lambda: [128, 128, 256, 256])
+    """Output channels of each block. J = len(widths)."""
+    downsample_at: list[int] = field(default_factory=lambda: [2])
+    """Indices of the blocks that open with P. Index 0 downsamples the input itself (ImageNet SimCNN)."""
+    batchnorm: bool = True
+    """BatchNorm after each block's conv. The paper drops it for k=1; a conv without BN then gets a bias."""
+    conv_bias: bool | None = None
+    """Bias in the block convs. None means `not batchnorm`; VGG-11-BN keeps its biases (True)."""
+    aux_width: int = 0
+    """Channels of the head convs. 0 means aux_width_factor x the block's width."""
+    aux_width_factor: float = 1.0
+    """Head conv width relative to the block's width when aux_width is 0 (CIFAR 1, ImageNet 2)."""
+    head_pool: int = 2
+    """Heads average the map to head_pool x head_pool before BN and the linear layer."""
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ("simcnn", "vgg11"), "model.arch must be 'simcnn' or 'vgg11'")
+        _check(1 <= self.k <= 3, f"model.k must be 1, 2 or 3 (got {self.k})")
+        _check(len(self.widths) >= 1, "model.widths needs at least one block")
+        _check(all(w >= 1 for w in self.widths), "model.widths must all be positive")
+        _check(
+            all(0 <= j < len(self.widths) for j in self.downsample_at),
+            f"model.downsample_at must name blocks 0..{len(self.widths) - 1} (got {self.downsample_at})",
+        )
+        _check(self.aux_width >= 0, "model.aux_width must be >= 0 (0 = relative to the block width)")
+        _check(self.aux_width_factor > 0, "model.aux_width_factor must be > 0")
+        _check(self.head_pool >= 1, "model.head_pool must be >= 1")
+        _check(self.in_channels >= 1, "model.in_channels must be >= 1")
+
+    @property
+    def J(self) -> int:  # noqa: N802 - the paper's name
+        return len(self.widths)
+
+
+@dataclass
+class DataConfig:
+    """How images are read, split and augmented."""
+
+    augment: str = "cifar"
+    """`cifar`: random crop with zero padding + flip, data decoded once into memory (on the training device
+    when it fits). `imagenet`: RandomResizedCrop + flip, val resize + centre crop, streamed by a DataLoader."""
+    image_size: int = 32
+    """Side of the training crop and of the images the network sees."""
+    crop_padding: int = 4
+    """Zero padding before the random crop (`cifar` augmentation)."""
+    resize_size: int = 256
+    """Validation images are resized to this (shorter side), then centre-cropped (`imagenet` augmentation)."""
+    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])
+    val_size: float = 0.1
+    """Images held out of the training data when it has no validation split: a count, or a fraction if < 1."""
+    split_seed: int = 0
+    """Seed of the held-out split; fixed apart from train.seed so runs with other seeds share a validation set."""
+    workers: int = 4
+    """DataLoader worker processes (`imagenet` augmentation only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.augment in ("cifar", "imagenet"), "data.augment must be 'cifar' or 'imagenet'")
+        _check(self.image_size >= 1, "data.image_size must be >= 1")
+        _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
+        _check(self.resize_size >= self.image_size, "data.resize_size must be >= data.image_size")
+        _check(len(self.mean) == len(self.std) and len(self.mean) > 0, "data.mean and data.std need one value per channel")
+        _check(all(s > 0 for s in self.std), "data.std values must be > 0")
+        _check(self.val_size > 0, "data.val_size must be > 0 (a count, or a fraction below 1)")
+        _check(self.workers >= 0, "data.workers must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, shared by every strategy. The defaults are the paper's CIFAR-10 recipe."""
+
+    mode: str = "greedy"
+    """`greedy` (Algorithm 1: one block at a time, earlier blocks frozen) or `e2e` (the same final network,
+    every block plus the last head, trained jointly as the reference)."""
+    epochs_per_block: int = 50
+    """Epochs for each block in greedy mode; the e2e baseline trains for the same number of epochs."""
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step: int = 15
+    """The learning rate is multiplied by lr_gamma every lr_step epochs (counted within each block)."""
+    lr_gamma: float = 0.2
+    reset_momentum_at_decay: bool = True
+    """Clear SGD momentum at each decay, as the released code does by rebuilding its optimizer."""
+    ensemble: str = "logits"
+    """What the ensemble Z = sum_j 2^j z_j adds up: `logits` (the paper's CIFAR code) or `softmax` (ImageNet)."""
+    train_eval_size: int = 2000
+    """Training images (no augmentation, eval mode) scored after every epoch for train top-1/top-5. 0 = none."""
+    seed: int = 0
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("greedy", "e2e"), f"train.mode must be 'greedy' or 'e2e' (got {self.mode!r})")
+        _check(self.epochs_per_block >= 1, "train.epochs_per_block must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(self.lr_step >= 1, "train.lr_step must be >= 1")
+        _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")
+        _check(self.ensemble in ("logits", "softmax"), "train.ensemble must be 'logits' or 'softmax'")
+        _check(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
+        )
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Saved resolved in the run directory as config.yaml."""
+
+    preset: str = "custom"
+    description: str = ""
+    paper: dict[str, float] = field(default_factory=dict)
+    """The paper's reported numbers for this set-up (top-1 %, ensemble top-1 %, parameters in millions)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise LayerwiseError(f"bad config: {message}")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return value converted to hint (int -> float only), or raise a one-line error naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise LayerwiseError(f"bad config: {where} must be a list (got {value!r})")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LayerwiseError(f"bad config: {where} must be a mapping (got {value!r})")
+        return {str(k): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - every field uses one of the types above
+        raise TypeError(hint)
+    if not ok:
+        raise LayerwiseError(f"bad config: {where} must be {hint.__name__} (got {value!r})")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise LayerwiseError(f"bad config: {where or 'the config'} must be a mapping (got {values!r})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LayerwiseError(f"bad config: unknown key {where + '.' if where else ''}{unknown[0]}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key)
+        else:
+            kwargs[name] = _check_type(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; every problem becomes a one-line LayerwiseError."""
+    return _build(RunConfig, values, "")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge override into a copy of base (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_assignment(text: str) -> dict[str, Any]:
+    """`train.lr_step=4` -> {'train': {'lr_step': 4}}; the value is read as YAML."""
+    if "=" not in text:
+        raise LayerwiseError(f"bad --set {text!r}: write SECTION.KEY=VALUE, for example train.lr_step=4")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out

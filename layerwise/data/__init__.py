@@ -1,0 +1,63 @@
+"""Data: sources (CIFAR-10 archives, image folders, the built-in sample), the held-out split and loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerwise.config import DataConfig
+from layerwise.data.loaders import Loader, make_loader
+from layerwise.data.sources import Decoded, Examples, Files, open_eval, open_train, sample_path
+from layerwise.errors import LayerwiseError
+
+__all__ = ["DataBundle", "Decoded", "Files", "build_data", "build_eval_loader", "hold_out", "sample_path"]
+
+
+@dataclass
+class DataBundle:
+    classes: list[str]
+    train: Loader
+    val: Loader
+    train_eval: Loader | None  # a fixed subset of the training images, scored without augmentation
+    description: str
+
+
+def hold_out(examples: Examples, val_size: float, seed: int) -> tuple[Examples, Examples]:
+    """Split off a seeded validation set: val_size images, or that fraction of them when below 1."""
+    n = len(examples)
+    n_val = int(val_size) if val_size >= 1 else round(val_size * n)
+    if not 1 <= n_val < n:
+        raise LayerwiseError(f"data.val_size={val_size:g} leaves no training or validation images out of {n}; lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return examples.subset(order[n_val:]), examples.subset(order[:n_val])
+
+
+def build_data(
+    cfg: DataConfig, path: str | Path | None, batch_size: int, device: torch.device, train_eval_size: int = 0
+) -> DataBundle:
+    """Open the data at path (None: the built-in sample), hold out validation if needed, and make loaders."""
+    decode = cfg.augment == "cifar"
+    source = open_train(path, decode, cfg.image_size)
+    train, val = source.train, source.val
+    description = source.description
+    if val is None:
+        train, val = hold_out(train, cfg.val_size, cfg.split_seed)
+        description += f", {len(val)} images held out for validation (seed {cfg.split_seed})"
+    train_eval = None
+    if train_eval_size:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed + 1))
+        train_eval = make_loader(train.subset(order[:train_eval_size]), batch_size, device, cfg, train=False)
+    return DataBundle(
+        classes=source.classes,
+        train=make_loader(train, batch_size, device, cfg, train=True),
+        val=make_loader(val, batch_size, device, cfg, train=False),
+        train_eval=train_eval,
+        description=description,
+    )
+
+
+def build_eval_loader(cfg: DataConfig, path: str | Path, classes: list[str], batch_size: int, device: torch.device) -> Loader:
+    examples = open_eval(path, cfg.augment == "cifar", cfg.image_size, classes)
+    return make_loader(examples, batch_size, device, cfg, train=False)

@@ -1,0 +1,150 @@
+"""Batch iterators. Both kinds yield normalised float batches already on the training device.
+
+`MemoryLoader` keeps small datasets (CIFAR-10: 150 MB as uint8) on the device and augments whole batches
+with vectorised ops, so no worker process or host->device copy sits in the training loop. `StreamLoader`
+decodes files in DataLoader workers (ImageNet) and ships uint8 crops, normalised only after the copy.
+Randomness comes from a generator seeded per epoch, so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from layerwise.config import DataConfig
+from layerwise.data.sources import Decoded, Files
+from layerwise.errors import LayerwiseError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Normalize:
+    """uint8 (B, C, H, W) -> float (x/255 - mean)/std, as one fused affine map on the device."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomCrop(size, padding) with zero fill, drawn independently for each image of the batch."""
+    if padding == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    # Gather rows then columns: (B, C, H+2p, W+2p) -> (B, C, H, W+2p) -> (B, C, H, W).
+    out = padded.gather(2, rows.expand(b, x.shape[1], h, w + 2 * padding))
+    return out.gather(3, cols.expand(b, x.shape[1], h, w))
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal flip with probability 1/2 per image."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class MemoryLoader:
+    """Batches of a decoded dataset held on the device."""
+
+    def __init__(self, data: Decoded, batch_size: int, device: torch.device, cfg: DataConfig, train: bool):
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.padding = cfg.crop_padding
+        self.normalize = Normalize(cfg.mean, cfg.std, device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def batches(self, seed: int = 0) -> Iterator[Batch]:
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g, device=self.device) if self.train else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                x, y = self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            else:
+                idx = order[start : start + self.batch_size]
+                x, y = self.images[idx], self.labels[idx]
+                x = random_flip(random_crop(x, self.padding, g), g)
+            yield self.normalize(x), y
+
+
+class FileDataset(Dataset):
+    """Image files decoded with torchvision.io and transformed to uint8 crops in the worker."""
+
+    def __init__(self, files: Files, transform: v2.Transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.files.paths[i]
+        try:
+            raw = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            img = decode_image(raw, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            raise LayerwiseError(f"cannot decode {path}: not a valid image; remove or replace the file") from None
+        return self.transform(img), self.files.labels[i]
+
+
+def imagenet_transform(cfg: DataConfig, train: bool) -> v2.Transform:
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(cfg.image_size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(cfg.resize_size, antialias=True), v2.CenterCrop(cfg.image_size)])
+
+
+class StreamLoader:
+    """A DataLoader over files with worker processes and pinned memory, normalising on the device."""
+
+    def __init__(self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool):
+        self.dataset = FileDataset(files, imagenet_transform(cfg, train))
+        self.batch_size, self.device, self.train, self.workers = batch_size, device, train, cfg.workers
+        self.normalize = Normalize(cfg.mean, cfg.std, device)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, seed: int = 0) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=self.train,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            yield self.normalize(x), y.to(self.device, non_blocking=True)
+
+
+Loader = MemoryLoader | StreamLoader
+
+
+def make_loader(examples: Decoded | Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool) -> Loader:
+    cls = MemoryLoader if isinstance(examples, Decoded) else StreamLoader
+    return cls(examples, batch_size, device, cfg, train)

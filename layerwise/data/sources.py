@@ -1,0 +1,297 @@
+"""Finding and reading datasets: CIFAR-10 python archives, ImageFolder trees (or archives of them), ImageNet layout.
+
+Every source ends up as an `Examples`: either images decoded into one uint8 tensor (small images, kept in
+memory or on the GPU) or a list of files streamed by a DataLoader (ImageNet-sized data).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+from layerwise.errors import LayerwiseError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+SPLITS = ("train", "val", "test")
+SAMPLE = "cifar10-sample.tar.gz"
+
+
+@dataclass
+class Decoded:
+    """Images decoded once: (N, C, H, W) uint8 and (N,) int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Decoded:
+        return Decoded(self.images[index], self.labels[index])
+
+
+@dataclass
+class Files:
+    """Image files on disk, decoded on the fly by DataLoader workers."""
+
+    paths: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Files:
+        return Files([self.paths[i] for i in index.tolist()], [self.labels[i] for i in index.tolist()])
+
+
+Examples = Decoded | Files
+
+
+@dataclass
+class Record:
+    """One image of an ImageFolder tree: where it is, its split folder (or ''), its class folder."""
+
+    name: str
+    split: str
+    label: str
+    data: bytes | None = None  # the encoded file when it came from an archive
+
+
+def sample_path() -> Path:
+    """The built-in sample: a few thousand CIFAR-10 training images as JPEG, in ImageFolder layout."""
+    return Path(str(resources.files("layerwise.data").joinpath("sample", SAMPLE)))
+
+
+def check_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise LayerwiseError(f"data path {path} does not exist; pass --data with an image folder or a CIFAR-10 archive")
+    if path.is_dir() and not any(path.iterdir()):
+        raise LayerwiseError(f"data folder {path} is empty; point --data at a folder with one subfolder per class")
+    return path
+
+
+# ---------------------------------------------------------------- CIFAR-10 python archive (data_batch_1..5, test_batch)
+
+
+def _is_cifar_python(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py" / "data_batch_1").is_file()
+    if tarfile.is_tarfile(path):
+        with tarfile.open(path) as tf:
+            for member in tf:
+                if Path(member.name).name == "data_batch_1":
+                    return True
+                if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    return False
+    return False
+
+
+def _read_cifar_python(path: Path, train: bool) -> tuple[list[str], Decoded]:
+    wanted = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    blobs: dict[str, bytes] = {}
+    if path.is_dir():
+        root = path if (path / "data_batch_1").is_file() else path / "cifar-10-batches-py"
+        for name in [*wanted, "batches.meta"]:
+            if not (root / name).is_file():
+                raise LayerwiseError(f"CIFAR-10 folder {root} lacks {name}; extract the whole cifar-10-python archive")
+            blobs[name] = (root / name).read_bytes()
+    else:
+        with tarfile.open(path) as tf:
+            for member in tf:
+                if member.isfile() and Path(member.name).name in [*wanted, "batches.meta"]:
+                    blobs[Path(member.name).name] = tf.extractfile(member).read()
+        missing = [n for n in [*wanted, "batches.meta"] if n not in blobs]
+        if missing:
+            raise LayerwiseError(f"CIFAR-10 archive {path} lacks {missing[0]}; download it again (--download)")
+    # The CIFAR-10 python format is pickled numpy arrays of plain types; this is the format's own reader.
+    batches = [pickle.loads(blobs[name], encoding="bytes") for name in wanted]
+    meta = pickle.loads(blobs["batches.meta"], encoding="bytes")
+    classes = [c.decode() for c in meta[b"label_names"]]
+    images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([b[b"labels"] for b in batches])
+    return classes, Decoded(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+
+
+# ---------------------------------------------------------------- ImageFolder trees and archives of them
+
+
+def _classify(parts: tuple[str, ...], where: str) -> tuple[str, str]:
+    """(split, class) of a file from its path parts below the dataset root."""
+    if len(parts) == 2:
+        return "", parts[0]
+    if len(parts) == 3 and parts[0] in SPLITS:
+        return parts[0], parts[1]
+    if len(parts) == 1:
+        raise LayerwiseError(
+            f"{where} holds images directly, with no class subfolders; arrange it as <root>/<class>/<image>"
+        )
+    raise LayerwiseError(
+        f"{where}: unexpected folder depth at {'/'.join(parts)}; use <root>/<class>/<image> or <root>/train|val/<class>/<image>"
+    )
+
+
+def _check_image_name(name: str) -> bool:
+    """True for an image file, False for a hidden file to skip; raises for anything else."""
+    base = os.path.basename(name)
+    if base.startswith("."):
+        return False
+    if not base.lower().endswith(IMAGE_EXTENSIONS):
+        raise LayerwiseError(f"{name} is not an image (expected {', '.join(IMAGE_EXTENSIONS)}); remove it from the data")
+    return True
+
+
+def _records_from_dir(root: Path) -> list[Record]:
+    records = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            if not _check_image_name(full):
+                continue
+            split, label = _classify(Path(os.path.relpath(full, root)).parts, str(root))
+            records.append(Record(full, split, label))
+    return records
+
+
+def _records_from_archive(path: Path) -> list[Record]:
+    try:
+        tf = tarfile.open(path)
+    except (tarfile.TarError, OSError) as e:
+        raise LayerwiseError(f"cannot read archive {path} ({e}); pass an image folder or a valid .tar/.tar.gz") from None
+    with tf:
+        files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not Path(m.name).name.startswith(".")]
+    names = [m.name for m, _ in files]
+    # Strip one common top folder (cifar10-jpeg/train/cat/0.jpg -> train/cat/0.jpg).
+    tops = {Path(n).parts[0] for n in names}
+    strip = 1 if len(tops) == 1 and all(len(Path(n).parts) >= 3 for n in names) else 0
+    records = []
+    for member, data in files:
+        if not _check_image_name(member.name):
+            continue
+        parts = Path(member.name).parts[strip:]
+        split, label = _classify(parts, str(path))
+        records.append(Record(f"{path}:{member.name}", split, label, data))
+    return records
+
+
+def _decode(records: list[Record], size: int | None, desc: str) -> Decoded:
+    """Decode every record into one (N, 3, H, W) uint8 tensor; all images must share one size."""
+    images, first = [], None
+    for r in tqdm(records, desc=desc, unit="img", leave=False, disable=None, mininterval=1.0):
+        raw = r.data if r.data is not None else Path(r.name).read_bytes()
+        try:
+            img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            raise LayerwiseError(f"cannot decode {r.name}: not a valid image; remove or replace the file") from None
+        if first is None:
+            first = (r.name, tuple(img.shape[1:]))
+            if size is not None and first[1] != (size, size):
+                raise LayerwiseError(
+                    f"{r.name} is {first[1][1]}x{first[1][0]} but data.image_size is {size}; "
+                    "set data.image_size to match or use data.augment=imagenet for resized images"
+                )
+        elif tuple(img.shape[1:]) != first[1]:
+            raise LayerwiseError(
+                f"{r.name} is {img.shape[2]}x{img.shape[1]} but {first[0]} is {first[1][1]}x{first[1][0]}; "
+                "in-memory (cifar) data needs one image size: resize them or use data.augment=imagenet"
+            )
+        images.append(img)
+    return Decoded(torch.stack(images), torch.zeros(0, dtype=torch.int64))
+
+
+def _to_examples(records: list[Record], classes: list[str], decode: bool, size: int, desc: str) -> Examples:
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[r.label] for r in records]
+    if decode:
+        out = _decode(records, size, desc)
+        return Decoded(out.images, torch.tensor(labels, dtype=torch.int64))
+    if any(r.data is not None for r in records):
+        raise LayerwiseError("streamed (imagenet) data must be a folder; extract the archive first")
+    return Files([r.name for r in records], labels)
+
+
+def _records(path: Path) -> list[Record]:
+    records = _records_from_dir(path) if path.is_dir() else _records_from_archive(path)
+    if not records:
+        raise LayerwiseError(f"no images found in {path}; expected <root>/<class>/<image> folders")
+    return records
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@dataclass
+class TrainSource:
+    classes: list[str]
+    train: Examples
+    val: Examples | None  # None: the source has no validation split, hold one out of train
+    description: str
+
+
+def open_train(path: str | Path | None, decode: bool, size: int) -> TrainSource:
+    """The training data (and validation split if the source has one) found at path, or the built-in sample."""
+    path = sample_path() if path is None else check_path(path)
+    if _is_cifar_python(path):
+        if not decode:
+            raise LayerwiseError("a CIFAR-10 python archive needs data.augment=cifar")
+        classes, train = _read_cifar_python(path, train=True)
+        return TrainSource(classes, train, None, f"CIFAR-10 python archive {path}")
+    records = _records(path)
+    splits = {r.split for r in records}
+    if "train" in splits:
+        train_records = [r for r in records if r.split == "train"]
+        val_records = [r for r in records if r.split == "val"]
+    elif splits == {""}:
+        train_records, val_records = records, []
+    else:
+        raise LayerwiseError(f"{path} has {sorted(splits - {''})}/ but no train/ folder; add train/<class>/<image>")
+    classes = sorted({r.label for r in train_records})
+    if len(classes) < 2:
+        raise LayerwiseError(f"{path} has {len(classes)} class folder(s); a classifier needs at least 2")
+    unknown = sorted({r.label for r in val_records} - set(classes))
+    if unknown:
+        raise LayerwiseError(f"val/ class folder {unknown[0]!r} is not among the train/ classes; rename or remove it")
+    train = _to_examples(train_records, classes, decode, size, "decoding train")
+    val = _to_examples(val_records, classes, decode, size, "decoding val") if val_records else None
+    return TrainSource(classes, train, val, f"image folder {path}")
+
+
+def open_eval(path: str | Path, decode: bool, size: int, classes: list[str]) -> Examples:
+    """Held-out data to evaluate on, labelled with a run's class list by class name.
+
+    A CIFAR-10 archive gives its test_batch; a tree with val/ or test/ gives that split; a plain
+    ImageFolder gives all its images.
+    """
+    path = check_path(path)
+    if _is_cifar_python(path):
+        src_classes, data = _read_cifar_python(path, train=False)
+        remap = torch.tensor([_class_index(classes, c, path) for c in src_classes])
+        return Decoded(data.images, remap[data.labels])
+    records = _records(path)
+    splits = {r.split for r in records}
+    chosen = next((s for s in ("test", "val") if s in splits), None)
+    if chosen is not None:
+        records = [r for r in records if r.split == chosen]
+    elif splits != {""}:
+        raise LayerwiseError(f"{path} has only a train/ split; evaluate on data no one trained on (val/ or test/)")
+    for label in sorted({r.label for r in records}):
+        _class_index(classes, label, path)
+    return _to_examples(records, classes, decode, size, "decoding eval")
+
+
+def _class_index(classes: list[str], label: str, path: Path) -> int:
+    if label not in classes:
+        raise LayerwiseError(
+            f"class {label!r} in {path} is not one the run was trained on ({', '.join(classes[:10])}...); remove it"
+        )
+    return classes.index(label)

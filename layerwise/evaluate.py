@@ -1,0 +1,93 @@
+"""Per-block and ensemble accuracy (top-1/top-5) from one forward pass over the data."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from layerwise.data.loaders import Loader
+from layerwise.models.staged import StagedNet
+
+
+def ensemble_scores(logits: list[torch.Tensor], kind: str = "logits") -> list[torch.Tensor]:
+    """Running ensembles Z_j = sum_{i<=j} 2^i z_i for every prefix of the heads' outputs.
+
+    `kind="softmax"` sums 2^i softmax(z_i) instead (the released ImageNet code). Only the ratio of the
+    weights matters for the argmax, so 2^i is scaled by 2^-j to stay finite for deep networks.
+    """
+    out, total = [], None
+    for z in logits:
+        z = z.float().softmax(-1) if kind == "softmax" else z.float()
+        total = z if total is None else 0.5 * total + z  # = 2^-j sum_i 2^i z_i
+        out.append(total)
+    return out
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of rows whose label is in the top-k scores, for each k (clamped to the number of classes)."""
+    top = scores.topk(min(max(ks), scores.shape[-1]), dim=-1).indices
+    hit = top == labels[:, None]
+    return [hit[:, :k].any(-1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = "logits", autocast=None) -> dict:
+    """Top-1/top-5 of each listed head and of the running ensemble over them, as percentages.
+
+    Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": last head's loss}.
+    Counts stay on the device until the end: one host sync per evaluation.
+    """
+    was_training = net.training
+    net.eval()
+    upto = max(blocks)
+    counts = torch.zeros(len(blocks), 4, dtype=torch.float64, device=loader.device)
+    loss = torch.zeros((), dtype=torch.float64, device=loader.device)
+    n = 0
+    for x, y in loader.batches():
+        with autocast() if autocast else nullcontext():
+            logits = net(x, upto=upto, heads=blocks)
+        for i, (z, e) in enumerate(zip(logits, ensemble_scores(logits, kind=ensemble))):
+            counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
+        loss += torch.nn.functional.cross_entropy(logits[-1].float(), y, reduction="sum")
+        n += len(y)
+    net.train(was_training)
+    pct = (100.0 * counts / max(n, 1)).tolist()
+    names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
+    return {
+        "blocks": {j: dict(zip(names, row)) for j, row in zip(blocks, pct)},
+        "loss": loss.item() / max(n, 1),
+        "n": n,
+    }
+
+
+def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> dict:
+    """Score a run's trained heads on data no one trained on, mapping its classes by name.
+
+    Uses checkpoints/final.pt when the run finished, else the last epoch's checkpoint.
+    """
+    import json
+
+    from layerwise.config import config_from_dict
+    from layerwise.data import build_eval_loader
+    from layerwise.errors import LayerwiseError
+    from layerwise.models.staged import build_model
+    from layerwise.train.checkpoint import RunDir, load_checkpoint
+    from layerwise.train.run import fast_path, resolve_device
+
+    run = RunDir(run_dir)
+    cfg = config_from_dict(run.saved_config())
+    classes = json.loads(run.classes.read_text())
+    path = run.final if run.final.is_file() else run.last
+    if not path.is_file():
+        raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
+    meta, state, _ = load_checkpoint(path)
+    dev = resolve_device(device)
+    net = build_model(cfg.model, len(classes))
+    net.load_state_dict(state)
+    net.to(dev)
+    last_block = cfg.model.J - 1 if path == run.final else meta["block"]
+    blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
+    loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
+    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev))
+    return {**result, "checkpoint": str(path), "data": str(data)}

@@ -1,0 +1,98 @@
+"""The staged network: J blocks with one auxiliary head each, runnable up to any block."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerwise.config import ModelConfig
+from layerwise.models.blocks import Block
+from layerwise.models.heads import AuxClassifier, VGGClassifier
+
+
+class StagedNet(nn.Module):
+    """blocks[j] maps x_j to x_{j+1}; heads[j] maps x_{j+1} to the class scores z_{j+1}.
+
+    The final network, the one a greedy run delivers, is every block plus the last head.
+    """
+
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module]):
+        super().__init__()
+        if len(blocks) != len(heads):
+            raise ValueError("a staged network needs one head per block")
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleList(heads)
+
+    @property
+    def J(self) -> int:  # noqa: N802 - the paper's name
+        return len(self.blocks)
+
+    def forward_features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run blocks[start:stop] on x, which must be the output of block start-1 (or the image if start=0)."""
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor, upto: int | None = None, heads: list[int] | None = None) -> list[torch.Tensor]:
+        """Run blocks 0..upto once and return the logits of the requested heads (default: all of them).
+
+        One pass gives every head's scores, which is all the ensemble needs.
+        """
+        upto = self.J - 1 if upto is None else upto
+        wanted = set(range(upto + 1)) if heads is None else set(heads)
+        logits = []
+        for j in range(upto + 1):
+            x = self.blocks[j](x)
+            if j in wanted:
+                logits.append(self.heads[j](x))
+        return logits
+
+    def final_parameters(self) -> int:
+        """Parameters of the delivered network: every block plus the last head."""
+        return count(self.blocks) + count(self.heads[-1])
+
+    def head_parameters(self) -> int:
+        """Parameters of all auxiliary heads together (the last one included)."""
+        return count(self.heads)
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> StagedNet:
+    """Build the staged network a ModelConfig describes. Use `with torch.device("meta")` to size it for free."""
+    bias = (not cfg.batchnorm) if cfg.conv_bias is None else cfg.conv_bias
+    pool = "s2d" if cfg.arch == "simcnn" else "maxpool"
+    blocks, heads = [], []
+    channels = cfg.in_channels
+    for j, width in enumerate(cfg.widths):
+        blocks.append(Block(channels, width, pool if j in cfg.downsample_at else None, cfg.batchnorm, bias))
+        channels = width
+        if cfg.arch == "vgg11" and j == cfg.J - 1:
+            heads.append(VGGClassifier(width, num_classes))
+        elif cfg.arch == "vgg11":
+            # The paper's VGG heads: average to half size, then k-1 unpadded convs at twice the width.
+            heads.append(AuxClassifier(width, 2 * width, cfg.k, num_classes, cfg.head_pool, prepool=True, padding=0))
+        else:
+            aux = cfg.aux_width or max(1, round(cfg.aux_width_factor * width))
+            heads.append(AuxClassifier(width, aux, cfg.k, num_classes, cfg.head_pool))
+    net = StagedNet(blocks, heads)
+    if cfg.arch == "vgg11":
+        init_vgg(net)
+    return net
+
+
+def init_vgg(net: nn.Module) -> None:
+    """torchvision's VGG initialisation: Kaiming fan-out for convs, N(0, 0.01) for linear layers."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,104 @@
+"""Run directories and checkpoints: state_dicts plus JSON metadata, always written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from layerwise.errors import LayerwiseError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write to a temporary file beside path, then rename over it: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def save_checkpoint(path: Path, meta: dict[str, Any], model: dict, optimizer: dict | None = None) -> None:
+    """Tensors in a torch file (loadable with weights_only=True), metadata as JSON inside it and beside it."""
+    payload = {"meta": json.dumps(meta), "model": model}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer
+    atomic_write(path, lambda p: torch.save(payload, p))
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
+    """(meta, model state_dict, optimizer state_dict or None). Never unpickles arbitrary objects."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(payload["meta"]), payload["model"], payload.get("optimizer")
+    except Exception as e:  # a truncated or foreign file
+        raise LayerwiseError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart that part") from None
+
+
+class RunDir:
+    """The files of one run:
+
+    config.yaml     the resolved config          classes.json   class names, in label order
+    run.json        versions, device, data       metrics.jsonl  one line per epoch of every block
+    checkpoints/    last.pt (end of each epoch), block{j}.pt (each finished block), final.pt
+    summary.json    per-block table and totals, written when the run ends
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.config = self.path / "config.yaml"
+        self.classes = self.path / "classes.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.summary = self.path / "summary.json"
+        self.info = self.path / "run.json"
+        self.last = self.checkpoints / "last.pt"
+        self.final = self.checkpoints / "final.pt"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def block(self, j: int) -> Path:
+        return self.checkpoints / f"block{j}.pt"
+
+    def check_new(self) -> None:
+        """Refuse to start a new run in a folder that already holds something."""
+        if self.is_run():
+            raise LayerwiseError(
+                f"{self.path} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise LayerwiseError(f"{self.path} exists and is not an empty folder; choose another --out")
+
+    def create(self, config_yaml: str) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        write_text(self.config, config_yaml)
+
+    def saved_config(self) -> dict[str, Any]:
+        if not self.is_run():
+            raise LayerwiseError(f"{self.path} holds no run (no config.yaml); check the path or drop --resume")
+        return yaml.safe_load(self.config.read_text())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def keep_metrics(self, keep) -> None:
+        """Drop metric lines the last checkpoint does not cover (written just before an interruption)."""
+        rows = [r for r in self.read_metrics() if keep(r)]
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_json(self, path: Path, value: Any) -> None:
+        write_text(path, json.dumps(value, indent=2) + "\n")

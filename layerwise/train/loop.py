@@ -1,0 +1,116 @@
+"""One training loop for every strategy. A strategy is only a list of stages.
+
+A stage trains blocks[first..block] and heads[block] on the output of the frozen blocks before `first`:
+- greedy (Algorithm 1): stage j trains block j and head j alone, first = block = j;
+- end-to-end: one stage trains every block and the last head, first = 0, block = J-1.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from layerwise.config import TrainConfig
+from layerwise.data.loaders import Loader
+from layerwise.evaluate import topk_correct
+from layerwise.models.staged import StagedNet
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    block: int
+    """The last trained block; its head gives the loss."""
+    first: int
+    """The first trained block; blocks before it are frozen (eval mode, no gradient)."""
+    eval_blocks: tuple[int, ...]
+    """Heads scored after each epoch; the ensemble runs over them."""
+
+
+def plan_stages(J: int, mode: str) -> list[Stage]:  # noqa: N803 - the paper's name
+    if mode == "greedy":
+        return [Stage(f"block {j}", j, j, tuple(range(j + 1))) for j in range(J)]
+    if mode == "e2e":
+        return [Stage("e2e", J - 1, 0, (J - 1,))]
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def trainable_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
+    return nn.ModuleList([*net.blocks[stage.first : stage.block + 1], net.heads[stage.block]])
+
+
+def freeze_for(net: StagedNet, stage: Stage) -> nn.ModuleList:
+    """Put everything but the stage's modules in eval mode without gradients; return the trainable part.
+
+    Frozen blocks therefore use their BN running statistics and receive no updates (Algorithm 1).
+    """
+    net.eval().requires_grad_(False)
+    for p in net.parameters():
+        p.grad = None  # frees gradients left over from an earlier stage
+    trainable = trainable_modules(net, stage)
+    trainable.train().requires_grad_(True)
+    return trainable
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Step schedule within a stage: lr x gamma^(epoch // lr_step)."""
+    return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step)
+
+
+def start_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    """Set this epoch's learning rate; at a decay, optionally forget momentum as the released code does."""
+    lr = lr_at(cfg, epoch)
+    if cfg.reset_momentum_at_decay and epoch > 0 and epoch % cfg.lr_step == 0:
+        optimizer.state.clear()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_epoch(
+    net: StagedNet,
+    stage: Stage,
+    loader: Loader,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    autocast=None,
+    desc: str = "",
+) -> dict:
+    """One pass over the training data. Sums stay on the device; the only host sync is at the end."""
+    freeze_for(net, stage)
+    head = net.heads[stage.block]
+    device = loader.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, top-5 hits
+    n = 0
+    t0 = time.perf_counter()
+    for x, y in tqdm(loader.batches(seed), total=len(loader), desc=desc, leave=False, disable=None, unit="batch"):
+        with autocast() if autocast else nullcontext():
+            with torch.no_grad():
+                x = net.forward_features(x, 0, stage.first)  # frozen prefix
+            logits = head(net.forward_features(x, stage.first, stage.block + 1))
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])
+        n += len(y)
+    loss_sum, top1, top5 = sums.tolist()
+    seconds = time.perf_counter() - t0
+    return {
+        "loss": loss_sum / n,
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "images_per_s": n / seconds,
+        "seconds": seconds,
+    }

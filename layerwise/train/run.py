@@ -1,0 +1,245 @@
+"""A whole training run: data, model, every stage of the strategy, metrics, checkpoints and resume."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerwise import __version__
+from layerwise.config import RunConfig, config_from_dict
+from layerwise.data import build_data
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate import evaluate
+from layerwise.models.staged import StagedNet, build_model
+from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from layerwise.train.loop import make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
+
+log = logging.getLogger("layerwise")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LayerwiseError(f"device {name!r} requested but no CUDA GPU is available here; use --device cpu")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LayerwiseError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+        return device
+    return torch.device(name)
+
+
+def fast_path(device: torch.device):
+    """bf16 autocast and cudnn autotuning on a GPU; plain fp32 on the CPU, where bf16 convs are slow."""
+    if device.type != "cuda":
+        return None
+    torch.backends.cudnn.benchmark = True
+    return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+
+
+def epoch_seed(seed: int, stage: int, epoch: int) -> int:
+    """Each epoch's randomness (shuffle, augmentation, dropout) depends only on these, so resume is exact."""
+    return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
+
+
+def same_run(saved: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse to resume a run under a different config (the device may change)."""
+    ours = cfg.to_dict()
+    theirs = config_from_dict(saved).to_dict()
+    for section in ("model", "data", "train"):
+        for key, value in ours[section].items():
+            if key != "device" and theirs[section].get(key) != value:
+                raise LayerwiseError(
+                    f"--resume: {section}.{key} is {value!r} but the run used {theirs[section].get(key)!r}; "
+                    "drop the override or start a new run with another --out"
+                )
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path,
+    data: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train cfg's network into the run directory `out` and return the summary. See RunDir for the files.
+
+    `data` is a dataset path (None: the built-in sample). With `resume`, an interrupted run continues from
+    its last finished epoch and ends exactly where an uninterrupted run would.
+    """
+    run = RunDir(out)
+    if resume:
+        same_run(run.saved_config(), cfg)
+    else:
+        run.check_new()
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    bundle = build_data(cfg.data, data, cfg.train.batch_size, device, cfg.train.train_eval_size)
+    log.info("data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples)
+
+    if resume:
+        saved_classes = json.loads(run.classes.read_text()) if run.classes.is_file() else bundle.classes
+        if saved_classes != bundle.classes:
+            raise LayerwiseError(f"--resume: the data's classes differ from the run's {run.classes}; pass the same --data")
+    else:
+        run.create(cfg.to_yaml())
+        run.write_json(run.classes, bundle.classes)
+    run.write_json(run.info, run_info(cfg, device, data, bundle.description))
+
+    net = build_model(cfg.model, len(bundle.classes)).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    stages = plan_stages(cfg.model.J, cfg.train.mode)
+    autocast = fast_path(device)
+
+    first_stage, first_epoch, optimizer_state = 0, 0, None
+    if resume and run.last.is_file():
+        meta, model_state, optimizer_state = load_checkpoint(run.last)
+        net.load_state_dict(model_state)
+        first_stage, first_epoch = meta["stage"], meta["epoch"]
+        if first_epoch >= cfg.train.epochs_per_block:
+            if cfg.train.mode == "greedy" and not run.block(meta["block"]).is_file():  # stopped before saving it
+                save_checkpoint(run.block(meta["block"]), {"block": meta["block"], "stage": first_stage}, model_state)
+            first_stage, first_epoch, optimizer_state = first_stage + 1, 0, None
+        done = (meta["stage"], meta["epoch"])
+        run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= done)
+        log.info("resuming %s after stage %d epoch %d", run.path, meta["stage"], meta["epoch"])
+    elif resume:
+        run.keep_metrics(lambda r: False)
+
+    t_start = time.perf_counter()
+    for s in range(first_stage, len(stages)):
+        stage = stages[s]
+        optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+            optimizer_state = None
+        for epoch in range(first_epoch if s == first_stage else 0, cfg.train.epochs_per_block):
+            seed = epoch_seed(cfg.train.seed, s, epoch)
+            torch.manual_seed(seed)
+            lr = start_epoch(optimizer, cfg.train, epoch)
+            desc = f"{stage.name} epoch {epoch + 1}/{cfg.train.epochs_per_block}"
+            stats = train_epoch(net, stage, bundle.train, optimizer, seed, autocast, desc)
+            if not math.isfinite(stats["loss"]):
+                raise LayerwiseError(
+                    f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
+                    f"checkpoints up to the previous epoch are kept in {run.checkpoints}; start again with a lower --lr"
+                )
+            row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast)
+            run.append_metrics(row)
+            meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
+            save_checkpoint(run.last, meta, net.state_dict(), optimizer.state_dict())
+            log.info(format_row(row))
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+        if cfg.train.mode == "greedy":
+            save_checkpoint(run.block(stage.block), {"block": stage.block, "stage": s}, net.state_dict())
+
+    save_checkpoint(run.final, {"mode": cfg.train.mode, "blocks_trained": cfg.model.J}, net.state_dict())
+    summary = summarize(cfg, net, run.read_metrics(), stages, time.perf_counter() - t_start, device)
+    run.write_json(run.summary, summary)
+    return summary
+
+
+def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast) -> dict[str, Any]:
+    """One metrics line: the trained head's numbers and the ensemble over heads 0..block."""
+    blocks = list(stage.eval_blocks)
+    val = evaluate(net, bundle.val, blocks, cfg.train.ensemble, autocast)
+    row = {
+        "stage": s,
+        "stage_name": stage.name,
+        "block": stage.block,
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": stats["loss"],
+        "train": {"top1": stats["top1"], "top5": stats["top5"]},
+        "val": {**val["blocks"][stage.block], "loss": val["loss"]},
+        "images_per_s": stats["images_per_s"],
+        "seconds": stats["seconds"],
+    }
+    if bundle.train_eval is not None:
+        clean = evaluate(net, bundle.train_eval, blocks, cfg.train.ensemble, autocast)
+        row["train_eval"] = clean["blocks"][stage.block]
+    return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    v = row["val"]
+    return (
+        f"{row['stage_name']} epoch {row['epoch']}: loss {row['loss']:.3f} train top-1 {row['train']['top1']:.1f} "
+        f"val top-1 {v['top1']:.2f} top-5 {v['top5']:.2f} ensemble {v['ensemble_top1']:.2f} "
+        f"({row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s)"
+    )
+
+
+def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds: float, device) -> dict[str, Any]:
+    """Per-block results (each stage's last epoch), the final network's numbers and the paper's targets."""
+    per_stage = []
+    for s, stage in enumerate(stages):
+        mine = [r for r in rows if r["stage"] == s]
+        last = mine[-1]
+        entry = {
+            "stage": stage.name,
+            "block": stage.block,
+            "downsample": stage.block in cfg.model.downsample_at,
+            **{f"val_{k}": v for k, v in last["val"].items()},
+            "train_top1": last["train"]["top1"],
+            "train_loss": last["loss"],
+            "seconds": sum(r["seconds"] for r in mine),
+        }
+        if "train_eval" in last:
+            entry.update({f"train_eval_{k}": v for k, v in last["train_eval"].items()})
+        per_stage.append(entry)
+    # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next.
+    for prev, cur in zip(per_stage, per_stage[1:]):
+        if not cur["downsample"]:
+            cur["improves_on_previous"] = cur["train_loss"] <= prev["train_loss"]
+    final = per_stage[-1]
+    return {
+        "preset": cfg.preset,
+        "mode": cfg.train.mode,
+        "device": str(device),
+        "blocks": per_stage,
+        "final": {k: final[k] for k in ("val_top1", "val_top5", "val_ensemble_top1", "val_ensemble_top5")},
+        "params_final": net.final_parameters(),
+        "params_heads": net.head_parameters(),
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "wall_seconds_this_session": seconds,
+        "paper": cfg.paper,
+    }
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    header = f"{'stage':<10} {'val top-1':>9} {'top-5':>7} {'ens top-1':>9} {'ens top-5':>9} {'train top-1':>11} {'time s':>8}"
+    lines = [header, "-" * len(header)]
+    for b in summary["blocks"]:
+        lines.append(
+            f"{b['stage']:<10} {b['val_top1']:>9.2f} {b['val_top5']:>7.2f} {b['val_ensemble_top1']:>9.2f} "
+            f"{b['val_ensemble_top5']:>9.2f} {b['train_top1']:>11.2f} {b['seconds']:>8.1f}"
+        )
+    if summary.get("paper"):
+        lines.append("paper: " + ", ".join(f"{k} {v:g}" for k, v in summary["paper"].items()))
+    return "\n".join(lines)
+
+
+def run_info(cfg: RunConfig, device: torch.device, data, description: str) -> dict[str, Any]:
+    return {
+        "layerwise": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "data": str(data) if data is not None else "built-in sample",
+        "data_description": description,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,134 @@
+"""The real command line: every small preset runs a few steps, and every bad input is a one-line error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from layerwise.cli import main
+from layerwise.presets import list_presets, load_preset
+
+from conftest import tiny_overrides
+
+SMALL = [p for p in list_presets() if load_preset(p).data.augment == "cifar"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sets(*assignments):
+    return [arg for a in assignments for arg in ("--set", a)]
+
+
+def error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_presets_lists_every_preset_with_counts(capsys):
+    code, out, _ = run_cli(["presets"], capsys)
+    assert code == 0
+    for name in list_presets():
+        assert name in out
+    code, out, _ = run_cli(["presets", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert round(rows["imagenet_simcnn_k3"]["params_final_m"]) == 102
+    assert round(rows["imagenet_simcnn_k2"]["params_final_m"]) == 64
+
+
+@pytest.mark.parametrize("preset", SMALL)
+def test_small_presets_train_through_the_cli(preset, tmp_path, image_folder, capsys):
+    args = ["train", "--preset", preset, "--data", str(image_folder), "--out", str(tmp_path / "run")]
+    code, out, err = run_cli(args + sets(*tiny_overrides(1)), capsys)
+    assert code == 0, err
+    assert "block 0" in out or "e2e" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["blocks"]) == load_preset(preset).model.J
+
+
+def test_imagenet_preset_streams_at_tiny_size(tmp_path, imagenet_folder, capsys):
+    args = ["train", "--preset", "imagenet_simcnn_k2", "--data", str(imagenet_folder), "--out", str(tmp_path / "r")]
+    tiny = sets(
+        "model.widths=[4, 4, 8, 8, 8, 8, 16, 16]",
+        "data.image_size=32",
+        "data.resize_size=40",
+        "data.workers=0",
+        "train.epochs_per_block=1",
+        "train.batch_size=8",
+        "train.device=cpu",
+    )
+    code, out, err = run_cli(args + tiny, capsys)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "r" / "summary.json").read_text())["blocks"]) == 8
+
+
+def test_eval_and_resume_through_the_cli(tmp_path, image_folder, capsys):
+    out_dir = str(tmp_path / "run")
+    base = ["train", "--data", str(image_folder), "--out", out_dir, "--epochs-per-block", "1"]
+    code, _, err = run_cli(base + sets(*tiny_overrides(1)), capsys)
+    assert code == 0, err
+    code, out, _ = run_cli(["train", "--out", out_dir, "--resume", "--data", str(image_folder)], capsys)
+    assert code == 0  # already finished: resume just reports it
+    code, out, err = run_cli(["eval", out_dir, "--data", str(image_folder), "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["blocks"]) == {"0", "1", "2"} and result["n"] == 48
+
+
+def write_corrupt(folder):
+    (folder / "cat" / "000.jpg").write_bytes(b"garbage")
+    return folder
+
+
+def write_text_file(folder):
+    (folder / "dog" / "notes.txt").write_text("not an image")
+    return folder
+
+
+def flat_folder(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    return tmp_path / "flat"
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda t, f: ["--data", str(t / "missing")], "does not exist"),
+        (lambda t, f: ["--data", str((t / "empty").mkdir() or t / "empty")], "is empty"),
+        (lambda t, f: ["--data", str(flat_folder(t))], "no class subfolders"),
+        (lambda t, f: ["--data", str(write_corrupt(f))], "cannot decode"),
+        (lambda t, f: ["--data", str(write_text_file(f))], "not an image"),
+        (lambda t, f: ["--preset", "imagenet_resnet"], "unknown preset"),
+        (lambda t, f: ["--data", str(f), "--set", "train.lr=fast"], "train.lr must be float"),
+        (lambda t, f: ["--data", str(f), "--batch-size", "0"], "batch_size must be >= 1"),
+        (lambda t, f: ["--resume"], "--resume needs --out"),
+        (lambda t, f: ["--config", str(t / "none.yaml")], "not found"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, image_folder, capsys, make_args, message):
+    args = ["train", *make_args(tmp_path, image_folder)]
+    if "--resume" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert message in error_line(err)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, image_folder, capsys):
+    args = ["train", "--data", str(image_folder), "--out", str(tmp_path / "run"), *sets(*tiny_overrides(1))]
+    assert run_cli(args, capsys)[0] == 0
+    saved = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "already holds a run" in error_line(err)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == saved
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "layerwise.cli", "presets"], capture_output=True, text=True)
+    assert result.returncode == 0 and "cifar10_simcnn_k3" in result.stdout

@@ -1,0 +1,46 @@
+"""Config validation: wrong types, out-of-range values and unknown keys are one-line errors."""
+
+import pytest
+
+from layerwise.config import config_from_dict, parse_assignment
+from layerwise.errors import LayerwiseError
+from layerwise.presets import resolve_config
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"train": {"lr": "fast"}}, "train.lr must be float"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be >= 1"),
+        ({"train": {"epochs_per_block": 2.5}}, "train.epochs_per_block must be int"),
+        ({"model": {"k": 4}}, "model.k must be 1, 2 or 3"),
+        ({"model": {"widths": [8, "x"]}}, r"model.widths\[1\] must be int"),
+        ({"model": {"downsample_at": [5]}}, "downsample_at"),
+        ({"train": {"lr_rate": 0.1}}, "unknown key train.lr_rate"),
+        ({"model": {"batchnorm": 1}}, "model.batchnorm must be bool"),
+        ({"train": {"mode": "decoupled"}}, "train.mode"),
+    ],
+)
+def test_bad_values_are_one_line_errors(values, message):
+    with pytest.raises(LayerwiseError, match=message) as info:
+        config_from_dict(values)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(LayerwiseError, match="unknown preset 'nope'"):
+        resolve_config("nope")
+
+
+def test_overrides_apply_in_order(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("preset: cifar10_simcnn_k2\ntrain:\n  lr: 0.05\n")
+    cfg = resolve_config(None, file, [parse_assignment("train.lr_step=4")])
+    assert cfg.preset == "cifar10_simcnn_k2" and cfg.model.k == 2
+    assert cfg.train.lr == 0.05 and cfg.train.lr_step == 4
+
+
+def test_assignment_reads_yaml_values():
+    assert parse_assignment("model.widths=[8, 16]") == {"model": {"widths": [8, 16]}}
+    with pytest.raises(LayerwiseError, match="SECTION.KEY=VALUE"):
+        parse_assignment("train.lr")

@@ -1,0 +1,89 @@
+"""Models: P and its inverse, blocks, heads, the staged network and every registered preset."""
+
+import pytest
+import torch
+
+from layerwise.config import ModelConfig
+from layerwise.models import AuxClassifier, Block, SpaceToDepth, build_model
+from layerwise.presets import list_presets, load_preset
+
+
+def test_space_to_depth_is_invertible_and_preserves_norm():
+    x = torch.randn(2, 3, 8, 6)
+    y = SpaceToDepth()(x)
+    assert y.shape == (2, 12, 4, 3)
+    assert torch.equal(SpaceToDepth.inverse(y), x)
+    assert torch.allclose(y.norm(), x.norm())
+
+
+def test_space_to_depth_rejects_odd_sizes():
+    with pytest.raises(ValueError, match="even"):
+        SpaceToDepth()(torch.randn(1, 3, 5, 4))
+
+
+def test_block_doubles_width_at_p():
+    block = Block(16, 32, "s2d", batchnorm=True, bias=False)
+    assert block(torch.randn(2, 16, 8, 8)).shape == (2, 32, 4, 4)
+    assert block[1].in_channels == 64 and block[1].bias is None
+    assert isinstance(block[2], torch.nn.BatchNorm2d)
+
+
+def test_block_without_bn_has_a_bias():
+    block = Block(3, 8, None, batchnorm=False, bias=True)
+    assert block[0].bias is not None
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in block)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_aux_head_has_k_minus_1_convs(k):
+    head = AuxClassifier(16, 24, k, num_classes=10)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == k - 1
+    assert head(torch.randn(2, 16, 8, 8)).shape == (2, 10)
+    assert head[-1].in_features == (24 if k > 1 else 16) * 4  # averaged to 2x2
+
+
+def test_staged_forward_returns_each_heads_logits():
+    net = build_model(ModelConfig(k=2, widths=[8, 8, 16], downsample_at=[2]), num_classes=5)
+    logits = net(torch.randn(3, 3, 16, 16))
+    assert [z.shape for z in logits] == [(3, 5)] * 3
+    assert len(net(torch.randn(3, 3, 16, 16), upto=1)) == 2
+    assert len(net(torch.randn(3, 3, 16, 16), heads=[2])) == 1
+    # forward up to a block equals running the blocks one by one
+    x = torch.randn(2, 3, 16, 16)
+    net.eval()
+    assert torch.allclose(net(x, upto=1)[-1], net.heads[1](net.forward_features(x, 0, 2)))
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds(name):
+    cfg = load_preset(name)
+    classes = 1000 if cfg.data.augment == "imagenet" else 10
+    with torch.device("meta"):
+        net = build_model(cfg.model, classes)
+        size = cfg.data.image_size
+        logits = net(torch.empty(2, 3, size, size))
+    assert len(net.blocks) == len(net.heads) == cfg.model.J
+    assert all(z.shape == (2, classes) for z in logits)
+
+
+@pytest.mark.parametrize(
+    "name, millions",
+    [("imagenet_simcnn_k2", 64), ("imagenet_simcnn_k3", 102), ("imagenet_simcnn_k3_mf512", 46), ("imagenet_simcnn_k1", 96)],
+)
+def test_presets_reproduce_table7_counts(name, millions):
+    cfg = load_preset(name)
+    with torch.device("meta"):
+        net = build_model(cfg.model, 1000)
+    assert abs(net.final_parameters() / 1e6 - millions) < 1.0
+    assert cfg.paper["params_m"] == millions
+
+
+def test_vgg11_matches_torchvision_vgg11_bn():
+    from torchvision.models import vgg11_bn
+
+    cfg = load_preset("imagenet_vgg11_k3")
+    with torch.device("meta"):
+        net = build_model(cfg.model, 1000)
+        ref = vgg11_bn()
+    assert net.final_parameters() == sum(p.numel() for p in ref.parameters())

@@ -1,0 +1,151 @@
+"""Training: Algorithm 1 freezes earlier blocks, runs resume exactly, NaN losses stop cleanly."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from layerwise.config import DataConfig, TrainConfig
+from layerwise.data import build_data
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate import ensemble_scores
+from layerwise.models import build_model
+from layerwise.presets import resolve_config
+from layerwise.config import parse_assignment
+from layerwise.train import plan_stages, train, train_epoch
+from layerwise.train.checkpoint import RunDir, load_checkpoint
+from layerwise.train.loop import make_optimizer, trainable_modules
+
+from conftest import tiny_overrides
+
+
+def tiny_config(epochs=2, **extra):
+    overrides = [parse_assignment(a) for a in tiny_overrides(epochs)]
+    overrides.append({"model": {"widths": [8, 8, 16], "downsample_at": [2], "k": 2}})
+    overrides.append(extra)
+    return resolve_config("demo", None, overrides)
+
+
+def test_greedy_stage_leaves_earlier_blocks_untouched(image_folder):
+    cfg = tiny_config()
+    net = build_model(cfg.model, 3)
+    data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
+    stages = plan_stages(net.J, "greedy")
+    # train block 0 a little so its BN statistics are not the defaults
+    opt = make_optimizer(trainable_modules(net, stages[0]).parameters(), cfg.train)
+    train_epoch(net, stages[0], data.train, opt, seed=0)
+    before = copy.deepcopy(net.state_dict())
+    opt = make_optimizer(trainable_modules(net, stages[1]).parameters(), cfg.train)
+    train_epoch(net, stages[1], data.train, opt, seed=1)
+    after = net.state_dict()
+    frozen = [k for k in before if k.startswith(("blocks.0.", "heads.0.", "blocks.2.", "heads.2."))]
+    trained = [k for k in before if k.startswith(("blocks.1.", "heads.1.")) and before[k].is_floating_point()]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if "num_batches" not in k)
+    assert all(p.grad is None for p in net.blocks[0].parameters())
+
+
+def test_plan_stages():
+    greedy = plan_stages(3, "greedy")
+    assert [(s.first, s.block, s.eval_blocks) for s in greedy] == [(0, 0, (0,)), (1, 1, (0, 1)), (2, 2, (0, 1, 2))]
+    (e2e,) = plan_stages(3, "e2e")
+    assert (e2e.first, e2e.block, e2e.eval_blocks) == (0, 2, (2,))
+
+
+def test_ensemble_weights_later_heads_more():
+    z0 = torch.tensor([[1.0, 0.0]])
+    z1 = torch.tensor([[0.0, 0.6]])
+    e0, e1 = ensemble_scores([z0, z1])
+    assert torch.equal(e0, z0)
+    assert torch.allclose(e1, (z0 + 2 * z1) / 2)  # Z = sum_j 2^j z_j, scaled
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_ends_with_identical_weights(tmp_path, image_folder):
+    cfg = tiny_config(epochs=2)
+    full = train(cfg, tmp_path / "full", image_folder)
+    seen = []
+
+    def stop_after_third_epoch(row):
+        seen.append(row)
+        if len(seen) == 3:  # block 1, epoch 1: mid-stage, with momentum in the optimizer
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "cut", image_folder, on_epoch_end=stop_after_third_epoch)
+    resumed = train(cfg, tmp_path / "cut", image_folder, resume=True)
+    _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
+    _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final"] == full["final"]
+    rows = RunDir(tmp_path / "cut").read_metrics()
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(s, e) for s in range(3) for e in (1, 2)]
+
+
+def test_run_directory_contents(tmp_path, image_folder):
+    summary = train(tiny_config(epochs=1), tmp_path / "run", image_folder)
+    run = RunDir(tmp_path / "run")
+    assert json.loads(run.classes.read_text()) == ["cat", "dog", "ship"]
+    assert all(run.block(j).is_file() for j in range(3)) and run.last.is_file() and run.final.is_file()
+    row = run.read_metrics()[-1]
+    for key in ("block", "epoch", "loss", "lr", "images_per_s", "seconds"):
+        assert key in row
+    assert set(row["val"]) >= {"top1", "top5", "ensemble_top1", "ensemble_top5"}
+    assert set(row["train"]) == {"top1", "top5"} and "ensemble_top1" in row["train_eval"]
+    assert [b["block"] for b in summary["blocks"]] == [0, 1, 2]
+    assert json.loads(run.summary.read_text())["final"] == summary["final"]
+    payload = torch.load(run.final, weights_only=True)  # plain tensors, no pickled objects
+    assert isinstance(payload["meta"], str)
+
+
+def test_e2e_trains_every_block_and_the_last_head(tmp_path, image_folder):
+    summary = train(tiny_config(epochs=1, train={"mode": "e2e"}), tmp_path / "e2e", image_folder)
+    assert [b["stage"] for b in summary["blocks"]] == ["e2e"]
+    assert not RunDir(tmp_path / "e2e").block(0).exists()
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatch):
+    import layerwise.train.loop as loop
+
+    poisoned = {"on": False}
+    real = loop.F.cross_entropy
+
+    class FakeF:
+        @staticmethod
+        def cross_entropy(logits, y):
+            loss = real(logits, y)
+            return loss * float("nan") if poisoned["on"] else loss
+
+    monkeypatch.setattr(loop, "F", FakeF)
+    with pytest.raises(LayerwiseError, match="loss became nan in block 0, epoch 2") as info:
+        train(tiny_config(epochs=3), tmp_path / "run", image_folder, on_epoch_end=lambda row: poisoned.update(on=True))
+    assert "\n" not in str(info.value)
+    meta, _, _ = load_checkpoint(RunDir(tmp_path / "run").last)
+    assert (meta["stage"], meta["epoch"]) == (0, 1)
+
+
+def test_refuses_a_folder_holding_another_run(tmp_path, image_folder):
+    train(tiny_config(epochs=1), tmp_path / "run", image_folder)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(LayerwiseError, match="already holds a run"):
+        train(tiny_config(epochs=1), tmp_path / "run", image_folder)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_resume_refuses_a_changed_config(tmp_path, image_folder):
+    train(tiny_config(epochs=1), tmp_path / "run", image_folder)
+    with pytest.raises(LayerwiseError, match="train.lr is 0.5"):
+        train(tiny_config(epochs=1, train={"lr": 0.5}), tmp_path / "run", image_folder, resume=True)
+
+
+def test_cuda_request_without_gpu_is_an_error(tmp_path, image_folder):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(LayerwiseError, match="no CUDA GPU"):
+        train(tiny_config(epochs=1, train={"device": "cuda"}), tmp_path / "run", image_folder)
+    assert not (tmp_path / "run").exists()
