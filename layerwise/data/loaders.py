@@ -9,6 +9,7 @@ Randomness comes from a generator seeded per epoch, so a resumed run sees exactl
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,25 +36,46 @@ class Normalize:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """torchvision's RandomCrop(size, padding) with zero fill, drawn independently for each image of the batch."""
+@dataclass
+class Augmentation:
+    """Per-image random crop offsets and flips for one epoch, drawn for the whole dataset at once.
+
+    Indexing by image (not by batch position) lets a cache of augmented views reproduce an epoch exactly.
+    """
+
+    dy: torch.Tensor  # (N,) in [0, 2 * padding]
+    dx: torch.Tensor  # (N,)
+    flip: torch.Tensor  # (N,) bool
+
+    @staticmethod
+    def draw(n: int, padding: int, generator: torch.Generator) -> Augmentation:
+        device = generator.device
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        return Augmentation(dy, dx, flip)
+
+
+def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """torchvision's RandomCrop(size, padding) with zero fill, at per-image offsets (dy, dx)."""
     if padding == 0:
         return x
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=x.device)
-    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     # Gather rows then columns: (B, C, H+2p, W+2p) -> (B, C, H, W+2p) -> (B, C, H, W).
-    out = padded.gather(2, rows.expand(b, x.shape[1], h, w + 2 * padding))
-    return out.gather(3, cols.expand(b, x.shape[1], h, w))
+    out = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
+    return out.gather(3, cols.expand(b, c, h, w))
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Horizontal flip with probability 1/2 per image."""
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip of the images where mask is True."""
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def augment(x: torch.Tensor, padding: int, aug: Augmentation, idx: torch.Tensor) -> torch.Tensor:
+    return flip(crop(x, padding, aug.dy[idx], aug.dx[idx]), aug.flip[idx])
 
 
 class MemoryLoader:
@@ -73,18 +95,22 @@ class MemoryLoader:
     def num_examples(self) -> int:
         return len(self.labels)
 
-    def batches(self, seed: int = 0) -> Iterator[Batch]:
+    def epoch_plan(self, seed: int) -> tuple[torch.Tensor, Augmentation]:
+        """This epoch's image order and per-image augmentation, both from one seeded generator."""
         g = torch.Generator(device=self.device).manual_seed(seed)
+        order = torch.randperm(len(self.labels), generator=g, device=self.device)
+        return order, Augmentation.draw(len(self.labels), self.padding, g)
+
+    def batches(self, seed: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
-        order = torch.randperm(n, generator=g, device=self.device) if self.train else None
+        if not self.train:
+            for start in range(0, n, self.batch_size):
+                yield self.normalize(self.images[start : start + self.batch_size]), self.labels[start : start + self.batch_size]
+            return
+        order, aug = self.epoch_plan(seed)
         for start in range(0, n, self.batch_size):
-            if order is None:
-                x, y = self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-            else:
-                idx = order[start : start + self.batch_size]
-                x, y = self.images[idx], self.labels[idx]
-                x = random_flip(random_crop(x, self.padding, g), g)
-            yield self.normalize(x), y
+            idx = order[start : start + self.batch_size]
+            yield self.normalize(augment(self.images[idx], self.padding, aug, idx)), self.labels[idx]
 
 
 class FileDataset(Dataset):

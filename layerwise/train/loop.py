@@ -77,6 +77,28 @@ def start_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) 
     return lr
 
 
+def train_step(
+    net: StagedNet,
+    stage: Stage,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    offset: int = 0,
+    autocast=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step of the stage. x is the input of block `offset`: the image when 0, else a
+    cached output of the frozen prefix. Returns (loss, logits), both still on the device."""
+    with autocast() if autocast else nullcontext():
+        with torch.no_grad():
+            x = net.forward_features(x, offset, stage.first)  # the frozen prefix, or what the cache lacks
+        logits = net.heads[stage.block](net.forward_features(x, stage.first, stage.block + 1))
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def train_epoch(
     net: StagedNet,
     stage: Stage,
@@ -85,23 +107,20 @@ def train_epoch(
     seed: int,
     autocast=None,
     desc: str = "",
+    epoch: int = 0,
 ) -> dict:
-    """One pass over the training data. Sums stay on the device; the only host sync is at the end."""
+    """One pass over the training data. Sums stay on the device; the only host sync is at the end.
+
+    `loader` yields images, or (a PrefixCache) the frozen blocks' output for this epoch's cached view.
+    """
     freeze_for(net, stage)
-    head = net.heads[stage.block]
-    device = loader.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top-1 hits, top-5 hits
+    offset = getattr(loader, "offset", 0)
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss * n, top-1 hits, top-5 hits
     n = 0
     t0 = time.perf_counter()
-    for x, y in tqdm(loader.batches(seed), total=len(loader), desc=desc, leave=False, disable=None, unit="batch"):
-        with autocast() if autocast else nullcontext():
-            with torch.no_grad():
-                x = net.forward_features(x, 0, stage.first)  # frozen prefix
-            logits = head(net.forward_features(x, stage.first, stage.block + 1))
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    batches = loader.batches(seed, epoch) if offset else loader.batches(seed)
+    for x, y in tqdm(batches, total=len(loader), desc=desc, leave=False, disable=None, unit="batch"):
+        loss, logits = train_step(net, stage, x, y, optimizer, offset, autocast)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])
         n += len(y)

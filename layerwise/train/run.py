@@ -20,6 +20,8 @@ from layerwise.data import build_data
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet, build_model
+from layerwise.data.loaders import MemoryLoader
+from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, prefix_shapes
 from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from layerwise.train.loop import make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
 
@@ -87,6 +89,15 @@ def train(
     bundle = build_data(cfg.data, data, cfg.train.batch_size, device, cfg.train.train_eval_size)
     log.info("data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples)
 
+    net = build_model(cfg.model, len(bundle.classes)).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    stages = plan_stages(cfg.model.J, cfg.train.mode)
+    autocast = fast_path(device)
+    use_cache = cfg.train.cache != "off" and cfg.train.mode == "greedy" and cfg.model.J > 1
+    if use_cache:
+        plan_prefix_cache(cfg, net, bundle.train, device, run.path / "cache", autocast)
+
     if resume:
         saved_classes = json.loads(run.classes.read_text()) if run.classes.is_file() else bundle.classes
         if saved_classes != bundle.classes:
@@ -95,13 +106,18 @@ def train(
         run.create(cfg.to_yaml())
         run.write_json(run.classes, bundle.classes)
     run.write_json(run.info, run_info(cfg, device, data, bundle.description))
+    handler = logging.FileHandler(run.path / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
-    net = build_model(cfg.model, len(bundle.classes)).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    stages = plan_stages(cfg.model.J, cfg.train.mode)
-    autocast = fast_path(device)
 
+def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end) -> dict[str, Any]:
+    """Every stage from where the run stands (its last checkpoint when resuming) to the end."""
     first_stage, first_epoch, optimizer_state = 0, 0, None
     if resume and run.last.is_file():
         meta, model_state, optimizer_state = load_checkpoint(run.last)
@@ -120,6 +136,12 @@ def train(
     t_start = time.perf_counter()
     for s in range(first_stage, len(stages)):
         stage = stages[s]
+        loader = bundle.train
+        if use_cache and stage.first > 0:
+            t0 = time.perf_counter()
+            seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cfg.train.cache_views)]
+            loader = PrefixCache(net, stage.first, bundle.train, seeds, cfg.train.cache, run.path / "cache", autocast)
+            log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0)
         optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -129,7 +151,7 @@ def train(
             torch.manual_seed(seed)
             lr = start_epoch(optimizer, cfg.train, epoch)
             desc = f"{stage.name} epoch {epoch + 1}/{cfg.train.epochs_per_block}"
-            stats = train_epoch(net, stage, bundle.train, optimizer, seed, autocast, desc)
+            stats = train_epoch(net, stage, loader, optimizer, seed, autocast, desc, epoch)
             if not math.isfinite(stats["loss"]):
                 raise LayerwiseError(
                     f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
@@ -142,6 +164,8 @@ def train(
             log.info(format_row(row))
             if on_epoch_end is not None:
                 on_epoch_end(row)
+        if loader is not bundle.train:
+            loader.close()
         if cfg.train.mode == "greedy":
             save_checkpoint(run.block(stage.block), {"block": stage.block, "stage": s}, net.state_dict())
 
@@ -149,6 +173,20 @@ def train(
     summary = summarize(cfg, net, run.read_metrics(), stages, time.perf_counter() - t_start, device)
     run.write_json(run.summary, summary)
     return summary
+
+
+def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Path, autocast) -> None:
+    """Size the largest prefix cache of the run and refuse it now if it cannot fit."""
+    if not isinstance(images, MemoryLoader):
+        raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=off")
+    dtype = torch.bfloat16 if autocast is not None else torch.float32
+    shapes = prefix_shapes(net, images.normalize(images.images[:1]))
+    n, views = images.num_examples, cfg.train.cache_views
+    j = max(range(1, cfg.model.J), key=lambda i: cache_bytes(n, views, shapes[i], dtype))
+    needed = cache_bytes(n, views, shapes[j], dtype)
+    what = f"block {j}'s input ({views} view(s) of {n} images at {'x'.join(map(str, shapes[j]))}, {dtype})"
+    check_cache_fits(needed, cfg.train.cache, device, folder, what)
+    log.info("prefix cache: at most %.2f GiB (%s)", needed / 2**30, what)
 
 
 def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast) -> dict[str, Any]:

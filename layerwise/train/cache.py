@@ -1,0 +1,137 @@
+"""Frozen-prefix caching: the frozen blocks' output, computed once per augmented view and reused.
+
+In greedy stage j the blocks before j never change, so recomputing them every epoch is wasted work. The
+cache runs them once over `views` augmented copies of the training set and stores x_j. Epoch e then
+trains on view e mod `views`, in its own shuffled order. View v is built with epoch v's augmentation,
+so with views >= epochs the cached run sees exactly the batches of the plain run; with fewer views each
+image's crop and flip repeat every `views` epochs (the cost of caching, measured in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from layerwise.data.loaders import MemoryLoader, augment
+from layerwise.errors import LayerwiseError
+from layerwise.models.staged import StagedNet
+
+
+def prefix_shapes(net: StagedNet, image: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shape of x_j for one image, for every block j (x_0 is the image). One image through the net."""
+    shapes = [tuple(image.shape[1:])]
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        x = image
+        for block in net.blocks:
+            x = block(x)
+            shapes.append(tuple(x.shape[1:]))
+    net.train(was_training)
+    return shapes
+
+
+def cache_bytes(n: int, views: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return n * views * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def free_bytes(where: str, device: torch.device, folder: Path) -> int:
+    """Memory (or disk) available for a cache at `where`."""
+    if where == "device" and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if where in ("device", "host"):
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    existing = next(p for p in [folder, *folder.parents] if p.exists())  # the run folder may not exist yet
+    return shutil.disk_usage(existing).free
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path, what: str) -> None:
+    """Refuse a cache that will not fit, before any work starts. Keeps a fifth of the memory for training."""
+    available = free_bytes(where, device, folder)
+    if needed > 0.8 * available:
+        others = " or ".join(w for w in ("host", "disk") if w != where)
+        raise LayerwiseError(
+            f"train.cache={where} needs {human(needed)} for {what} but only {human(available)} is free; "
+            f"lower train.cache_views, or use train.cache={others}"
+        )
+
+
+class PrefixCache:
+    """A loader of x_j, the frozen blocks' output, for greedy stage j."""
+
+    def __init__(
+        self,
+        net: StagedNet,
+        upto: int,
+        images: MemoryLoader,
+        view_seeds: list[int],
+        where: str,
+        folder: Path,
+        autocast: Callable | None = None,
+    ):
+        self.offset = upto
+        self.device, self.batch_size = images.device, images.batch_size
+        self.labels = images.labels
+        self.views = len(view_seeds)
+        self.images = images
+        dtype = torch.bfloat16 if autocast is not None else torch.float32  # what the prefix produces
+        n = len(images.labels)
+        shape = prefix_shapes(net, images.normalize(images.images[:1]))[upto]
+        full = (self.views, n, *shape)
+        self.path = None
+        if where == "disk":
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"prefix{upto}.bin"
+            self.store = torch.from_file(str(self.path), shared=True, size=math.prod(full), dtype=dtype).view(full)
+        else:
+            on = self.device if where == "device" else torch.device("cpu")
+            pin = where == "host" and self.device.type == "cuda"
+            self.store = torch.empty(full, dtype=dtype, device=on, pin_memory=pin)
+        net.eval()
+        with torch.no_grad(), autocast() if autocast else nullcontext():
+            for v, seed in enumerate(view_seeds):
+                _, aug = images.epoch_plan(seed)
+                for start in range(0, n, self.batch_size):
+                    idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
+                    x = images.normalize(augment(images.images[idx], images.padding, aug, idx))
+                    self.store[v, start : start + len(idx)] = net.forward_features(x, 0, upto).to(self.store.device)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def batches(self, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, _ = self.images.epoch_plan(seed)
+        view = self.store[epoch % self.views]
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = view[idx.to(view.device)].to(self.device, non_blocking=True)
+            yield x, self.labels[idx]
+
+    def close(self) -> None:
+        """Free the cache (and delete its file) before the next stage builds its own."""
+        self.store = None
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
