@@ -43,7 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_from_dict(merge(saved, merge_all(overrides)))
     else:
         cfg = resolve_config(args.preset or (None if args.config else "demo"), args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     if args.download:
         download_cifar10(args.data)
     log.info("run %s: preset %s, mode %s, J=%d, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.J, cfg.model.k)
@@ -68,7 +70,7 @@ def download_cifar10(root: str | None) -> None:
 
     try:
         CIFAR10(root=root, train=True, download=True)
-    except Exception as e:  # network errors come in many types
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
         raise LayerwiseError(f"could not download CIFAR-10 into {root} ({one_line(e)}); fetch it by hand") from None
 
 
@@ -121,15 +123,37 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from layerwise.bench import bench_input, bench_model, format_report
+    from layerwise.presets import load_preset
+
+    steps, warmup = (args.steps or 2, 1) if args.quick else (args.steps or 10, 2)
+    batch = args.batch_size or (32 if args.quick else None)
+    blocks = [int(j) for j in args.blocks.split(",")] if args.blocks else None
+    model = bench_model(args.preset, batch, args.device, steps, warmup, args.image_size, blocks)
+    inputs = None
+    if not args.no_input and load_preset(args.preset).data.augment == "cifar":
+        inputs = bench_input(args.preset, args.data, model["batch_size"])
+    if args.json:
+        print(json.dumps({"model": model, "input": inputs}, indent=2))
+    else:
+        print(format_report(model, inputs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerwise", description="Greedy layerwise CNN training (Belilovsky et al. 2019)")
+    parser = argparse.ArgumentParser(
+        prog="layerwise", description="Greedy layerwise CNN training (Belilovsky et al. 2019)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a preset or config; with no arguments, the demo on the built-in sample")
     t.add_argument("--preset", help="a registered preset (see `layerwise presets`); default: demo")
     t.add_argument("--config", help="a YAML config file; may name a preset to start from")
-    t.add_argument("--data", help="CIFAR-10 archive/folder, ImageFolder tree or ImageNet layout; default: built-in sample")
+    t.add_argument(
+        "--data", help="CIFAR-10 archive/folder, ImageFolder tree or ImageNet layout; default: built-in sample"
+    )
     t.add_argument("--out", help="run directory; default: runs/<preset>-<mode>-<time>")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first")
@@ -141,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--val-size", type=float, help="held-out validation images (a count, or a fraction below 1)")
     t.add_argument("--workers", type=int, help="DataLoader workers for streamed (ImageNet) data")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr_step=4")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr_step=4"
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="per-block and ensemble top-1/top-5 of a run on held-out data")
@@ -151,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="images/s and peak memory per block: greedy (recomputed, cached) and e2e")
+    b.add_argument("--preset", default="cifar10_simcnn_k3")
+    b.add_argument("--batch-size", type=int)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--steps", type=int, help="timed steps per measurement (default 10, quick 2)")
+    b.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's)")
+    b.add_argument("--blocks", help="comma-separated blocks to measure (default: all)")
+    b.add_argument("--quick", action="store_true", help="batch 32 and 2 timed steps: about a minute on a CPU")
+    b.add_argument("--data", help="images for the input benchmark (default: the built-in sample)")
+    b.add_argument("--no-input", action="store_true", help="skip the input-pipeline benchmark")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list presets with J, k and parameter counts")
     p.add_argument("--json", action="store_true")

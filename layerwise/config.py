@@ -53,7 +53,7 @@ class ModelConfig:
         _check(self.in_channels >= 1, "model.in_channels must be >= 1")
 
     @property
-    def J(self) -> int:  # noqa: N802 - the paper's name
+    def J(self) -> int:
         return len(self.widths)
 
 
@@ -84,7 +84,9 @@ class DataConfig:
         _check(self.image_size >= 1, "data.image_size must be >= 1")
         _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
         _check(self.resize_size >= self.image_size, "data.resize_size must be >= data.image_size")
-        _check(len(self.mean) == len(self.std) and len(self.mean) > 0, "data.mean and data.std need one value per channel")
+        _check(
+            len(self.mean) == len(self.std) and len(self.mean) > 0, "data.mean and data.std need one value per channel"
+        )
         _check(all(s > 0 for s in self.std), "data.std values must be > 0")
         _check(self.val_size > 0, "data.val_size must be > 0 (a count, or a fraction below 1)")
         _check(self.workers >= 0, "data.workers must be >= 0")
@@ -205,7 +207,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise LayerwiseError(f"bad config: unknown key {where + '.' if where else ''}{unknown[0]}; valid: {sorted(names)}")
+        raise LayerwiseError(
+            f"bad config: unknown key {where + '.' if where else ''}{unknown[0]}; valid: {sorted(names)}"
+        )
     kwargs = {}
     for name, value in values.items():
         key = f"{where}.{name}" if where else name

@@ -20,4 +20,4 @@ def one_line(exc: BaseException) -> str:
         return type(exc).__name__
     last = lines[-1]
     prefix = "layerwise.errors.LayerwiseError: "
-    return last[len(prefix):] if last.startswith(prefix) else (lines[0] if len(lines) == 1 else last)
+    return last[len(prefix) :] if last.startswith(prefix) else (lines[0] if len(lines) == 1 else last)

@@ -47,7 +47,7 @@ def evaluate(net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = 
     for x, y in loader.batches():
         with autocast() if autocast else nullcontext():
             logits = net(x, upto=upto, heads=blocks)
-        for i, (z, e) in enumerate(zip(logits, ensemble_scores(logits, kind=ensemble))):
+        for i, (z, e) in enumerate(zip(logits, ensemble_scores(logits, kind=ensemble), strict=False)):
             counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
         loss += torch.nn.functional.cross_entropy(logits[-1].float(), y, reduction="sum")
         n += len(y)
@@ -55,7 +55,7 @@ def evaluate(net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = 
     pct = (100.0 * counts / max(n, 1)).tolist()
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
     return {
-        "blocks": {j: dict(zip(names, row)) for j, row in zip(blocks, pct)},
+        "blocks": {j: dict(zip(names, row, strict=False)) for j, row in zip(blocks, pct, strict=False)},
         "loss": loss.item() / max(n, 1),
         "n": n,
     }

@@ -22,7 +22,9 @@ def make_image(label: int, size: int, generator: torch.Generator) -> torch.Tenso
     return (base + noise).clamp(0, 255).to(torch.uint8)
 
 
-def write_folder(root: Path, per_class: int = 8, size: int = 32, fmt: str = "jpg", classes=CLASSES, seed: int = 0) -> Path:
+def write_folder(
+    root: Path, per_class: int = 8, size: int = 32, fmt: str = "jpg", classes=CLASSES, seed: int = 0
+) -> Path:
     g = torch.Generator().manual_seed(seed)
     for label, name in enumerate(classes):
         folder = root / name

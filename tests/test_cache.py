@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from test_train import tiny_config
 
 from layerwise.errors import LayerwiseError
 from layerwise.train import train
 from layerwise.train.checkpoint import RunDir, load_checkpoint
-
-from test_train import tiny_config
 
 
 def final_weights(path):
@@ -20,7 +19,7 @@ def test_cached_prefix_matches_recomputed_prefix(tmp_path, image_folder, where):
     cached = train(tiny_config(epochs=2, train={"cache": where, "cache_views": 2}), tmp_path / "cached", image_folder)
     a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "cached")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-4) for k in a)
-    for p, c in zip(plain["blocks"], cached["blocks"]):
+    for p, c in zip(plain["blocks"], cached["blocks"], strict=False):
         assert p["train_loss"] == pytest.approx(c["train_loss"], abs=1e-4)
     assert not (tmp_path / "cached" / "cache" / "prefix1.bin").exists()  # the disk cache is removed after its stage
 
@@ -31,16 +30,20 @@ def test_fewer_views_than_epochs_reuse_augmentations(tmp_path, image_folder):
 
 
 def test_cache_that_cannot_fit_is_refused_before_work(tmp_path, image_folder, monkeypatch):
-    import layerwise.train.cache as cache
+    from layerwise.train import cache
 
     monkeypatch.setattr(cache, "free_bytes", lambda *a: 1000)
-    with pytest.raises(LayerwiseError, match=r"train.cache=host needs 5.0 MiB for block 1's input .* 1000 B is free") as info:
+    with pytest.raises(
+        LayerwiseError, match=r"train.cache=host needs 5.0 MiB for block 1's input .* 1000 B is free"
+    ) as info:
         train(tiny_config(train={"cache": "host", "cache_views": 4}), tmp_path / "run", image_folder)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()
 
 
 def test_cache_needs_in_memory_data(tmp_path, imagenet_folder):
-    cfg = tiny_config(train={"cache": "host"}, data={"augment": "imagenet", "image_size": 32, "resize_size": 40, "workers": 0})
+    cfg = tiny_config(
+        train={"cache": "host"}, data={"augment": "imagenet", "image_size": 32, "resize_size": 40, "workers": 0}
+    )
     with pytest.raises(LayerwiseError, match="in-memory data"):
         train(cfg, tmp_path / "run", imagenet_folder)

@@ -42,5 +42,5 @@ def test_overrides_apply_in_order(tmp_path):
 
 def test_assignment_reads_yaml_values():
     assert parse_assignment("model.widths=[8, 16]") == {"model": {"widths": [8, 16]}}
-    with pytest.raises(LayerwiseError, match="SECTION.KEY=VALUE"):
+    with pytest.raises(LayerwiseError, match=r"SECTION\.KEY=VALUE"):
         parse_assignment("train.lr")

@@ -69,7 +69,12 @@ def test_every_preset_builds(name):
 
 @pytest.mark.parametrize(
     "name, millions",
-    [("imagenet_simcnn_k2", 64), ("imagenet_simcnn_k3", 102), ("imagenet_simcnn_k3_mf512", 46), ("imagenet_simcnn_k1", 96)],
+    [
+        ("imagenet_simcnn_k2", 64),
+        ("imagenet_simcnn_k3", 102),
+        ("imagenet_simcnn_k3_mf512", 46),
+        ("imagenet_simcnn_k1", 96),
+    ],
 )
 def test_presets_reproduce_table7_counts(name, millions):
     cfg = load_preset(name)

@@ -5,19 +5,17 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
-from layerwise.config import DataConfig, TrainConfig
+from layerwise.config import parse_assignment
 from layerwise.data import build_data
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
-from layerwise.config import parse_assignment
 from layerwise.train import plan_stages, train, train_epoch
 from layerwise.train.checkpoint import RunDir, load_checkpoint
 from layerwise.train.loop import make_optimizer, trainable_modules
-
-from conftest import tiny_overrides
 
 
 def tiny_config(epochs=2, **extra):
@@ -110,7 +108,7 @@ def test_e2e_trains_every_block_and_the_last_head(tmp_path, image_folder):
 
 
 def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatch):
-    import layerwise.train.loop as loop
+    from layerwise.train import loop
 
     poisoned = {"on": False}
     real = loop.F.cross_entropy
@@ -139,7 +137,7 @@ def test_refuses_a_folder_holding_another_run(tmp_path, image_folder):
 
 def test_resume_refuses_a_changed_config(tmp_path, image_folder):
     train(tiny_config(epochs=1), tmp_path / "run", image_folder)
-    with pytest.raises(LayerwiseError, match="train.lr is 0.5"):
+    with pytest.raises(LayerwiseError, match=r"train\.lr is 0\.5"):
         train(tiny_config(epochs=1, train={"lr": 0.5}), tmp_path / "run", image_folder, resume=True)
 
 

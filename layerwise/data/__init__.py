@@ -58,6 +58,8 @@ def build_data(
     )
 
 
-def build_eval_loader(cfg: DataConfig, path: str | Path, classes: list[str], batch_size: int, device: torch.device) -> Loader:
+def build_eval_loader(
+    cfg: DataConfig, path: str | Path, classes: list[str], batch_size: int, device: torch.device
+) -> Loader:
     examples = open_eval(path, cfg.augment == "cifar", cfg.image_size, classes)
     return make_loader(examples, batch_size, device, cfg, train=False)

@@ -105,7 +105,10 @@ class MemoryLoader:
         n = len(self.labels)
         if not self.train:
             for start in range(0, n, self.batch_size):
-                yield self.normalize(self.images[start : start + self.batch_size]), self.labels[start : start + self.batch_size]
+                yield (
+                    self.normalize(self.images[start : start + self.batch_size]),
+                    self.labels[start : start + self.batch_size],
+                )
             return
         order, aug = self.epoch_plan(seed)
         for start in range(0, n, self.batch_size):
@@ -171,6 +174,8 @@ class StreamLoader:
 Loader = MemoryLoader | StreamLoader
 
 
-def make_loader(examples: Decoded | Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool) -> Loader:
+def make_loader(
+    examples: Decoded | Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool
+) -> Loader:
     cls = MemoryLoader if isinstance(examples, Decoded) else StreamLoader
     return cls(examples, batch_size, device, cfg, train)

@@ -136,7 +136,8 @@ def _classify(parts: tuple[str, ...], where: str) -> tuple[str, str]:
             f"{where} holds images directly, with no class subfolders; arrange it as <root>/<class>/<image>"
         )
     raise LayerwiseError(
-        f"{where}: unexpected folder depth at {'/'.join(parts)}; use <root>/<class>/<image> or <root>/train|val/<class>/<image>"
+        f"{where}: unexpected folder depth at {'/'.join(parts)}; "
+        "use <root>/<class>/<image> or <root>/train|val/<class>/<image>"
     )
 
 
@@ -146,7 +147,9 @@ def _check_image_name(name: str) -> bool:
     if base.startswith("."):
         return False
     if not base.lower().endswith(IMAGE_EXTENSIONS):
-        raise LayerwiseError(f"{name} is not an image (expected {', '.join(IMAGE_EXTENSIONS)}); remove it from the data")
+        raise LayerwiseError(
+            f"{name} is not an image (expected {', '.join(IMAGE_EXTENSIONS)}); remove it from the data"
+        )
     return True
 
 
@@ -165,11 +168,12 @@ def _records_from_dir(root: Path) -> list[Record]:
 
 def _records_from_archive(path: Path) -> list[Record]:
     try:
-        tf = tarfile.open(path)
-    except (tarfile.TarError, OSError) as e:
-        raise LayerwiseError(f"cannot read archive {path} ({e}); pass an image folder or a valid .tar/.tar.gz") from None
-    with tf:
-        files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not Path(m.name).name.startswith(".")]
+        with tarfile.open(path) as tf:
+            files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not Path(m.name).name.startswith(".")]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise LayerwiseError(
+            f"cannot read archive {path} ({e}); pass an image folder or a valid .tar/.tar.gz"
+        ) from None
     names = [m.name for m, _ in files]
     # Strip one common top folder (cifar10-jpeg/train/cat/0.jpg -> train/cat/0.jpg).
     tops = {Path(n).parts[0] for n in names}

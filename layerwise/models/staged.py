@@ -24,7 +24,7 @@ class StagedNet(nn.Module):
         self.heads = nn.ModuleList(heads)
 
     @property
-    def J(self) -> int:  # noqa: N802 - the paper's name
+    def J(self) -> int:
         return len(self.blocks)
 
     def forward_features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -21,7 +21,9 @@ def list_presets() -> list[str]:
 def preset_dict(name: str) -> dict[str, Any]:
     """The raw mapping a preset file holds, with its name filled in."""
     if name not in list_presets():
-        raise LayerwiseError(f"unknown preset {name!r}; run `layerwise presets` to list them ({', '.join(list_presets())})")
+        raise LayerwiseError(
+            f"unknown preset {name!r}; run `layerwise presets` to list them ({', '.join(list_presets())})"
+        )
     text = resources.files(__package__).joinpath(f"{name}.yaml").read_text()
     return {"preset": name, **yaml.safe_load(text)}
 
@@ -38,7 +40,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise LayerwiseError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+        raise LayerwiseError(
+            f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax"
+        ) from None
     if not isinstance(values, dict):
         raise LayerwiseError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
     if "preset" in values:

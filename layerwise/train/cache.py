@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch

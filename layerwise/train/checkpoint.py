@@ -38,8 +38,10 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         return json.loads(payload["meta"]), payload["model"], payload.get("optimizer")
-    except Exception as e:  # a truncated or foreign file
-        raise LayerwiseError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart that part") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise LayerwiseError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart that part"
+        ) from None
 
 
 class RunDir:

@@ -33,7 +33,7 @@ class Stage:
     """Heads scored after each epoch; the ensemble runs over them."""
 
 
-def plan_stages(J: int, mode: str) -> list[Stage]:  # noqa: N803 - the paper's name
+def plan_stages(J: int, mode: str) -> list[Stage]:
     if mode == "greedy":
         return [Stage(f"block {j}", j, j, tuple(range(j + 1))) for j in range(J)]
     if mode == "e2e":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -17,10 +18,10 @@ import torch
 from layerwise import __version__
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.data import build_data
+from layerwise.data.loaders import MemoryLoader
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet, build_model
-from layerwise.data.loaders import MemoryLoader
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, prefix_shapes
 from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from layerwise.train.loop import make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
@@ -87,7 +88,9 @@ def train(
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     bundle = build_data(cfg.data, data, cfg.train.batch_size, device, cfg.train.train_eval_size)
-    log.info("data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples)
+    log.info(
+        "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples
+    )
 
     net = build_model(cfg.model, len(bundle.classes)).to(device)
     if device.type == "cuda":
@@ -101,7 +104,9 @@ def train(
     if resume:
         saved_classes = json.loads(run.classes.read_text()) if run.classes.is_file() else bundle.classes
         if saved_classes != bundle.classes:
-            raise LayerwiseError(f"--resume: the data's classes differ from the run's {run.classes}; pass the same --data")
+            raise LayerwiseError(
+                f"--resume: the data's classes differ from the run's {run.classes}; pass the same --data"
+            )
     else:
         run.create(cfg.to_yaml())
         run.write_json(run.classes, bundle.classes)
@@ -141,7 +146,9 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
             t0 = time.perf_counter()
             seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cfg.train.cache_views)]
             loader = PrefixCache(net, stage.first, bundle.train, seeds, cfg.train.cache, run.path / "cache", autocast)
-            log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0)
+            log.info(
+                "%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0
+            )
         optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -239,7 +246,7 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
             entry.update({f"train_eval_{k}": v for k, v in last["train_eval"].items()})
         per_stage.append(entry)
     # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next.
-    for prev, cur in zip(per_stage, per_stage[1:]):
+    for prev, cur in itertools.pairwise(per_stage):
         if not cur["downsample"]:
             cur["improves_on_previous"] = cur["train_loss"] <= prev["train_loss"]
     final = per_stage[-1]
@@ -258,12 +265,13 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    header = f"{'stage':<10} {'val top-1':>9} {'top-5':>7} {'ens top-1':>9} {'ens top-5':>9} {'train top-1':>11} {'time s':>8}"
+    columns = ("val top-1", "top-5", "ens top-1", "ens top-5", "train top-1", "time s")
+    header = f"{'stage':<10} " + " ".join(f"{c:>{max(len(c), 7)}}" for c in columns)
     lines = [header, "-" * len(header)]
     for b in summary["blocks"]:
         lines.append(
             f"{b['stage']:<10} {b['val_top1']:>9.2f} {b['val_top5']:>7.2f} {b['val_ensemble_top1']:>9.2f} "
-            f"{b['val_ensemble_top5']:>9.2f} {b['train_top1']:>11.2f} {b['seconds']:>8.1f}"
+            f"{b['val_ensemble_top5']:>9.2f} {b['train_top1']:>11.2f} {b['seconds']:>7.1f}"
         )
     if summary.get("paper"):
         lines.append("paper: " + ", ".join(f"{k} {v:g}" for k, v in summary["paper"].items()))

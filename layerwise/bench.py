@@ -1,0 +1,279 @@
+"""`layerwise bench`: speed and memory of every block's training step, and of the input pipeline.
+
+For each block j of a preset it times the real training step (`train_step`) three ways:
+- greedy, prefix recomputed: the frozen blocks < j run (without gradients) in every step;
+- greedy, prefix cached: the step starts from x_j, as it does when train.cache is on;
+- end-to-end: every block and the last head (one row, the same for every j).
+Peak memory comes from torch.cuda on a GPU and from the process's peak resident set on the CPU.
+The input benchmark compares the in-memory loader with a per-sample PIL/torchvision DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from layerwise.data.sources import sample_path
+from layerwise.errors import LayerwiseError
+from layerwise.models.staged import build_model
+from layerwise.presets import load_preset
+from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+from layerwise.train.run import fast_path, resolve_device
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict filled on exit with `peak` (bytes in use at the peak) and `step` (the peak above the
+    memory in use on entry: activations, gradients, optimizer state and transient buffers)."""
+    out: dict[str, int | None] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out["peak"] = torch.cuda.max_memory_allocated(device)
+        out["step"] = out["peak"] - base
+        return
+    _exact_cpu_memory()
+    try:  # Linux: writing 5 resets the peak resident set (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _proc_status("VmRSS")
+    yield out
+    peak = _proc_status("VmHWM")
+    out["peak"] = peak
+    out["step"] = None if peak is None or base is None else max(peak - base, 0)
+
+
+def _exact_cpu_memory() -> None:
+    """Make the process's resident set follow PyTorch's CPU allocations (glibc only).
+
+    glibc raises its mmap threshold as large blocks are freed and then keeps freed memory in the heap,
+    so a second measurement would see the first one's leftovers. A fixed threshold sends every tensor
+    of 128 KiB or more to mmap, which returns it to the system when freed.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int) -> dict:
+    """images/s and memory of `steps` real training steps after `warmup` untimed ones."""
+    freeze_for(net, stage)
+    with peak_memory(device) as mem:
+        optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
+        for _ in range(warmup):
+            train_step(net, stage, x, y, optimizer, offset, autocast)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step(net, stage, x, y, optimizer, offset, autocast)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        del optimizer
+    for p in net.parameters():
+        p.grad = None
+    return {"images_per_s": len(y) * steps / seconds, "peak_bytes": mem["peak"], "step_bytes": mem["step"]}
+
+
+def bench_model(
+    preset: str,
+    batch_size: int | None = None,
+    device: str = "auto",
+    steps: int = 10,
+    warmup: int = 2,
+    image_size: int | None = None,
+    blocks: list[int] | None = None,
+) -> dict:
+    cfg = load_preset(preset)
+    dev = resolve_device(device)
+    autocast = fast_path(dev)
+    classes = 1000 if cfg.data.augment == "imagenet" else 10
+    batch = batch_size or cfg.train.batch_size
+    size = image_size or cfg.data.image_size
+    torch.manual_seed(0)
+    net = build_model(cfg.model, classes).to(dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev)
+    y = torch.randint(0, classes, (batch,), device=dev)
+    with torch.no_grad():
+        try:
+            net.eval()(x[:1])
+        except RuntimeError as e:
+            raise LayerwiseError(
+                f"{preset} cannot run at {size} px ({str(e).splitlines()[0]}); use a larger --image-size"
+            ) from None
+    rows = []
+    greedy = plan_stages(net.J, "greedy")
+    if blocks is not None and not all(0 <= j < net.J for j in blocks):
+        raise LayerwiseError(f"--blocks must be between 0 and {net.J - 1} for {preset}")
+    for stage in greedy if blocks is None else [greedy[j] for j in blocks]:
+        with torch.no_grad(), autocast() if autocast else nullcontext():
+            x_j = net.eval().forward_features(x, 0, stage.first)
+        row = {"block": stage.block}
+        row["recomputed"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps)
+        if stage.first > 0:  # block 0 has no frozen prefix to cache
+            row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps)
+            row["cache_speedup"] = row["cached"]["images_per_s"] / row["recomputed"]["images_per_s"]
+            row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
+        rows.append(row)
+        del x_j
+    (e2e_stage,) = plan_stages(net.J, "e2e")
+    e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps)
+    return {
+        "preset": preset,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch,
+        "image_size": size,
+        "steps": steps,
+        "precision": "bf16 autocast" if autocast else "fp32",
+        "blocks": rows,
+        "e2e": e2e,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
+
+
+def bench_input(
+    preset: str, data: str | None = None, batch_size: int | None = None, workers: int | None = None
+) -> dict:
+    """One epoch of input handling: the in-memory loader against a per-sample PIL DataLoader (CPU)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    from layerwise.data import build_data
+
+    cfg = load_preset(preset)
+    cfg.data.val_size = 0.1
+    batch = batch_size or cfg.train.batch_size
+    cpu = torch.device("cpu")
+    t0 = time.perf_counter()
+    bundle = build_data(cfg.data, data, batch, cpu)
+    decode_s = time.perf_counter() - t0
+    n = bundle.train.num_examples
+    t0 = time.perf_counter()
+    for _ in bundle.train.batches(seed=0):
+        pass
+    memory_epoch_s = time.perf_counter() - t0
+
+    workers = os.cpu_count() if workers is None else workers
+    transform = v2.Compose(
+        [
+            v2.RandomCrop(cfg.data.image_size, padding=cfg.data.crop_padding),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.data.mean, cfg.data.std),
+        ]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _extract_images(data, Path(tmp))
+        dataset = datasets.ImageFolder(root, transform=transform)
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
+        t0 = time.perf_counter()
+        seen = 0
+        for xb, _ in loader:
+            seen += len(xb)
+        pil_epoch_s = (time.perf_counter() - t0) * n / seen  # scaled to the same number of images
+    return {
+        "images": n,
+        "batch_size": batch,
+        "decode_once_s": decode_s,
+        "memory_loader_epoch_s": memory_epoch_s,
+        "pil_dataloader_epoch_s": pil_epoch_s,
+        "pil_workers": workers,
+    }
+
+
+def _extract_images(data: str | None, tmp: Path) -> Path:
+    """An ImageFolder root for the PIL baseline: the sample (or a tar archive) extracted, or the folder itself."""
+    path = sample_path() if data is None else Path(data)
+    if path.is_dir():
+        return path
+    with tarfile.open(path) as tf:
+        tf.extractall(tmp, filter="data")
+    roots = {p.parent.parent for p in tmp.rglob("*.jpg")}
+    return roots.pop()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def format_report(model: dict, inputs: dict | None) -> str:
+    lines = [
+        f"{model['preset']} on {model['device']} ({model['device_name']}, {model['threads']} threads), "
+        f"batch {model['batch_size']}, {model['image_size']} px, {model['precision']}, {model['steps']} timed steps",
+        f"{'block':<6} {'recomputed img/s':>16} {'cached img/s':>12} {'speed-up':>8} "
+        f"{'step MiB recomputed':>19} {'step MiB cached':>15}",
+    ]
+    for r in model["blocks"]:
+        c = r.get("cached")
+        lines.append(
+            f"{r['block']:<6} {r['recomputed']['images_per_s']:>16.1f} "
+            + (f"{c['images_per_s']:>12.1f} {r['cache_speedup']:>7.2f}x " if c else f"{'-':>12} {'-':>8} ")
+            + f"{mib(r['recomputed']['step_bytes']):>19} {mib(c['step_bytes']) if c else '-':>15}"
+        )
+    e = model["e2e"]
+    lines.append(f"{'e2e':<6} {e['images_per_s']:>16.1f} {'':>12} {'':>8} {mib(e['step_bytes']):>19}")
+    if model["blocks"] and e["step_bytes"]:
+        first = model["blocks"][0]["recomputed"]["step_bytes"]
+        if first is not None:
+            lines.append(f"step memory, block 0 greedy / end-to-end: {first / e['step_bytes']:.2f}x")
+    if inputs:
+        train_s = inputs["images"] / model["blocks"][0]["recomputed"]["images_per_s"]
+        mem, pil = inputs["memory_loader_epoch_s"], inputs["pil_dataloader_epoch_s"]
+        lines += [
+            f"input, one epoch of {inputs['images']} images (block-0 training step: {train_s:.2f} s per epoch):",
+            f"  in-memory loader: {mem:.3f} s = {100 * mem / (mem + train_s):.1f}% of the epoch "
+            f"(plus {inputs['decode_once_s']:.2f} s to decode once)",
+            f"  per-sample PIL DataLoader ({inputs['pil_workers']} workers): {pil:.3f} s = "
+            f"{100 * pil / (pil + train_s):.1f}% of the epoch; in-memory is {pil / mem:.1f}x faster",
+        ]
+    return "\n".join(lines)

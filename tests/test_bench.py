@@ -1,0 +1,51 @@
+"""`layerwise bench` and the speed paths: they run on the CPU and never change results silently."""
+
+import functools
+import json
+
+import pytest
+import torch
+
+from layerwise.cli import main
+from layerwise.config import ModelConfig, TrainConfig
+from layerwise.models import build_model
+from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+
+
+def test_bench_quick_mode_reports_every_block(capsys):
+    code = main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out)
+    model, inputs = report["model"], report["input"]
+    assert [r["block"] for r in model["blocks"]] == [0, 1, 2]
+    assert "cached" not in model["blocks"][0] and model["blocks"][2]["cached"]["images_per_s"] > 0
+    assert model["e2e"]["images_per_s"] > 0
+    assert inputs["memory_loader_epoch_s"] > 0 and inputs["pil_dataloader_epoch_s"] > 0
+
+
+def test_bench_rejects_an_image_size_the_heads_cannot_take(capsys):
+    assert main(["bench", "--preset", "imagenet_vgg11_k3", "--image-size", "64", "--no-input"]) == 2
+    assert "use a larger --image-size" in capsys.readouterr().err
+
+
+def few_steps(channels_last: bool, autocast) -> list[float]:
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(k=2, widths=[8, 16], downsample_at=[1]), num_classes=4)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    stage = plan_stages(net.J, "greedy")[1]
+    optimizer = make_optimizer(trainable_modules(net, stage).parameters(), TrainConfig(lr=0.05))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
+    freeze_for(net, stage)
+    return [train_step(net, stage, x, y, optimizer, 0, autocast)[0].item() for _ in range(4)]
+
+
+def test_fast_path_matches_plain_path():
+    """channels_last + bf16 autocast (the GPU path), run on the CPU, against plain fp32."""
+    plain = few_steps(False, None)
+    assert few_steps(True, None) == pytest.approx(plain, rel=1e-5)
+    bf16 = few_steps(True, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16))
+    assert bf16 == pytest.approx(plain, rel=3e-2)
+    assert plain[-1] < plain[0]  # it does train
