@@ -10,6 +10,7 @@ The input benchmark compares the in-memory loader with a per-sample PIL/torchvis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tarfile
 import tempfile
@@ -20,11 +21,11 @@ from pathlib import Path
 import torch
 
 from layerwise.data.sources import sample_path
+from layerwise.device import fast_path, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.models.staged import build_model
 from layerwise.presets import load_preset
 from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
-from layerwise.train.run import fast_path, resolve_device
 
 
 def _proc_status(field: str) -> int | None:
@@ -168,6 +169,53 @@ def bench_model(
     }
 
 
+def fits(net, stage, cfg, device, autocast, batch: int, size: int, classes: int) -> bool:
+    """Whether two training steps of `stage` at this batch size run without running out of GPU memory."""
+    try:
+        x = torch.randn(batch, cfg.model.in_channels, size, size, device=device)
+        y = torch.randint(0, classes, (batch,), device=device)
+        time_steps(net, stage, x, y, 0, autocast, cfg, device, warmup=1, steps=1)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        for p in net.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+
+
+def max_batch(preset: str, device: str = "cuda", image_size: int | None = None, limit: int = 8192) -> dict:
+    """Largest batch (a power of two, then refined by bisection) whose training step fits on the GPU:
+    greedy block by block (the run's limit is the smallest of them) and end to end."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise LayerwiseError("--max-batch measures GPU memory; run it with a CUDA device")
+    cfg = load_preset(preset)
+    autocast = fast_path(dev)
+    classes = 1000 if cfg.data.augment == "imagenet" else 10
+    size = image_size or cfg.data.image_size
+    net = build_model(cfg.model, classes).to(dev).to(memory_format=torch.channels_last)
+
+    def largest(stage) -> int:
+        lo, hi = 0, 1
+        while hi <= limit and fits(net, stage, cfg, dev, autocast, hi, size, classes):
+            lo, hi = hi, hi * 2
+        while hi - lo > max(1, lo // 16):  # bisect to within about 6%
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(net, stage, cfg, dev, autocast, mid, size, classes) else (lo, mid)
+        return lo
+
+    greedy = {stage.block: largest(stage) for stage in plan_stages(net.J, "greedy")}
+    return {
+        "preset": preset,
+        "device_name": torch.cuda.get_device_name(dev),
+        "image_size": size,
+        "greedy_per_block": greedy,
+        "greedy": min(greedy.values()),
+        "e2e": largest(plan_stages(net.J, "e2e")[0]),
+    }
+
+
 def bench_input(
     preset: str, data: str | None = None, batch_size: int | None = None, workers: int | None = None
 ) -> dict:
@@ -179,7 +227,7 @@ def bench_input(
     from layerwise.data import build_data
 
     cfg = load_preset(preset)
-    cfg.data.val_size = 0.1
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_size=0.1))
     batch = batch_size or cfg.train.batch_size
     cpu = torch.device("cpu")
     t0 = time.perf_counter()

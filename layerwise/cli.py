@@ -8,11 +8,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from layerwise.config import config_from_dict, merge, parse_assignment
+from layerwise.config import parse_assignment
 from layerwise.errors import LayerwiseError, one_line
 
 log = logging.getLogger("layerwise")
@@ -35,12 +34,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         },
         "data": {"val_size": args.val_size, "workers": args.workers},
     }
-    overrides.append({s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()})
+    given = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
+    overrides.append({s: kv for s, kv in given.items() if kv})
     if args.resume and args.out is None:
         raise LayerwiseError("--resume needs --out RUN_DIR, the run to continue")
-    if args.resume and args.preset is None and args.config is None:
-        saved = RunDir(args.out).saved_config()
-        cfg = config_from_dict(merge(saved, merge_all(overrides)))
+    if args.resume and args.preset is None and args.config is None:  # the run's own config, plus overrides
+        cfg = resolve_config(None, None, overrides, base=RunDir(args.out).saved_config())
     else:
         cfg = resolve_config(args.preset or (None if args.config else "demo"), args.config, overrides)
     out = (
@@ -53,13 +52,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(summary_table(summary))
     print(f"run saved in {out}")
     return 0
-
-
-def merge_all(dicts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for d in dicts:
-        out = merge(out, d)
-    return out
 
 
 def download_cifar10(root: str | None) -> None:
@@ -75,7 +67,10 @@ def download_cifar10(root: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from layerwise.evaluate import evaluate_run
+    from layerwise.train.run import evaluate_run
+
+    if args.batch_size < 1:
+        raise LayerwiseError(f"--batch-size must be >= 1 (got {args.batch_size})")
 
     result = evaluate_run(args.run_dir, args.data, device=args.device, batch_size=args.batch_size)
     if args.json:
@@ -127,6 +122,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from layerwise.bench import bench_input, bench_model, format_report
     from layerwise.presets import load_preset
 
+    if args.max_batch:
+        from layerwise.bench import max_batch
+
+        print(json.dumps(max_batch(args.preset, args.device, args.image_size), indent=2))
+        return 0
     steps, warmup = (args.steps or 2, 1) if args.quick else (args.steps or 10, 2)
     batch = args.batch_size or (32 if args.quick else None)
     blocks = [int(j) for j in args.blocks.split(",")] if args.blocks else None
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's)")
     b.add_argument("--blocks", help="comma-separated blocks to measure (default: all)")
     b.add_argument("--quick", action="store_true", help="batch 32 and 2 timed steps: about a minute on a CPU")
+    b.add_argument("--max-batch", action="store_true", help="find the largest batch that fits, greedy and e2e (GPU)")
     b.add_argument("--data", help="images for the input benchmark (default: the built-in sample)")
     b.add_argument("--no-input", action="store_true", help="skip the input-pipeline benchmark")
     b.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ class TrainConfig:
         _check(self.cache in ("off", "device", "host", "disk"), "train.cache must be off, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
         )
 
@@ -154,6 +155,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.data.mean) == self.model.in_channels,
+            f"data.mean and data.std need model.in_channels={self.model.in_channels} values",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,10 +233,15 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge override into a copy of base (mappings merge, everything else replaces)."""
+    """Deep-merge override into a copy of base (mappings merge, everything else replaces).
+
+    A section that is a mapping stays one: `--set train=3` is an error, not a reset to the defaults.
+    """
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(out.get(key), dict):
+            if not isinstance(value, dict):
+                raise LayerwiseError(f"bad config: {key} must be a mapping of settings (got {value!r})")
             out[key] = merge(out[key], value)
         else:
             out[key] = value

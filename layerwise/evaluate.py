@@ -59,35 +59,3 @@ def evaluate(net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = 
         "loss": loss.item() / max(n, 1),
         "n": n,
     }
-
-
-def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> dict:
-    """Score a run's trained heads on data no one trained on, mapping its classes by name.
-
-    Uses checkpoints/final.pt when the run finished, else the last epoch's checkpoint.
-    """
-    import json
-
-    from layerwise.config import config_from_dict
-    from layerwise.data import build_eval_loader
-    from layerwise.errors import LayerwiseError
-    from layerwise.models.staged import build_model
-    from layerwise.train.checkpoint import RunDir, load_checkpoint
-    from layerwise.train.run import fast_path, resolve_device
-
-    run = RunDir(run_dir)
-    cfg = config_from_dict(run.saved_config())
-    classes = json.loads(run.classes.read_text())
-    path = run.final if run.final.is_file() else run.last
-    if not path.is_file():
-        raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
-    meta, state, _ = load_checkpoint(path)
-    dev = resolve_device(device)
-    net = build_model(cfg.model, len(classes))
-    net.load_state_dict(state)
-    net.to(dev)
-    last_block = cfg.model.J - 1 if path == run.final else meta["block"]
-    blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
-    loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
-    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev))
-    return {**result, "checkpoint": str(path), "data": str(data)}

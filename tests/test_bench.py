@@ -49,3 +49,18 @@ def test_fast_path_matches_plain_path():
     bf16 = few_steps(True, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16))
     assert bf16 == pytest.approx(plain, rel=3e-2)
     assert plain[-1] < plain[0]  # it does train
+
+
+def test_max_batch_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--preset", "demo", "--max-batch", "--device", "cpu"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_max_batch_on_gpu():
+    from layerwise.bench import max_batch
+
+    result = max_batch("demo", "cuda", limit=256)
+    assert result["greedy"] >= 1 and result["e2e"] >= 1

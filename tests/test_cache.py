@@ -36,7 +36,7 @@ def test_cache_that_cannot_fit_is_refused_before_work(tmp_path, image_folder, mo
     with pytest.raises(
         LayerwiseError, match=r"train.cache=host needs 5.0 MiB for block 1's input .* 1000 B is free"
     ) as info:
-        train(tiny_config(train={"cache": "host", "cache_views": 4}), tmp_path / "run", image_folder)
+        train(tiny_config(epochs=4, train={"cache": "host", "cache_views": 4}), tmp_path / "run", image_folder)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()
 

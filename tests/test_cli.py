@@ -133,3 +133,30 @@ def test_console_script_runs():
         [sys.executable, "-m", "layerwise.cli", "presets"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "cifar10_simcnn_k3" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--set", "train=3"], "train must be a mapping"),
+        (["train", "--device", "cuda:x"], "train.device must be"),
+        (["eval", "nowhere", "--data", "x"], "holds no layerwise run"),
+    ],
+)
+def test_more_bad_input(tmp_path, capsys, args, message):
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "o")] if args[0] == "train" else args, capsys)
+    assert code == 2 and message in error_line(err)
+
+
+def test_eval_rejects_batch_size_zero(tmp_path, image_folder, capsys):
+    out_dir = str(tmp_path / "run")
+    assert run_cli(["train", "--data", str(image_folder), "--out", out_dir, *sets(*tiny_overrides(1))], capsys)[0] == 0
+    code, _, err = run_cli(["eval", out_dir, "--data", str(image_folder), "--batch-size", "0"], capsys)
+    assert code == 2 and "--batch-size must be >= 1" in error_line(err)
+
+
+def test_truncated_archive_is_a_one_line_error(tmp_path, cifar_archive, capsys):
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(cifar_archive.read_bytes()[: cifar_archive.stat().st_size // 2])
+    code, _, err = run_cli(["train", "--data", str(cut), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "cannot read archive" in error_line(err)

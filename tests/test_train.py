@@ -147,3 +147,45 @@ def test_cuda_request_without_gpu_is_an_error(tmp_path, image_folder):
     with pytest.raises(LayerwiseError, match="no CUDA GPU"):
         train(tiny_config(epochs=1, train={"device": "cuda"}), tmp_path / "run", image_folder)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_data_uses_the_runs_data(tmp_path, image_folder):
+    cfg = tiny_config(epochs=1)
+
+    def stop(row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "run", image_folder, on_epoch_end=stop)
+    train(cfg, tmp_path / "run", None, resume=True)  # no data given: the run's own folder, not the sample
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["data_path"] == str(image_folder.resolve())
+
+
+def test_resume_after_losing_last_checkpoint_continues_after_the_last_block(tmp_path, image_folder):
+    cfg = tiny_config(epochs=1)
+    seen = []
+
+    def stop_in_block_2(row):
+        seen.append(row)
+        if row["block"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "run", image_folder, on_epoch_end=stop_in_block_2)
+    run = RunDir(tmp_path / "run")
+    block1 = run.block(1).read_bytes()
+    run.last.unlink()
+    with open(run.metrics, "a") as f:
+        f.write('{"stage": 2, "epo')  # a line cut short by a crash
+    summary = train(cfg, tmp_path / "run", image_folder, resume=True)
+    assert run.block(1).read_bytes() == block1  # finished blocks are not retrained
+    assert [r["stage"] for r in run.read_metrics()] == [0, 1, 2]
+    assert len(summary["blocks"]) == 3
+
+
+def test_model_that_cannot_take_the_image_size_fails_before_writing(tmp_path, image_folder):
+    cfg = tiny_config(model={"widths": [4, 4, 4, 4, 4, 4], "downsample_at": [0, 1, 2, 3, 4, 5]})
+    with pytest.raises(LayerwiseError, match="cannot run on"):
+        train(cfg, tmp_path / "run", image_folder)
+    assert not (tmp_path / "run").exists()

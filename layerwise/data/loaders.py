@@ -26,14 +26,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Normalize:
-    """uint8 (B, C, H, W) -> float (x/255 - mean)/std, as one fused affine map on the device."""
+    """uint8 (B, C, H, W) -> float (x/255 - mean)/std, as one fused affine map on the device.
+
+    On a GPU the result is channels_last, the layout the network runs in there.
+    """
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device):
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+        self.layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x.float(), self.scale)
+        return torch.addcmul(self.shift, x.float(), self.scale).contiguous(memory_format=self.layout)
 
 
 @dataclass
@@ -49,11 +53,13 @@ class Augmentation:
 
     @staticmethod
     def draw(n: int, padding: int, generator: torch.Generator) -> Augmentation:
-        device = generator.device
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
-        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5
         return Augmentation(dy, dx, flip)
+
+    def to(self, device: torch.device) -> Augmentation:
+        return Augmentation(self.dy.to(device), self.dx.to(device), self.flip.to(device))
 
 
 def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -79,7 +85,13 @@ def augment(x: torch.Tensor, padding: int, aug: Augmentation, idx: torch.Tensor)
 
 
 class MemoryLoader:
-    """Batches of a decoded dataset held on the device."""
+    """Batches of a decoded dataset held on the device.
+
+    Like every loader here it yields the input of block `offset` (0: the images), and `batches(seed, epoch)`
+    depends only on its arguments.
+    """
+
+    offset = 0
 
     def __init__(self, data: Decoded, batch_size: int, device: torch.device, cfg: DataConfig, train: bool):
         self.images = data.images.to(device)
@@ -96,12 +108,13 @@ class MemoryLoader:
         return len(self.labels)
 
     def epoch_plan(self, seed: int) -> tuple[torch.Tensor, Augmentation]:
-        """This epoch's image order and per-image augmentation, both from one seeded generator."""
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        order = torch.randperm(len(self.labels), generator=g, device=self.device)
+        """This epoch's image order and per-image augmentation (on the CPU, so every device sees the same
+        batches and a run can resume on another device)."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.labels), generator=g)
         return order, Augmentation.draw(len(self.labels), self.padding, g)
 
-    def batches(self, seed: int = 0) -> Iterator[Batch]:
+    def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
         if not self.train:
             for start in range(0, n, self.batch_size):
@@ -111,6 +124,7 @@ class MemoryLoader:
                 )
             return
         order, aug = self.epoch_plan(seed)
+        order, aug = order.to(self.device), aug.to(self.device)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
             yield self.normalize(augment(self.images[idx], self.padding, aug, idx)), self.labels[idx]
@@ -142,7 +156,12 @@ def imagenet_transform(cfg: DataConfig, train: bool) -> v2.Transform:
 
 
 class StreamLoader:
-    """A DataLoader over files with worker processes and pinned memory, normalising on the device."""
+    """A DataLoader over files with worker processes and pinned memory, normalising on the device.
+
+    Workers are started afresh each epoch so that each epoch's crops depend only on its seed (exact resume).
+    """
+
+    offset = 0
 
     def __init__(self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool):
         self.dataset = FileDataset(files, imagenet_transform(cfg, train))
@@ -156,7 +175,7 @@ class StreamLoader:
     def num_examples(self) -> int:
         return len(self.dataset)
 
-    def batches(self, seed: int = 0) -> Iterator[Batch]:
+    def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,

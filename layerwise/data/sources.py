@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pickle
 import tarfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -83,11 +85,22 @@ def check_path(path: str | Path) -> Path:
 # ---------------------------------------------------------------- CIFAR-10 python archive (data_batch_1..5, test_batch)
 
 
+@contextmanager
+def _reading_archive(path: Path):
+    """Turn the many ways a truncated or corrupt archive fails into one line."""
+    try:
+        yield
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise LayerwiseError(
+            f"cannot read archive {path} ({e or type(e).__name__}); re-download it or pass an image folder"
+        ) from None
+
+
 def _is_cifar_python(path: Path) -> bool:
     if path.is_dir():
         return (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py" / "data_batch_1").is_file()
     if tarfile.is_tarfile(path):
-        with tarfile.open(path) as tf:
+        with _reading_archive(path), tarfile.open(path) as tf:
             for member in tf:
                 if Path(member.name).name == "data_batch_1":
                     return True
@@ -106,7 +119,7 @@ def _read_cifar_python(path: Path, train: bool) -> tuple[list[str], Decoded]:
                 raise LayerwiseError(f"CIFAR-10 folder {root} lacks {name}; extract the whole cifar-10-python archive")
             blobs[name] = (root / name).read_bytes()
     else:
-        with tarfile.open(path) as tf:
+        with _reading_archive(path), tarfile.open(path) as tf:
             for member in tf:
                 if member.isfile() and Path(member.name).name in [*wanted, "batches.meta"]:
                     blobs[Path(member.name).name] = tf.extractfile(member).read()
@@ -167,13 +180,8 @@ def _records_from_dir(root: Path) -> list[Record]:
 
 
 def _records_from_archive(path: Path) -> list[Record]:
-    try:
-        with tarfile.open(path) as tf:
-            files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not Path(m.name).name.startswith(".")]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise LayerwiseError(
-            f"cannot read archive {path} ({e}); pass an image folder or a valid .tar/.tar.gz"
-        ) from None
+    with _reading_archive(path), tarfile.open(path) as tf:
+        files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not Path(m.name).name.startswith(".")]
     names = [m.name for m, _ in files]
     # Strip one common top folder (cifar10-jpeg/train/cat/0.jpg -> train/cat/0.jpg).
     tops = {Path(n).parts[0] for n in names}
@@ -188,7 +196,7 @@ def _records_from_archive(path: Path) -> list[Record]:
     return records
 
 
-def _decode(records: list[Record], size: int | None, desc: str) -> Decoded:
+def _decode(records: list[Record], size: int | None, desc: str) -> torch.Tensor:
     """Decode every record into one (N, 3, H, W) uint8 tensor; all images must share one size."""
     images, first = [], None
     for r in tqdm(records, desc=desc, unit="img", leave=False, disable=None, mininterval=1.0):
@@ -210,15 +218,14 @@ def _decode(records: list[Record], size: int | None, desc: str) -> Decoded:
                 "in-memory (cifar) data needs one image size: resize them or use data.augment=imagenet"
             )
         images.append(img)
-    return Decoded(torch.stack(images), torch.zeros(0, dtype=torch.int64))
+    return torch.stack(images)
 
 
 def _to_examples(records: list[Record], classes: list[str], decode: bool, size: int, desc: str) -> Examples:
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r.label] for r in records]
     if decode:
-        out = _decode(records, size, desc)
-        return Decoded(out.images, torch.tensor(labels, dtype=torch.int64))
+        return Decoded(_decode(records, size, desc), torch.tensor(labels, dtype=torch.int64))
     if any(r.data is not None for r in records):
         raise LayerwiseError("streamed (imagenet) data must be a folder; extract the archive first")
     return Files([r.name for r in records], labels)

@@ -27,4 +27,3 @@ class Block(nn.Sequential):
         # In place: the conv/BN output is not needed for the backward pass of ReLU.
         layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
-        self.out_channels = out_channels

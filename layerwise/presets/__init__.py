@@ -51,10 +51,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    preset: str | None = None, config_file: str | Path | None = None, overrides: list[dict[str, Any]] = ()
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[dict[str, Any]] = (),
+    base: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Preset, then config file, then overrides (later wins); validated once at the end."""
-    values: dict[str, Any] = preset_dict(preset) if preset else {}
+    """Preset (or `base`, a saved run's config), then config file, then overrides (later wins); validated once."""
+    values: dict[str, Any] = preset_dict(preset) if preset else dict(base or {})
     if config_file is not None:
         values = merge(values, read_config_file(config_file))
     for override in overrides:

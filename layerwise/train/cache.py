@@ -75,8 +75,17 @@ def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path
         )
 
 
+def cache_dtype(autocast: Callable | None) -> torch.dtype:
+    """The dtype the frozen prefix produces: bf16 under the GPU's autocast, else fp32."""
+    return torch.bfloat16 if autocast is not None else torch.float32
+
+
 class PrefixCache:
-    """A loader of x_j, the frozen blocks' output, for greedy stage j."""
+    """A loader of x_j, the frozen blocks' output, for greedy stage j.
+
+    On a GPU the store is (views, N, H, W, C): batches come out channels_last, the network's layout, and
+    host or disk stores are gathered straight into pinned memory for an asynchronous copy.
+    """
 
     def __init__(
         self,
@@ -89,31 +98,40 @@ class PrefixCache:
         autocast: Callable | None = None,
     ):
         self.offset = upto
+        self.images, self.labels = images, images.labels
         self.device, self.batch_size = images.device, images.batch_size
-        self.labels = images.labels
         self.views = len(view_seeds)
-        self.images = images
-        dtype = torch.bfloat16 if autocast is not None else torch.float32  # what the prefix produces
+        self.nhwc = self.device.type == "cuda"
+        dtype = cache_dtype(autocast)
         n = len(images.labels)
-        shape = prefix_shapes(net, images.normalize(images.images[:1]))[upto]
-        full = (self.views, n, *shape)
+        c, h, w = prefix_shapes(net, images.normalize(images.images[:1]))[upto]
+        full = (self.views, n, h, w, c) if self.nhwc else (self.views, n, c, h, w)
         self.path = None
-        if where == "disk":
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path = folder / f"prefix{upto}.bin"
-            self.store = torch.from_file(str(self.path), shared=True, size=math.prod(full), dtype=dtype).view(full)
-        else:
-            on = self.device if where == "device" else torch.device("cpu")
-            pin = where == "host" and self.device.type == "cuda"
-            self.store = torch.empty(full, dtype=dtype, device=on, pin_memory=pin)
+        try:
+            if where == "disk":
+                folder.mkdir(parents=True, exist_ok=True)
+                self.path = folder / f"prefix{upto}.bin"
+                self.store = torch.from_file(str(self.path), shared=True, size=math.prod(full), dtype=dtype).view(full)
+            else:
+                on = self.device if where == "device" else torch.device("cpu")
+                pin = where == "host" and self.device.type == "cuda"
+                self.store = torch.empty(full, dtype=dtype, device=on, pin_memory=pin)
+        except (RuntimeError, OSError) as e:
+            raise LayerwiseError(
+                f"could not allocate the train.cache={where} store of {human(math.prod(full) * dtype.itemsize)} "
+                f"({str(e).splitlines()[0]}); use fewer train.cache_views or another train.cache"
+            ) from None
         net.eval()
         with torch.no_grad(), autocast() if autocast else nullcontext():
             for v, seed in enumerate(view_seeds):
                 _, aug = images.epoch_plan(seed)
+                aug = aug.to(self.device)
                 for start in range(0, n, self.batch_size):
                     idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
                     x = images.normalize(augment(images.images[idx], images.padding, aug, idx))
-                    self.store[v, start : start + len(idx)] = net.forward_features(x, 0, upto).to(self.store.device)
+                    out = net.forward_features(x, 0, upto)
+                    out = out.permute(0, 2, 3, 1) if self.nhwc else out  # channels_last -> NHWC is a free view
+                    self.store[v, start : start + len(idx)].copy_(out)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -122,13 +140,22 @@ class PrefixCache:
     def num_examples(self) -> int:
         return len(self.labels)
 
-    def batches(self, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, _ = self.images.epoch_plan(seed)
+    def batches(self, seed: int, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, _ = self.images.epoch_plan(seed)  # the plain path's order for this epoch (on the CPU)
         view = self.store[epoch % self.views]
+        on_device = view.device == self.device
+        order_here = order.to(view.device)
+        labels = self.labels[order.to(self.labels.device)]
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = view[idx.to(view.device)].to(self.device, non_blocking=True)
-            yield x, self.labels[idx]
+            idx = order_here[start : start + self.batch_size]
+            if on_device:
+                x = view[idx]
+            else:  # gather into pinned memory (PyTorch's caching host allocator), then copy asynchronously
+                pinned = self.device.type == "cuda"
+                x = torch.empty((len(idx), *view.shape[1:]), dtype=view.dtype, pin_memory=pinned)
+                torch.index_select(view, 0, idx, out=x)
+                x = x.to(self.device, non_blocking=True)
+            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), labels[start : start + self.batch_size]
 
     def close(self) -> None:
         """Free the cache (and delete its file) before the next stage builds its own."""

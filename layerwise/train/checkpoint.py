@@ -14,10 +14,25 @@ from layerwise.errors import LayerwiseError
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write to a temporary file beside path, then rename over it: a crash never leaves half a file."""
+    """Write to a temporary file beside path, flush it to disk, then rename it over path.
+
+    A crash or a full disk leaves either the old file or the new one, never half a file.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as e:
+        raise LayerwiseError(f"could not write {path} ({e.strerror or e}); free disk space and --resume") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -40,7 +55,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
         return json.loads(payload["meta"]), payload["model"], payload.get("optimizer")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
         raise LayerwiseError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart that part"
+            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it, and --resume continues from the "
+            "last finished block"
         ) from None
 
 
@@ -85,13 +101,25 @@ class RunDir:
 
     def saved_config(self) -> dict[str, Any]:
         if not self.is_run():
-            raise LayerwiseError(f"{self.path} holds no run (no config.yaml); check the path or drop --resume")
+            raise LayerwiseError(f"{self.path} holds no layerwise run (no config.yaml); check the path")
         return yaml.safe_load(self.config.read_text())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every complete metrics line; a line cut short by a crash is skipped."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def last_finished_block(self) -> Path | None:
+        """The checkpoint of the highest finished greedy block, to resume from when last.pt is gone."""
+        blocks = sorted(self.checkpoints.glob("block*.pt"), key=lambda p: int(p.stem[len("block") :]))
+        return blocks[-1] if blocks else None
 
     def keep_metrics(self, keep) -> None:
         """Drop metric lines the last checkpoint does not cover (written just before an interruption)."""

@@ -114,12 +114,13 @@ def train_epoch(
     `loader` yields images, or (a PrefixCache) the frozen blocks' output for this epoch's cached view.
     """
     freeze_for(net, stage)
-    offset = getattr(loader, "offset", 0)
+    offset = loader.offset
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss * n, top-1 hits, top-5 hits
     n = 0
     t0 = time.perf_counter()
-    batches = loader.batches(seed, epoch) if offset else loader.batches(seed)
-    for x, y in tqdm(batches, total=len(loader), desc=desc, leave=False, disable=None, unit="batch"):
+    for x, y in tqdm(
+        loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None, unit="batch"
+    ):
         loss, logits = train_step(net, stage, x, y, optimizer, offset, autocast)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -17,37 +16,17 @@ import torch
 
 from layerwise import __version__
 from layerwise.config import RunConfig, config_from_dict
-from layerwise.data import build_data
+from layerwise.data import build_data, build_eval_loader
 from layerwise.data.loaders import MemoryLoader
+from layerwise.device import fast_path, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet, build_model
-from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, prefix_shapes
+from layerwise.train.cache import PrefixCache, cache_bytes, cache_dtype, check_cache_fits, prefix_shapes
 from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from layerwise.train.loop import make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
 
 log = logging.getLogger("layerwise")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LayerwiseError(f"device {name!r} requested but no CUDA GPU is available here; use --device cpu")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise LayerwiseError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-        return device
-    return torch.device(name)
-
-
-def fast_path(device: torch.device):
-    """bf16 autocast and cudnn autotuning on a GPU; plain fp32 on the CPU, where bf16 convs are slow."""
-    if device.type != "cuda":
-        return None
-    torch.backends.cudnn.benchmark = True
-    return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
 
 
 def epoch_seed(seed: int, stage: int, epoch: int) -> int:
@@ -83,6 +62,8 @@ def train(
     run = RunDir(out)
     if resume:
         same_run(run.saved_config(), cfg)
+        if data is None and run.info.is_file():  # continue on the data the run started with
+            data = json.loads(run.info.read_text()).get("data_path")
     else:
         run.check_new()
     device = resolve_device(cfg.train.device)
@@ -95,6 +76,7 @@ def train(
     net = build_model(cfg.model, len(bundle.classes)).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    check_model_runs(net, cfg, device)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
     autocast = fast_path(device)
     use_cache = cfg.train.cache != "off" and cfg.train.mode == "greedy" and cfg.model.J > 1
@@ -124,7 +106,14 @@ def train(
 def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end) -> dict[str, Any]:
     """Every stage from where the run stands (its last checkpoint when resuming) to the end."""
     first_stage, first_epoch, optimizer_state = 0, 0, None
-    if resume and run.last.is_file():
+    fallback = run.last_finished_block() if resume and not run.last.is_file() else None
+    if fallback is not None:  # last.pt was lost: continue after the last finished block
+        meta, model_state, _ = load_checkpoint(fallback)
+        net.load_state_dict(model_state)
+        first_stage = meta["stage"] + 1
+        run.keep_metrics(lambda r: r["stage"] <= meta["stage"])
+        log.info("resuming %s after %s (no last.pt)", run.path, fallback.name)
+    elif resume and run.last.is_file():
         meta, model_state, optimizer_state = load_checkpoint(run.last)
         net.load_state_dict(model_state)
         first_stage, first_epoch = meta["stage"], meta["epoch"]
@@ -144,7 +133,7 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
         loader = bundle.train
         if use_cache and stage.first > 0:
             t0 = time.perf_counter()
-            seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cfg.train.cache_views)]
+            seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cache_views(cfg))]
             loader = PrefixCache(net, stage.first, bundle.train, seeds, cfg.train.cache, run.path / "cache", autocast)
             log.info(
                 "%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0
@@ -182,13 +171,32 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
     return summary
 
 
+def check_model_runs(net: StagedNet, cfg: RunConfig, device: torch.device) -> None:
+    """One blank RGB image through every block and head, before anything is written: shape problems
+    become one line."""
+    x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    try:
+        with torch.no_grad():
+            net.eval()(x[:1])
+    except (RuntimeError, ValueError) as e:
+        raise LayerwiseError(
+            f"the model cannot run on {tuple(x.shape[1:])} inputs ({str(e).splitlines()[0]}); "
+            "check model.downsample_at, model.in_channels and data.image_size"
+        ) from None
+
+
+def cache_views(cfg: RunConfig) -> int:
+    """Views beyond the number of epochs would never be read."""
+    return min(cfg.train.cache_views, cfg.train.epochs_per_block)
+
+
 def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Path, autocast) -> None:
     """Size the largest prefix cache of the run and refuse it now if it cannot fit."""
     if not isinstance(images, MemoryLoader):
         raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=off")
-    dtype = torch.bfloat16 if autocast is not None else torch.float32
+    dtype = cache_dtype(autocast)
     shapes = prefix_shapes(net, images.normalize(images.images[:1]))
-    n, views = images.num_examples, cfg.train.cache_views
+    n, views = images.num_examples, cache_views(cfg)
     j = max(range(1, cfg.model.J), key=lambda i: cache_bytes(n, views, shapes[i], dtype))
     needed = cache_bytes(n, views, shapes[j], dtype)
     what = f"block {j}'s input ({views} view(s) of {n} images at {'x'.join(map(str, shapes[j]))}, {dtype})"
@@ -214,7 +222,7 @@ def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast) -> dict[st
     }
     if bundle.train_eval is not None:
         clean = evaluate(net, bundle.train_eval, blocks, cfg.train.ensemble, autocast)
-        row["train_eval"] = clean["blocks"][stage.block]
+        row["train_eval"] = {**clean["blocks"][stage.block], "loss": clean["loss"]}
     return row
 
 
@@ -245,10 +253,12 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
         if "train_eval" in last:
             entry.update({f"train_eval_{k}": v for k, v in last["train_eval"].items()})
         per_stage.append(entry)
-    # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next.
+    # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next. Compared on the
+    # clean training subset (eval mode, final weights) when there is one, else on the epoch's running loss.
+    risk = "train_eval_loss" if all("train_eval_loss" in e for e in per_stage) else "train_loss"
     for prev, cur in itertools.pairwise(per_stage):
         if not cur["downsample"]:
-            cur["improves_on_previous"] = cur["train_loss"] <= prev["train_loss"]
+            cur["improves_on_previous"] = cur[risk] <= prev[risk]
     final = per_stage[-1]
     return {
         "preset": cfg.preset,
@@ -286,6 +296,30 @@ def run_info(cfg: RunConfig, device: torch.device, data, description: str) -> di
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "data": str(data) if data is not None else "built-in sample",
+        "data_path": str(Path(data).resolve()) if data is not None else None,
         "data_description": description,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> dict:
+    """Score a run's trained heads on data no one trained on, mapping its classes by name.
+
+    Uses checkpoints/final.pt when the run finished, else the last epoch's checkpoint.
+    """
+    run = RunDir(run_dir)
+    cfg = config_from_dict(run.saved_config())
+    classes = json.loads(run.classes.read_text())
+    path = run.final if run.final.is_file() else run.last
+    if not path.is_file():
+        raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
+    meta, state, _ = load_checkpoint(path)
+    dev = resolve_device(device)
+    net = build_model(cfg.model, len(classes))
+    net.load_state_dict(state)
+    net.to(dev)
+    last_block = cfg.model.J - 1 if path == run.final else meta["block"]
+    blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
+    loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
+    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev))
+    return {**result, "checkpoint": str(path), "data": str(data)}
