@@ -115,8 +115,8 @@ class TrainConfig:
     """What the ensemble Z = sum_j 2^j z_j adds up: `logits` (the paper's CIFAR code) or `softmax` (ImageNet)."""
     train_eval_size: int = 2000
     """Training images (no augmentation, eval mode) scored after every epoch for train top-1/top-5. 0 = none."""
-    cache: str = "off"
-    """Frozen-prefix cache for greedy blocks after the first: `off` (recompute the frozen blocks every step),
+    cache: str = "none"
+    """Frozen-prefix cache for greedy blocks after the first: `none` (recompute the frozen blocks every step),
     `device` (on the training device), `host` (CPU RAM, pinned when training on a GPU) or `disk` (memory-mapped
     in the run directory). The frozen blocks' output is computed once per cached view instead of every epoch."""
     cache_views: int = 1
@@ -136,7 +136,7 @@ class TrainConfig:
         _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")
         _check(self.ensemble in ("logits", "softmax"), "train.ensemble must be 'logits' or 'softmax'")
         _check(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
-        _check(self.cache in ("off", "device", "host", "disk"), "train.cache must be off, device, host or disk")
+        _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
         _check(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

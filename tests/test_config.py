@@ -44,3 +44,8 @@ def test_assignment_reads_yaml_values():
     assert parse_assignment("model.widths=[8, 16]") == {"model": {"widths": [8, 16]}}
     with pytest.raises(LayerwiseError, match=r"SECTION\.KEY=VALUE"):
         parse_assignment("train.lr")
+
+
+def test_cache_none_survives_yaml_parsing():
+    cfg = resolve_config("demo", None, [parse_assignment("train.cache=none")])
+    assert cfg.train.cache == "none"

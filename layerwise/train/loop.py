@@ -88,12 +88,13 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step of the stage. x is the input of block `offset`: the image when 0, else a
     cached output of the frozen prefix. Returns (loss, logits), both still on the device."""
+    # Free the last step's gradients before the forward pass, so they never coexist with its activations.
+    optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast else nullcontext():
         with torch.no_grad():
             x = net.forward_features(x, offset, stage.first)  # the frozen prefix, or what the cache lacks
         logits = net.heads[stage.block](net.forward_features(x, stage.first, stage.block + 1))
         loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss, logits

@@ -79,7 +79,7 @@ def train(
     check_model_runs(net, cfg, device)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
     autocast = fast_path(device)
-    use_cache = cfg.train.cache != "off" and cfg.train.mode == "greedy" and cfg.model.J > 1
+    use_cache = cfg.train.cache != "none" and cfg.train.mode == "greedy" and cfg.model.J > 1
     if use_cache:
         plan_prefix_cache(cfg, net, bundle.train, device, run.path / "cache", autocast)
 
@@ -193,7 +193,7 @@ def cache_views(cfg: RunConfig) -> int:
 def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Path, autocast) -> None:
     """Size the largest prefix cache of the run and refuse it now if it cannot fit."""
     if not isinstance(images, MemoryLoader):
-        raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=off")
+        raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
     dtype = cache_dtype(autocast)
     shapes = prefix_shapes(net, images.normalize(images.images[:1]))
     n, views = images.num_examples, cache_views(cfg)
