@@ -48,7 +48,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.download:
         download_cifar10(args.data)
     log.info("run %s: preset %s, mode %s, J=%d, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.J, cfg.model.k)
-    summary = train(cfg, out, data=args.data, resume=args.resume)
+    try:
+        summary = train(cfg, out, data=args.data, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: layerwise train --out {out} --resume", file=sys.stderr)
+        return 130
     print(summary_table(summary))
     print(f"run saved in {out}")
     return 0
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with: layerwise train --out RUN_DIR --resume", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
 
 
