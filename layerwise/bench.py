@@ -200,6 +200,7 @@ def max_batch(preset: str, device: str = "cuda", image_size: int | None = None, 
         lo, hi = 0, 1
         while hi <= limit and fits(net, stage, cfg, dev, autocast, hi, size, classes):
             lo, hi = hi, hi * 2
+        hi = min(hi, limit + 1)  # never try beyond the limit
         while hi - lo > max(1, lo // 16):  # bisect to within about 6%
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(net, stage, cfg, dev, autocast, mid, size, classes) else (lo, mid)
@@ -269,13 +270,23 @@ def bench_input(
 
 
 def _extract_images(data: str | None, tmp: Path) -> Path:
-    """An ImageFolder root for the PIL baseline: the sample (or a tar archive) extracted, or the folder itself."""
+    """An ImageFolder root for the PIL baseline: the folder itself, or the sample (or a tar archive) extracted.
+    With train/ and val/ splits, the train/ split."""
     path = sample_path() if data is None else Path(data)
-    if path.is_dir():
-        return path
-    with tarfile.open(path) as tf:
-        tf.extractall(tmp, filter="data")
-    roots = {p.parent.parent for p in tmp.rglob("*.jpg")}
+    if not path.is_dir():
+        try:
+            with tarfile.open(path) as tf:
+                tf.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise LayerwiseError(f"cannot extract {path} for the input benchmark ({e}); pass --no-input") from None
+    root = path if path.is_dir() else tmp
+    roots = {p.parent.parent for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    roots = {r for r in roots if r.name == "train"} or roots
+    if len(roots) != 1:
+        raise LayerwiseError(
+            f"the input benchmark needs image files in one <root>/<class>/ tree, which {path} is not; "
+            "pass such a folder or archive with --data, or --no-input"
+        )
     return roots.pop()
 
 

@@ -133,7 +133,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     steps, warmup = (args.steps or 2, 1) if args.quick else (args.steps or 10, 2)
     batch = args.batch_size or (32 if args.quick else None)
-    blocks = [int(j) for j in args.blocks.split(",")] if args.blocks else None
+    for name in ("batch_size", "steps", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LayerwiseError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    try:
+        blocks = [int(j) for j in args.blocks.split(",")] if args.blocks else None
+    except ValueError:
+        raise LayerwiseError(
+            f"--blocks takes block numbers separated by commas, like 0,3 (got {args.blocks!r})"
+        ) from None
     model = bench_model(args.preset, batch, args.device, steps, warmup, args.image_size, blocks)
     inputs = None
     if not args.no_input and load_preset(args.preset).data.augment == "cifar":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -136,6 +138,7 @@ class TrainConfig:
         _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")
         _check(self.ensemble in ("logits", "softmax"), "train.ensemble must be 'logits' or 'softmax'")
         _check(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
+        _check(0 <= self.seed < 2**31, "train.seed must be in [0, 2^31)")
         _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
         _check(
@@ -196,7 +199,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
@@ -212,7 +218,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise LayerwiseError(f"bad config: {where or 'the config'} must be a mapping (got {values!r})")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
         raise LayerwiseError(
             f"bad config: unknown key {where + '.' if where else ''}{unknown[0]}; valid: {sorted(names)}"
@@ -253,7 +259,10 @@ def parse_assignment(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise LayerwiseError(f"bad --set {text!r}: write SECTION.KEY=VALUE, for example train.lr_step=4")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise LayerwiseError(f"bad --set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

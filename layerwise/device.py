@@ -22,6 +22,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise LayerwiseError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # pinned memory and DataLoader pinning then use this GPU too
         return device
     return torch.device(name)
 

@@ -160,3 +160,34 @@ def test_truncated_archive_is_a_one_line_error(tmp_path, cifar_archive, capsys):
     cut.write_bytes(cifar_archive.read_bytes()[: cifar_archive.stat().st_size // 2])
     code, _, err = run_cli(["train", "--data", str(cut), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "cannot read archive" in error_line(err)
+
+
+def test_eval_without_class_list_is_a_one_line_error(tmp_path, image_folder, capsys):
+    out_dir = tmp_path / "run"
+    assert (
+        run_cli(["train", "--data", str(image_folder), "--out", str(out_dir), *sets(*tiny_overrides(1))], capsys)[0]
+        == 0
+    )
+    (out_dir / "classes.json").unlink()
+    code, _, err = run_cli(["eval", str(out_dir), "--data", str(image_folder)], capsys)
+    assert code == 2 and "classes.json is missing" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--blocks", "a"], "--blocks takes block numbers"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--blocks", "7"], "--blocks must be between 0 and 2"),
+    ],
+)
+def test_bench_bad_arguments(capsys, extra, message):
+    code, _, err = run_cli(["bench", "--preset", "demo", "--no-input", *extra], capsys)
+    assert code == 2 and message in error_line(err)
+
+
+def test_bench_input_needs_image_files(cifar_archive, capsys):
+    code, _, err = run_cli(
+        ["bench", "--preset", "demo", "--quick", "--steps", "1", "--data", str(cifar_archive)], capsys
+    )
+    assert code == 2 and "needs image files" in error_line(err)

@@ -49,3 +49,21 @@ def test_assignment_reads_yaml_values():
 def test_cache_none_survives_yaml_parsing():
     cfg = resolve_config("demo", None, [parse_assignment("train.cache=none")])
     assert cfg.train.cache == "none"
+
+
+def test_yaml_exponent_without_dot_is_a_float():
+    cfg = resolve_config("demo", None, [parse_assignment("train.weight_decay=5e-4")])
+    assert cfg.train.weight_decay == 5e-4
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("model.widths=[1,2", "not valid YAML"),
+        ("data.val_size=.inf", "data.val_size must be float"),
+        ("train.seed=99999999999999999999", "train.seed must be in"),
+    ],
+)
+def test_more_bad_values(assignment, message):
+    with pytest.raises(LayerwiseError, match=message):
+        resolve_config("demo", None, [parse_assignment(assignment)])

@@ -186,6 +186,17 @@ def test_resume_after_losing_last_checkpoint_continues_after_the_last_block(tmp_
 
 def test_model_that_cannot_take_the_image_size_fails_before_writing(tmp_path, image_folder):
     cfg = tiny_config(model={"widths": [4, 4, 4, 4, 4, 4], "downsample_at": [0, 1, 2, 3, 4, 5]})
-    with pytest.raises(LayerwiseError, match="cannot run on"):
+    with pytest.raises(LayerwiseError, match="cannot be built or run on 3x32x32 inputs"):
         train(cfg, tmp_path / "run", image_folder)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_finished_run_does_not_retrain(tmp_path, image_folder):
+    cfg = tiny_config(epochs=1, train={"mode": "e2e"})
+    first = train(cfg, tmp_path / "run", image_folder)
+    run = RunDir(tmp_path / "run")
+    final = run.final.read_bytes()
+    run.last.unlink()
+    again = train(cfg, tmp_path / "run", image_folder, resume=True)
+    assert run.final.read_bytes() == final and again["final"] == first["final"]
+    assert len(run.read_metrics()) == 1

@@ -111,6 +111,8 @@ class PrefixCache:
             if where == "disk":
                 folder.mkdir(parents=True, exist_ok=True)
                 self.path = folder / f"prefix{upto}.bin"
+                with open(self.path, "wb") as f:  # reserve the blocks now: a full disk later would kill the process
+                    os.posix_fallocate(f.fileno(), 0, math.prod(full) * dtype.itemsize)
                 self.store = torch.from_file(str(self.path), shared=True, size=math.prod(full), dtype=dtype).view(full)
             else:
                 on = self.device if where == "device" else torch.device("cpu")

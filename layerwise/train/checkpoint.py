@@ -29,8 +29,9 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
-    except OSError as e:
-        raise LayerwiseError(f"could not write {path} ({e.strerror or e}); free disk space and --resume") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise LayerwiseError(f"could not write {path} ({reason}); free disk space and --resume") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -55,8 +56,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
         return json.loads(payload["meta"]), payload["model"], payload.get("optimizer")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
         raise LayerwiseError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it, and --resume continues from the "
-            "last finished block"
+            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it: training resumes and eval "
+            "reads from the newest checkpoint left"
         ) from None
 
 
@@ -104,6 +105,23 @@ class RunDir:
             raise LayerwiseError(f"{self.path} holds no layerwise run (no config.yaml); check the path")
         return yaml.safe_load(self.config.read_text())
 
+    def read_classes(self) -> list[str]:
+        try:
+            classes = json.loads(self.classes.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LayerwiseError(f"{self.classes} is missing or unreadable ({type(e).__name__}); restore it") from None
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise LayerwiseError(f"{self.classes} must be a JSON list of class names; restore it")
+        return classes
+
+    def read_info(self) -> dict[str, Any]:
+        """run.json, or {} when it is missing or unreadable (it only records facts about the run)."""
+        try:
+            info = json.loads(self.info.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every complete metrics line; a line cut short by a crash is skipped."""
         if not self.metrics.is_file():
@@ -127,8 +145,11 @@ class RunDir:
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append and flush to disk before the epoch's checkpoint, so no checkpoint is ahead of its metrics."""
         with self.metrics.open("a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def write_json(self, path: Path, value: Any) -> None:
         write_text(path, json.dumps(value, indent=2) + "\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import platform
@@ -62,8 +61,8 @@ def train(
     run = RunDir(out)
     if resume:
         same_run(run.saved_config(), cfg)
-        if data is None and run.info.is_file():  # continue on the data the run started with
-            data = json.loads(run.info.read_text()).get("data_path")
+        if data is None:  # continue on the data the run started with
+            data = run.read_info().get("data_path")
     else:
         run.check_new()
     device = resolve_device(cfg.train.device)
@@ -73,10 +72,7 @@ def train(
         "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples
     )
 
-    net = build_model(cfg.model, len(bundle.classes)).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    check_model_runs(net, cfg, device)
+    net = checked_model(cfg, len(bundle.classes), device)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
     autocast = fast_path(device)
     use_cache = cfg.train.cache != "none" and cfg.train.mode == "greedy" and cfg.model.J > 1
@@ -84,8 +80,7 @@ def train(
         plan_prefix_cache(cfg, net, bundle.train, device, run.path / "cache", autocast)
 
     if resume:
-        saved_classes = json.loads(run.classes.read_text()) if run.classes.is_file() else bundle.classes
-        if saved_classes != bundle.classes:
+        if run.read_classes() != bundle.classes:
             raise LayerwiseError(
                 f"--resume: the data's classes differ from the run's {run.classes}; pass the same --data"
             )
@@ -103,30 +98,43 @@ def train(
         handler.close()
 
 
-def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end) -> dict[str, Any]:
-    """Every stage from where the run stands (its last checkpoint when resuming) to the end."""
-    first_stage, first_epoch, optimizer_state = 0, 0, None
-    fallback = run.last_finished_block() if resume and not run.last.is_file() else None
-    if fallback is not None:  # last.pt was lost: continue after the last finished block
-        meta, model_state, _ = load_checkpoint(fallback)
+def resume_point(cfg: RunConfig, run: RunDir, net: StagedNet, n_stages: int) -> tuple[int, int, dict | None]:
+    """Load the newest checkpoint into net; return (stage, epoch, optimizer state) to continue from.
+
+    final.pt (finished) > last.pt (end of an epoch) > the newest block{j}.pt (end of a greedy block).
+    Metric lines the checkpoint does not cover are dropped.
+    """
+    if run.final.is_file():
+        _, model_state, _ = load_checkpoint(run.final)
         net.load_state_dict(model_state)
-        first_stage = meta["stage"] + 1
-        run.keep_metrics(lambda r: r["stage"] <= meta["stage"])
-        log.info("resuming %s after %s (no last.pt)", run.path, fallback.name)
-    elif resume and run.last.is_file():
+        log.info("%s already finished; rewriting its summary", run.path)
+        return n_stages, 0, None
+    if run.last.is_file():
         meta, model_state, optimizer_state = load_checkpoint(run.last)
         net.load_state_dict(model_state)
-        first_stage, first_epoch = meta["stage"], meta["epoch"]
-        if first_epoch >= cfg.train.epochs_per_block:
-            if cfg.train.mode == "greedy" and not run.block(meta["block"]).is_file():  # stopped before saving it
-                save_checkpoint(run.block(meta["block"]), {"block": meta["block"], "stage": first_stage}, model_state)
-            first_stage, first_epoch, optimizer_state = first_stage + 1, 0, None
-        done = (meta["stage"], meta["epoch"])
-        run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= done)
-        log.info("resuming %s after stage %d epoch %d", run.path, meta["stage"], meta["epoch"])
-    elif resume:
-        run.keep_metrics(lambda r: False)
+        stage, epoch = meta["stage"], meta["epoch"]
+        run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= (stage, epoch))
+        log.info("resuming %s after stage %d epoch %d", run.path, stage, epoch)
+        if epoch < cfg.train.epochs_per_block:
+            return stage, epoch, optimizer_state
+        if cfg.train.mode == "greedy" and not run.block(meta["block"]).is_file():  # stopped before saving it
+            save_checkpoint(run.block(meta["block"]), {"block": meta["block"], "stage": stage}, model_state)
+        return stage + 1, 0, None
+    block = run.last_finished_block()
+    if block is not None:  # last.pt was lost: continue after the last finished block
+        meta, model_state, _ = load_checkpoint(block)
+        net.load_state_dict(model_state)
+        run.keep_metrics(lambda r: r["stage"] <= meta["stage"])
+        log.info("resuming %s after %s (no last.pt)", run.path, block.name)
+        return meta["stage"] + 1, 0, None
+    run.keep_metrics(lambda r: False)
+    log.info("no checkpoint in %s yet: starting from the beginning", run.checkpoints)
+    return 0, 0, None
 
+
+def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end) -> dict[str, Any]:
+    """Every stage from where the run stands (its newest checkpoint when resuming) to the end."""
+    first_stage, first_epoch, optimizer_state = resume_point(cfg, run, net, len(stages)) if resume else (0, 0, None)
     t_start = time.perf_counter()
     for s in range(first_stage, len(stages)):
         stage = stages[s]
@@ -138,51 +146,66 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
             log.info(
                 "%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0
             )
-        optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-            optimizer_state = None
-        for epoch in range(first_epoch if s == first_stage else 0, cfg.train.epochs_per_block):
-            seed = epoch_seed(cfg.train.seed, s, epoch)
-            torch.manual_seed(seed)
-            lr = start_epoch(optimizer, cfg.train, epoch)
-            desc = f"{stage.name} epoch {epoch + 1}/{cfg.train.epochs_per_block}"
-            stats = train_epoch(net, stage, loader, optimizer, seed, autocast, desc, epoch)
-            if not math.isfinite(stats["loss"]):
-                raise LayerwiseError(
-                    f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
-                    f"checkpoints up to the previous epoch are kept in {run.checkpoints}; start again with a lower --lr"
-                )
-            row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast)
-            run.append_metrics(row)
-            meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
-            save_checkpoint(run.last, meta, net.state_dict(), optimizer.state_dict())
-            log.info(format_row(row))
-            if on_epoch_end is not None:
-                on_epoch_end(row)
-        if loader is not bundle.train:
-            loader.close()
+        try:
+            optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
+                optimizer_state = None
+            for epoch in range(first_epoch if s == first_stage else 0, cfg.train.epochs_per_block):
+                train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, bundle, autocast, on_epoch_end)
+        finally:  # also on an interruption: free the cache and delete its file
+            if loader is not bundle.train:
+                loader.close()
         if cfg.train.mode == "greedy":
             save_checkpoint(run.block(stage.block), {"block": stage.block, "stage": s}, net.state_dict())
 
-    save_checkpoint(run.final, {"mode": cfg.train.mode, "blocks_trained": cfg.model.J}, net.state_dict())
+    if first_stage < len(stages) or not run.final.is_file():
+        save_checkpoint(run.final, {"mode": cfg.train.mode, "blocks_trained": cfg.model.J}, net.state_dict())
     summary = summarize(cfg, net, run.read_metrics(), stages, time.perf_counter() - t_start, device)
     run.write_json(run.summary, summary)
     return summary
 
 
-def check_model_runs(net: StagedNet, cfg: RunConfig, device: torch.device) -> None:
-    """One blank RGB image through every block and head, before anything is written: shape problems
-    become one line."""
-    x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, bundle, autocast, on_epoch_end) -> None:
+    """Train, stop on a non-finite loss, evaluate, then write the metrics line and the epoch checkpoint."""
+    seed = epoch_seed(cfg.train.seed, s, epoch)
+    torch.manual_seed(seed)
+    lr = start_epoch(optimizer, cfg.train, epoch)
+    desc = f"{stage.name} epoch {epoch + 1}/{cfg.train.epochs_per_block}"
+    stats = train_epoch(net, stage, loader, optimizer, seed, autocast, desc, epoch)
+    if not math.isfinite(stats["loss"]):
+        raise LayerwiseError(
+            f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
+            f"checkpoints up to the previous epoch are kept in {run.checkpoints}; start again with a lower --lr"
+        )
+    row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast)
+    run.append_metrics(row)
+    meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
+    save_checkpoint(run.last, meta, net.state_dict(), optimizer.state_dict())
+    log.info(format_row(row))
+    if on_epoch_end is not None:
+        on_epoch_end(row)
+
+
+def checked_model(cfg: RunConfig, num_classes: int, device: torch.device, state: dict | None = None) -> StagedNet:
+    """Build the network on the device (channels_last on a GPU), load `state` if given, and run one blank
+    RGB image through every block and head, all before anything is written: problems become one line."""
+    size = cfg.data.image_size
     try:
+        net = build_model(cfg.model, num_classes)
+        if state is not None:
+            net.load_state_dict(state)
+        net = net.to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
         with torch.no_grad():
-            net.eval()(x[:1])
+            net.eval()(torch.zeros(1, 3, size, size, device=device))
     except (RuntimeError, ValueError) as e:
         raise LayerwiseError(
-            f"the model cannot run on {tuple(x.shape[1:])} inputs ({str(e).splitlines()[0]}); "
-            "check model.downsample_at, model.in_channels and data.image_size"
+            f"the model cannot be built or run on 3x{size}x{size} inputs ({str(e).splitlines()[0][:200]}); "
+            "check model.widths, model.downsample_at, model.in_channels and data.image_size"
         ) from None
+    return net
 
 
 def cache_views(cfg: RunConfig) -> int:
@@ -192,6 +215,8 @@ def cache_views(cfg: RunConfig) -> int:
 
 def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Path, autocast) -> None:
     """Size the largest prefix cache of the run and refuse it now if it cannot fit."""
+    for stale in folder.glob("prefix*.bin"):  # left by an interrupted run; it would count as used space
+        stale.unlink()
     if not isinstance(images, MemoryLoader):
         raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
     dtype = cache_dtype(autocast)
@@ -240,6 +265,11 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
     per_stage = []
     for s, stage in enumerate(stages):
         mine = [r for r in rows if r["stage"] == s]
+        if not mine:
+            raise LayerwiseError(
+                f"metrics.jsonl has no line for {stage.name}, which the checkpoints cover; the summary cannot be "
+                "written (the trained weights are in checkpoints/)"
+            )
         last = mine[-1]
         entry = {
             "stage": stage.name,
@@ -309,15 +339,13 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> 
     """
     run = RunDir(run_dir)
     cfg = config_from_dict(run.saved_config())
-    classes = json.loads(run.classes.read_text())
+    classes = run.read_classes()
     path = run.final if run.final.is_file() else run.last
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     meta, state, _ = load_checkpoint(path)
     dev = resolve_device(device)
-    net = build_model(cfg.model, len(classes))
-    net.load_state_dict(state)
-    net.to(dev)
+    net = checked_model(cfg, len(classes), dev, state)
     last_block = cfg.model.J - 1 if path == run.final else meta["block"]
     blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
     loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
