@@ -87,7 +87,11 @@ def train(
     else:
         run.create(cfg.to_yaml())
         run.write_json(run.classes, bundle.classes)
-    run.write_json(run.info, run_info(cfg, device, data, bundle.description))
+    info = run_info(cfg, device, data, bundle.description)
+    if resume:  # keep when the run started; note when it was resumed
+        old = run.read_info()
+        info = {**info, "started": old.get("started"), "resumed": [*old.get("resumed", []), info["started"]]}
+    run.write_json(run.info, info)
     handler = logging.FileHandler(run.path / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
