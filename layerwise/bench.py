@@ -1,9 +1,10 @@
 """`layerwise bench`: speed and memory of every block's training step, and of the input pipeline.
 
 For each block j of a preset it times the real training step (`train_step`) three ways:
-- greedy, prefix recomputed: the frozen blocks < j run (without gradients) in every step;
+- greedy, uncached: the frozen blocks < j run (without gradients) in every step;
 - greedy, prefix cached: the step starts from x_j, as it does when train.cache is on;
-- end-to-end: every block and the last head (one row, the same for every j).
+- end-to-end: every block and the last head (one row, the same for every j);
+and, with `recompute_activations`, the uncached and end-to-end steps again with train.recompute_activations.
 Peak memory comes from torch.cuda on a GPU and from the process's peak resident set on the CPU.
 The input benchmark compares the in-memory loader with a per-sample PIL/torchvision DataLoader.
 """
@@ -11,6 +12,7 @@ The input benchmark compares the in-memory loader with a per-sample PIL/torchvis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tarfile
 import tempfile
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from layerwise.config import COMPILE_MODES
 from layerwise.data.sources import sample_path
 from layerwise.device import fast_path, resolve_device
 from layerwise.errors import LayerwiseError
+from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import build_model
 from layerwise.presets import load_preset
-from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+from layerwise.train.loop import compiled_loss, freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
 
 
 def _proc_status(field: str) -> int | None:
@@ -89,17 +93,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int) -> dict:
-    """images/s and memory of `steps` real training steps after `warmup` untimed ones."""
+def time_steps(net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int, compile: str = "none") -> dict:
+    """images/s and memory of `steps` real training steps after `warmup` untimed ones (which compile)."""
     freeze_for(net, stage)
+    loss_fn = compiled_loss(compile)
     with peak_memory(device) as mem:
         optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         for _ in range(warmup):
-            train_step(net, stage, x, y, optimizer, offset, autocast)
+            train_step(net, stage, x, y, optimizer, offset, autocast, loss_fn)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            train_step(net, stage, x, y, optimizer, offset, autocast)
+            train_step(net, stage, x, y, optimizer, offset, autocast, loss_fn)
         _sync(device)
         seconds = time.perf_counter() - t0
         del optimizer
@@ -116,10 +121,17 @@ def bench_model(
     warmup: int = 2,
     image_size: int | None = None,
     blocks: list[int] | None = None,
+    recompute_activations: bool = False,
+    precision: str = "auto",
+    compile: str = "none",
 ) -> dict:
     cfg = load_preset(preset)
+    if compile not in COMPILE_MODES:
+        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {compile!r})")
+    if compile != "none" and recompute_activations:
+        raise LayerwiseError("--compile and --recompute-activations cannot be combined; choose one")
     dev = resolve_device(device)
-    autocast = fast_path(dev)
+    autocast = autocast_for(dev, precision)
     classes = 1000 if cfg.data.augment == "imagenet" else 10
     batch = batch_size or cfg.train.batch_size
     size = image_size or cfg.data.image_size
@@ -144,15 +156,19 @@ def bench_model(
         with torch.no_grad(), autocast() if autocast else nullcontext():
             x_j = net.eval().forward_features(x, 0, stage.first)
         row = {"block": stage.block}
-        row["recomputed"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps)
+        row["uncached"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile)
+        if recompute_activations:
+            row["recomputed"] = recomputed(net, stage, x, y, autocast, cfg, dev, warmup, steps)
         if stage.first > 0:  # block 0 has no frozen prefix to cache
-            row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps)
-            row["cache_speedup"] = row["cached"]["images_per_s"] / row["recomputed"]["images_per_s"]
+            row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps, compile)
+            row["cache_speedup"] = row["cached"]["images_per_s"] / row["uncached"]["images_per_s"]
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
         rows.append(row)
         del x_j
     (e2e_stage,) = plan_stages(net.J, "e2e")
-    e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps)
+    e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile)
+    if recompute_activations:
+        e2e["recomputed"] = recomputed(net, e2e_stage, x, y, autocast, cfg, dev, warmup, steps)
     return {
         "preset": preset,
         "device": str(dev),
@@ -162,11 +178,35 @@ def bench_model(
         "image_size": size,
         "steps": steps,
         "precision": "bf16 autocast" if autocast else "fp32",
+        "recompute_activations": recompute_activations,
+        "compile": compile,
         "blocks": rows,
         "e2e": e2e,
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
     }
+
+
+def recomputed(net, stage, x, y, autocast, cfg, device, warmup: int, steps: int) -> dict:
+    """time_steps of the uncached step with train.recompute_activations on."""
+    set_recompute(net, True)
+    try:
+        return time_steps(net, stage, x, y, 0, autocast, cfg, device, warmup, steps)
+    finally:
+        set_recompute(net, False)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """`auto` is what training uses (bf16 on a GPU, fp32 on the CPU). `bf16` forces bf16 autocast, also on
+    the CPU, where it shows a GPU step's memory profile (bf16 activations, fp32 weights) at CPU speed."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise LayerwiseError(f"--precision must be auto, fp32 or bf16 (got {precision!r})")
+    autocast = fast_path(device)
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and autocast is None:
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return autocast
 
 
 def fits(net, stage, cfg, device, autocast, batch: int, size: int, classes: int) -> bool:
@@ -184,7 +224,13 @@ def fits(net, stage, cfg, device, autocast, batch: int, size: int, classes: int)
         torch.cuda.empty_cache()
 
 
-def max_batch(preset: str, device: str = "cuda", image_size: int | None = None, limit: int = 8192) -> dict:
+def max_batch(
+    preset: str,
+    device: str = "cuda",
+    image_size: int | None = None,
+    limit: int = 8192,
+    recompute_activations: bool = False,
+) -> dict:
     """Largest batch (a power of two, then refined by bisection) whose training step fits on the GPU:
     greedy block by block (the run's limit is the smallest of them) and end to end."""
     dev = resolve_device(device)
@@ -195,6 +241,7 @@ def max_batch(preset: str, device: str = "cuda", image_size: int | None = None, 
     classes = 1000 if cfg.data.augment == "imagenet" else 10
     size = image_size or cfg.data.image_size
     net = build_model(cfg.model, classes).to(dev).to(memory_format=torch.channels_last)
+    set_recompute(net, recompute_activations)
 
     def largest(stage) -> int:
         lo, hi = 0, 1
@@ -211,6 +258,7 @@ def max_batch(preset: str, device: str = "cuda", image_size: int | None = None, 
         "preset": preset,
         "device_name": torch.cuda.get_device_name(dev),
         "image_size": size,
+        "recompute_activations": recompute_activations,
         "greedy_per_block": greedy,
         "greedy": min(greedy.values()),
         "e2e": largest(plan_stages(net.J, "e2e")[0]),
@@ -306,27 +354,39 @@ def mib(n: int | None) -> str:
 
 
 def format_report(model: dict, inputs: dict | None) -> str:
+    lean = model.get("recompute_activations")
+    header = f"{'block':<6} {'uncached img/s':>16} {'cached img/s':>12} {'speed-up':>8} {'step MiB':>9} {'cached':>9}"
     lines = [
         f"{model['preset']} on {model['device']} ({model['device_name']}, {model['threads']} threads), "
-        f"batch {model['batch_size']}, {model['image_size']} px, {model['precision']}, {model['steps']} timed steps",
-        f"{'block':<6} {'recomputed img/s':>16} {'cached img/s':>12} {'speed-up':>8} "
-        f"{'step MiB recomputed':>19} {'step MiB cached':>15}",
+        f"batch {model['batch_size']}, {model['image_size']} px, {model['precision']}, {model['steps']} timed steps"
+        + (f", compiled ({model['compile']})" if model.get("compile", "none") != "none" else ""),
+        header + (f" {'recomputed img/s':>16} {'step MiB':>9}" if lean else ""),
     ]
-    for r in model["blocks"]:
-        c = r.get("cached")
-        lines.append(
-            f"{r['block']:<6} {r['recomputed']['images_per_s']:>16.1f} "
-            + (f"{c['images_per_s']:>12.1f} {r['cache_speedup']:>7.2f}x " if c else f"{'-':>12} {'-':>8} ")
-            + f"{mib(r['recomputed']['step_bytes']):>19} {mib(c['step_bytes']) if c else '-':>15}"
-        )
     e = model["e2e"]
-    lines.append(f"{'e2e':<6} {e['images_per_s']:>16.1f} {'':>12} {'':>8} {mib(e['step_bytes']):>19}")
-    if model["blocks"] and e["step_bytes"]:
-        first = model["blocks"][0]["recomputed"]["step_bytes"]
-        if first is not None:
-            lines.append(f"step memory, block 0 greedy / end-to-end: {first / e['step_bytes']:.2f}x")
+    rows = [(r["block"], r["uncached"], r.get("cached"), r.get("recomputed")) for r in model["blocks"]]
+    for name, plain, cached, recomputed in [*rows, ("e2e", e, None, e.get("recomputed"))]:
+        line = f"{name:<6} {plain['images_per_s']:>16.1f} "
+        if cached:
+            speedup = cached["images_per_s"] / plain["images_per_s"]
+            line += f"{cached['images_per_s']:>12.1f} {speedup:>7.2f}x {mib(plain['step_bytes']):>9} "
+            line += f"{mib(cached['step_bytes']):>9}"
+        else:
+            line += f"{'-':>12} {'-':>8} {mib(plain['step_bytes']):>9} {'-':>9}"
+        if recomputed:
+            line += f" {recomputed['images_per_s']:>16.1f} {mib(recomputed['step_bytes']):>9}"
+        lines.append(line)
+    first = model["blocks"][0] if model["blocks"] else None
+    if first and e["step_bytes"] and first["uncached"]["step_bytes"] is not None:
+        j, mem = first["block"], first["uncached"]["step_bytes"]
+        lines.append(f"step memory, block {j} greedy / end-to-end: {mem / e['step_bytes']:.2f}x")
+        if lean:
+            mem = first["recomputed"]["step_bytes"]
+            lines.append(
+                f"  both with activations recomputed: {mem / e['recomputed']['step_bytes']:.2f}x; "
+                f"block {j} recomputed / plain end-to-end: {mem / e['step_bytes']:.2f}x"
+            )
     if inputs:
-        train_s = inputs["images"] / model["blocks"][0]["recomputed"]["images_per_s"]
+        train_s = inputs["images"] / model["blocks"][0]["uncached"]["images_per_s"]
         mem, pil = inputs["memory_loader_epoch_s"], inputs["pil_dataloader_epoch_s"]
         lines += [
             f"input, one epoch of {inputs['images']} images (block-0 training step: {train_s:.2f} s per epoch):",

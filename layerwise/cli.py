@@ -129,7 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.max_batch:
         from layerwise.bench import max_batch
 
-        print(json.dumps(max_batch(args.preset, args.device, args.image_size), indent=2))
+        result = max_batch(args.preset, args.device, args.image_size, recompute_activations=args.recompute_activations)
+        print(json.dumps(result, indent=2))
         return 0
     steps, warmup = (args.steps or 2, 1) if args.quick else (args.steps or 10, 2)
     batch = args.batch_size or (32 if args.quick else None)
@@ -143,7 +144,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LayerwiseError(
             f"--blocks takes block numbers separated by commas, like 0,3 (got {args.blocks!r})"
         ) from None
-    model = bench_model(args.preset, batch, args.device, steps, warmup, args.image_size, blocks)
+    lean, precision = args.recompute_activations, args.precision
+    model = bench_model(
+        args.preset, batch, args.device, steps, warmup, args.image_size, blocks, lean, precision, args.compile
+    )
     inputs = None
     if not args.no_input and load_preset(args.preset).data.augment == "cifar":
         inputs = bench_input(args.preset, args.data, model["batch_size"])
@@ -191,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="images/s and peak memory per block: greedy (recomputed, cached) and e2e")
+    b = sub.add_parser("bench", help="images/s and peak memory per block: greedy (prefix uncached, cached) and e2e")
     b.add_argument("--preset", default="cifar10_simcnn_k3")
     b.add_argument("--batch-size", type=int)
     b.add_argument("--device", default="auto")
@@ -200,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--blocks", help="comma-separated blocks to measure (default: all)")
     b.add_argument("--quick", action="store_true", help="batch 32 and 2 timed steps: about a minute on a CPU")
     b.add_argument("--max-batch", action="store_true", help="find the largest batch that fits, greedy and e2e (GPU)")
+    b.add_argument(
+        "--recompute-activations", action="store_true", help="as train.recompute_activations: less memory, more compute"
+    )
+    b.add_argument(
+        "--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, or bf16 (also on the CPU)"
+    )
+    b.add_argument("--compile", default="none", help="as train.compile: none, default, reduce-overhead, ...")
     b.add_argument("--data", help="images for the input benchmark (default: the built-in sample)")
     b.add_argument("--no-input", action="store_true", help="skip the input-pipeline benchmark")
     b.add_argument("--json", action="store_true")

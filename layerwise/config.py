@@ -95,6 +95,9 @@ class DataConfig:
         _check(self.workers >= 0, "data.workers must be >= 0")
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, shared by every strategy. The defaults are the paper's CIFAR-10 recipe."""
@@ -123,6 +126,12 @@ class TrainConfig:
     in the run directory). The frozen blocks' output is computed once per cached view instead of every epoch."""
     cache_views: int = 1
     """Augmented views cached per image; epoch e trains on view e mod cache_views (see docs/benchmarks.md)."""
+    recompute_activations: bool = False
+    """Keep only each trained conv unit's input for the backward pass and recompute its conv, BN and ReLU
+    there: less activation memory for about one more forward pass of the trained blocks. Same results."""
+    compile: str = "none"
+    """torch.compile mode for each stage's forward and backward: `none`, `default`, `reduce-overhead` (CUDA
+    graphs), `max-autotune` or `max-autotune-no-cudagraphs`. Each stage compiles afresh, which takes a while."""
     seed: int = 0
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
@@ -141,6 +150,14 @@ class TrainConfig:
         _check(0 <= self.seed < 2**31, "train.seed must be in [0, 2^31)")
         _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
+        _check(
+            self.compile in COMPILE_MODES,
+            f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})",
+        )
+        _check(
+            self.compile == "none" or not self.recompute_activations,
+            "train.compile and train.recompute_activations cannot be combined; choose one",
+        )
         _check(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",

@@ -9,7 +9,15 @@ import torch
 from layerwise.cli import main
 from layerwise.config import ModelConfig, TrainConfig
 from layerwise.models import build_model
-from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+from layerwise.train.loop import (
+    compiled_loss,
+    freeze_for,
+    make_optimizer,
+    plan_stages,
+    stage_loss,
+    train_step,
+    trainable_modules,
+)
 
 
 def test_bench_quick_mode_reports_every_block(capsys):
@@ -29,7 +37,7 @@ def test_bench_rejects_an_image_size_the_heads_cannot_take(capsys):
     assert "use a larger --image-size" in capsys.readouterr().err
 
 
-def few_steps(channels_last: bool, autocast) -> list[float]:
+def few_steps(channels_last: bool, autocast, loss_fn=stage_loss) -> list[float]:
     torch.manual_seed(0)
     net = build_model(ModelConfig(k=2, widths=[8, 16], downsample_at=[1]), num_classes=4)
     if channels_last:
@@ -39,7 +47,7 @@ def few_steps(channels_last: bool, autocast) -> list[float]:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
     freeze_for(net, stage)
-    return [train_step(net, stage, x, y, optimizer, 0, autocast)[0].item() for _ in range(4)]
+    return [train_step(net, stage, x, y, optimizer, 0, autocast, loss_fn)[0].item() for _ in range(4)]
 
 
 def test_fast_path_matches_plain_path():
@@ -64,3 +72,29 @@ def test_max_batch_on_gpu():
 
     result = max_batch("demo", "cuda", limit=256)
     assert result["greedy"] >= 1 and result["e2e"] >= 1
+
+
+def test_compiled_step_matches_plain_step():
+    """train.compile on the CPU (about 30 s of compiling): the same losses as the eager step."""
+    compiled = compiled_loss("default")
+    assert compiled is not stage_loss
+    assert few_steps(False, None, compiled) == pytest.approx(few_steps(False, None), rel=1e-4)
+
+
+def test_bench_refuses_compile_with_recomputation(capsys):
+    args = ["bench", "--preset", "demo", "--quick", "--no-input", "--compile", "default", "--recompute-activations"]
+    assert main(args) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_bench_recomputing_activations_in_bf16_on_the_cpu(capsys):
+    args = ["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0", "--json"]
+    assert main([*args, "--recompute-activations", "--precision", "bf16"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["recompute_activations"] and model["precision"] == "bf16 autocast"
+    assert model["blocks"][0]["recomputed"]["images_per_s"] > 0 and model["e2e"]["recomputed"]["step_bytes"] > 0
+
+
+def test_bench_rejects_an_unknown_precision(capsys):
+    assert main(["bench", "--preset", "demo", "--quick", "--no-input", "--precision", "fp8"]) == 2
+    assert "--precision must be auto, fp32 or bf16" in capsys.readouterr().err

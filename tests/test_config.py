@@ -19,6 +19,8 @@ from layerwise.presets import resolve_config
         ({"train": {"lr_rate": 0.1}}, "unknown key train.lr_rate"),
         ({"model": {"batchnorm": 1}}, "model.batchnorm must be bool"),
         ({"train": {"mode": "decoupled"}}, "train.mode"),
+        ({"train": {"compile": "fast"}}, "train.compile must be one of none, default"),
+        ({"train": {"compile": "default", "recompute_activations": True}}, "cannot be combined"),
     ],
 )
 def test_bad_values_are_one_line_errors(values, message):

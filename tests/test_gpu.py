@@ -10,9 +10,17 @@ from layerwise.train.checkpoint import RunDir, load_checkpoint
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("cache", ["none", "device", "host"])
-def test_trains_on_the_gpu(tmp_path, image_folder, cache):
-    cfg = tiny_config(epochs=2, train={"device": "cuda", "cache": cache})
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"cache": "none"},
+        {"cache": "device"},
+        {"cache": "host"},
+        {"recompute_activations": True},
+    ],
+)
+def test_trains_on_the_gpu(tmp_path, image_folder, options):
+    cfg = tiny_config(epochs=2, train={"device": "cuda", **options})
     summary = train(cfg, tmp_path / "run", image_folder)
     assert summary["device"].startswith("cuda")
     assert all(0 <= b["val_top1"] <= 100 for b in summary["blocks"])
@@ -33,3 +41,22 @@ def test_gpu_run_resumes_on_the_cpu(tmp_path, image_folder):
         train(tiny_config(epochs=2, train={"device": "cuda"}), tmp_path / "run", image_folder, on_epoch_end=stop)
     summary = train(tiny_config(epochs=2, train={"device": "cpu"}), tmp_path / "run", image_folder, resume=True)
     assert len(summary["blocks"]) == 3
+
+
+def test_recomputed_activations_match_on_the_gpu():
+    """bf16 autocast and channels_last, with and without recomputation: the same steps."""
+    from test_recompute import MODELS, steps
+
+    from layerwise.models import build_model
+    from layerwise.models.blocks import set_recompute
+    from layerwise.train.loop import plan_stages
+
+    torch.manual_seed(0)
+    plain = build_model(MODELS["vgg11"], num_classes=4).cuda().to(memory_format=torch.channels_last)
+    lean = build_model(MODELS["vgg11"], num_classes=4).cuda().to(memory_format=torch.channels_last)
+    lean.load_state_dict(plain.state_dict())
+    set_recompute(lean, True)
+    stage = plan_stages(plain.J, "greedy")[0]
+    batches = [(torch.randn(6, 3, 16, 16, device="cuda"), torch.randint(0, 4, (6,), device="cuda")) for _ in range(3)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert steps(lean, stage, batches) == pytest.approx(steps(plain, stage, batches), rel=1e-3)

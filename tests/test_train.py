@@ -200,3 +200,12 @@ def test_resume_of_a_finished_run_does_not_retrain(tmp_path, image_folder):
     again = train(cfg, tmp_path / "run", image_folder, resume=True)
     assert run.final.read_bytes() == final and again["final"] == first["final"]
     assert len(run.read_metrics()) == 1
+
+
+def test_each_stage_compiles_its_step_in_the_configured_mode(tmp_path, image_folder, monkeypatch):
+    from layerwise.train import loop, run
+
+    modes = []
+    monkeypatch.setattr(run, "compiled_loss", lambda mode: modes.append(mode) or loop.stage_loss)
+    train(tiny_config(epochs=1, train={"compile": "reduce-overhead"}), tmp_path / "run", image_folder)
+    assert modes == ["reduce-overhead"] * 3

@@ -1,11 +1,70 @@
-"""Block j of the staged network: x_{j+1} = ReLU(BN(conv3x3(P x_j)))."""
+"""Block j of the staged network: x_{j+1} = ReLU(BN(conv3x3(P x_j))), and the conv units it shares with the heads."""
 
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from layerwise.models.downsample import SpaceToDepth
 
 
-class Block(nn.Sequential):
+class ConvUnit(nn.Sequential):
+    """Parameter-free layers (P, a pool), then conv -> [BN] -> ReLU.
+
+    With `recompute` on, a unit in training keeps only its conv's input for the backward pass and runs
+    conv -> BN -> ReLU again there (torch.utils.checkpoint), instead of storing the conv's and BN's outputs.
+    The result and the gradients are the same; the recomputation leaves BN's running statistics as they were.
+    The leading parameter-free layers stay outside the checkpoint: a max-pool's input is 4x the size of its
+    output, and on a frozen input they record nothing at all.
+    """
+
+    recompute: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.recompute and self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        layers = list(self)
+        lead = next(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
+        for m in layers[:lead]:
+            x = m(x)
+        body = layers[lead:]
+        norms = [m for m in body if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for m in body:
+                x = m(x)
+            return x
+
+        # No RNG inside a unit, so there is no RNG state to save and restore.
+        return checkpoint(
+            run, x, use_reentrant=False, preserve_rng_state=False, context_fn=lambda: (nullcontext(), _kept(norms))
+        )
+
+
+@contextmanager
+def _kept(norms: list[nn.Module]):
+    """Restore the BN buffers (running mean, variance, batch count) that the recomputation updates again."""
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, values in zip(norms, saved, strict=True):
+                for b, v in zip(m.buffers(), values, strict=True):
+                    b.copy_(v)
+
+
+def set_recompute(net: nn.Module, on: bool) -> None:
+    """Turn activation recomputation on or off in every conv unit of `net` (see ConvUnit)."""
+    for m in net.modules():
+        if isinstance(m, ConvUnit):
+            m.recompute = on
+
+
+class Block(ConvUnit):
     """[P] -> 3x3 conv (padding 1) -> [BatchNorm] -> ReLU.
 
     `downsample` is None, "s2d" (space-to-depth: the conv sees 4x the channels at half the size) or

@@ -2,9 +2,11 @@
 
 from torch import nn
 
+from layerwise.models.blocks import ConvUnit
 
-def conv_bn_relu(in_channels: int, out_channels: int, padding: int) -> nn.Sequential:
-    return nn.Sequential(
+
+def conv_bn_relu(in_channels: int, out_channels: int, padding: int) -> ConvUnit:
+    return ConvUnit(
         nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),

@@ -8,6 +8,7 @@ A stage trains blocks[first..block] and heads[block] on the output of the frozen
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -77,6 +78,39 @@ def start_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) 
     return lr
 
 
+def stage_logits(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The stage's head's logits for x, the input of block `offset`. Blocks before stage.first run without
+    gradients. One loop, so no block's output outlives the block that consumes it: the frozen prefix's
+    output is freed as soon as the first trained block has read it."""
+    for j in range(offset, stage.block + 1):
+        with torch.no_grad() if j < stage.first else nullcontext():
+            x = net.blocks[j](x)
+    return net.heads[stage.block](x)
+
+
+def stage_loss(
+    net: StagedNet, stage: Stage, x: torch.Tensor, y: torch.Tensor, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of the stage's head, its logits) for a batch; what `train.compile` compiles."""
+    logits = stage_logits(net, stage, x, offset)
+    return F.cross_entropy(logits.float(), y), logits
+
+
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def compiled_loss(mode: str) -> LossFn:
+    """stage_loss, compiled with torch.compile in this mode (`none`: as it is).
+
+    Call it once per stage: it clears the compile caches, since each stage freezes other modules and
+    recompiles anyway, and stale entries would count towards torch's recompilation limit.
+    """
+    if mode == "none":
+        return stage_loss
+    torch.compiler.reset()
+    return torch.compile(stage_loss, mode=mode)
+
+
 def train_step(
     net: StagedNet,
     stage: Stage,
@@ -85,16 +119,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     offset: int = 0,
     autocast=None,
+    loss_fn: LossFn = stage_loss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step of the stage. x is the input of block `offset`: the image when 0, else a
     cached output of the frozen prefix. Returns (loss, logits), both still on the device."""
     # Free the last step's gradients before the forward pass, so they never coexist with its activations.
     optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast else nullcontext():
-        with torch.no_grad():
-            x = net.forward_features(x, offset, stage.first)  # the frozen prefix, or what the cache lacks
-        logits = net.heads[stage.block](net.forward_features(x, stage.first, stage.block + 1))
-        loss = F.cross_entropy(logits.float(), y)
+        loss, logits = loss_fn(net, stage, x, y, offset)
     loss.backward()
     optimizer.step()
     return loss, logits
@@ -109,6 +141,7 @@ def train_epoch(
     autocast=None,
     desc: str = "",
     epoch: int = 0,
+    loss_fn: LossFn = stage_loss,
 ) -> dict:
     """One pass over the training data. Sums stay on the device; the only host sync is at the end.
 
@@ -122,7 +155,7 @@ def train_epoch(
     for x, y in tqdm(
         loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None, unit="batch"
     ):
-        loss, logits = train_step(net, stage, x, y, optimizer, offset, autocast)
+        loss, logits = train_step(net, stage, x, y, optimizer, offset, autocast, loss_fn)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])
         n += len(y)

@@ -20,10 +20,11 @@ from layerwise.data.loaders import MemoryLoader
 from layerwise.device import fast_path, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
+from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import StagedNet, build_model
 from layerwise.train.cache import PrefixCache, cache_bytes, cache_dtype, check_cache_fits, prefix_shapes
 from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
-from layerwise.train.loop import make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
+from layerwise.train.loop import compiled_loss, make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
 
 log = logging.getLogger("layerwise")
 
@@ -39,7 +40,7 @@ def same_run(saved: dict[str, Any], cfg: RunConfig) -> None:
     theirs = config_from_dict(saved).to_dict()
     for section in ("model", "data", "train"):
         for key, value in ours[section].items():
-            if key != "device" and theirs[section].get(key) != value:
+            if key not in ("device", "recompute_activations", "compile") and theirs[section].get(key) != value:
                 raise LayerwiseError(
                     f"--resume: {section}.{key} is {value!r} but the run used {theirs[section].get(key)!r}; "
                     "drop the override or start a new run with another --out"
@@ -152,11 +153,14 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
             )
         try:
             optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
+            loss_fn = compiled_loss(cfg.train.compile)
             if optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
                 optimizer_state = None
             for epoch in range(first_epoch if s == first_stage else 0, cfg.train.epochs_per_block):
-                train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, bundle, autocast, on_epoch_end)
+                train_one_epoch(
+                    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, on_epoch_end
+                )
         finally:  # also on an interruption: free the cache and delete its file
             if loader is not bundle.train:
                 loader.close()
@@ -170,13 +174,13 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
     return summary
 
 
-def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, bundle, autocast, on_epoch_end) -> None:
+def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, on_epoch_end) -> None:
     """Train, stop on a non-finite loss, evaluate, then write the metrics line and the epoch checkpoint."""
     seed = epoch_seed(cfg.train.seed, s, epoch)
     torch.manual_seed(seed)
     lr = start_epoch(optimizer, cfg.train, epoch)
     desc = f"{stage.name} epoch {epoch + 1}/{cfg.train.epochs_per_block}"
-    stats = train_epoch(net, stage, loader, optimizer, seed, autocast, desc, epoch)
+    stats = train_epoch(net, stage, loader, optimizer, seed, autocast, desc, epoch, loss_fn)
     if not math.isfinite(stats["loss"]):
         raise LayerwiseError(
             f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
@@ -197,6 +201,7 @@ def checked_model(cfg: RunConfig, num_classes: int, device: torch.device, state:
     size = cfg.data.image_size
     try:
         net = build_model(cfg.model, num_classes)
+        set_recompute(net, cfg.train.recompute_activations)
         if state is not None:
             net.load_state_dict(state)
         net = net.to(device)

@@ -1,0 +1,96 @@
+"""Activation recomputation (train.recompute_activations): same training as the plain path, less saved for backward."""
+
+import copy
+
+import pytest
+import torch
+from test_cache import final_weights
+from test_train import tiny_config
+from torch.utils.checkpoint import checkpoint
+
+from layerwise.config import ModelConfig, TrainConfig
+from layerwise.models import build_model
+from layerwise.models.blocks import set_recompute
+from layerwise.train import train
+from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+
+MODELS = {
+    "simcnn": ModelConfig(k=3, widths=[8, 8, 16], downsample_at=[0, 2]),
+    "vgg11": ModelConfig(arch="vgg11", k=3, widths=[8, 16, 16], downsample_at=[1, 2], conv_bias=True),
+}
+
+
+def steps(net, stage, batches):
+    freeze_for(net, stage)
+    optimizer = make_optimizer(trainable_modules(net, stage).parameters(), TrainConfig(lr=0.05))
+    torch.manual_seed(1)  # the same dropout masks in VGG's classifier
+    return [train_step(net, stage, x, y, optimizer)[0].item() for x, y in batches]
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("mode,which", [("greedy", 0), ("greedy", 2), ("e2e", 0)])
+def test_recompute_trains_exactly_like_the_plain_path(arch, mode, which):
+    torch.manual_seed(0)
+    plain = build_model(MODELS[arch], num_classes=4)
+    lean = copy.deepcopy(plain)
+    set_recompute(lean, True)
+    stage = plan_stages(plain.J, mode)[which]
+    batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))) for _ in range(3)]
+    assert steps(lean, stage, batches) == pytest.approx(steps(plain, stage, batches), rel=1e-5)
+    for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values(), strict=True):
+        if name.endswith("num_batches_tracked"):  # the recomputation must not count a batch twice
+            assert torch.equal(a, b), name
+        else:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def saved_bytes(net, stage, x) -> int:
+    """Bytes the autograd graph keeps for the backward pass after one forward of the stage."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    freeze_for(net, stage)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net.heads[stage.block](net.forward_features(x, stage.first, stage.block + 1)).sum().backward()
+    return total
+
+
+def test_recompute_keeps_less_for_the_backward_pass():
+    torch.manual_seed(0)
+    net = build_model(MODELS["vgg11"], num_classes=4)
+    stage = plan_stages(net.J, "greedy")[0]
+    x = torch.randn(4, 3, 32, 32)
+    plain = saved_bytes(net, stage, x)
+    set_recompute(net, True)
+    lean = saved_bytes(net, stage, x)
+    assert lean < 0.7 * plain
+
+
+def test_recompute_is_off_outside_training(monkeypatch):
+    from layerwise.models import blocks
+
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **kw: pytest.fail("recomputed outside training"))
+    net = build_model(MODELS["simcnn"], num_classes=4)
+    set_recompute(net, True)
+    x = torch.randn(2, 3, 16, 16)
+    net.eval()(x)  # frozen (eval-mode) blocks
+    with torch.no_grad():
+        net.train()(x)  # no backward pass to save for
+
+
+def test_a_run_with_recomputation_ends_like_a_plain_run_and_may_resume_without_it(tmp_path, image_folder, monkeypatch):
+    from layerwise.models import blocks
+
+    calls = []
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    train(tiny_config(epochs=2), tmp_path / "plain", image_folder)
+    assert not calls
+    train(tiny_config(epochs=2, train={"recompute_activations": True}), tmp_path / "lean", image_folder)
+    assert calls
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "lean")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-4) for k in a)
+    train(tiny_config(epochs=2), tmp_path / "lean", image_folder, resume=True)  # a memory setting, not a new run
