@@ -93,10 +93,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int, compile: str = "none") -> dict:
+def time_steps(
+    net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int, compile_mode: str = "none"
+) -> dict:
     """images/s and memory of `steps` real training steps after `warmup` untimed ones (which compile)."""
     freeze_for(net, stage)
-    loss_fn = compiled_loss(compile)
+    loss_fn = compiled_loss(compile_mode)
     with peak_memory(device) as mem:
         optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         for _ in range(warmup):
@@ -123,13 +125,15 @@ def bench_model(
     blocks: list[int] | None = None,
     recompute_activations: bool = False,
     precision: str = "auto",
-    compile: str = "none",
+    compile_mode: str = "none",
 ) -> dict:
     cfg = load_preset(preset)
-    if compile not in COMPILE_MODES:
-        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {compile!r})")
-    if compile != "none" and recompute_activations:
+    if compile_mode not in COMPILE_MODES:
+        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {compile_mode!r})")
+    if compile_mode != "none" and recompute_activations:
         raise LayerwiseError("--compile and --recompute-activations cannot be combined; choose one")
+    if compile_mode != "none":  # compiling, and CUDA graphs' recording, must not fall in the timed steps
+        warmup = max(warmup, 3)
     dev = resolve_device(device)
     autocast = autocast_for(dev, precision)
     classes = 1000 if cfg.data.augment == "imagenet" else 10
@@ -156,19 +160,19 @@ def bench_model(
         with torch.no_grad(), autocast() if autocast else nullcontext():
             x_j = net.eval().forward_features(x, 0, stage.first)
         row = {"block": stage.block}
-        row["uncached"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile)
+        row["uncached"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
         if recompute_activations:
-            row["recomputed"] = recomputed(net, stage, x, y, autocast, cfg, dev, warmup, steps)
+            row["activations_recomputed"] = recomputed(net, stage, x, y, autocast, cfg, dev, warmup, steps)
         if stage.first > 0:  # block 0 has no frozen prefix to cache
-            row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps, compile)
+            row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps, compile_mode)
             row["cache_speedup"] = row["cached"]["images_per_s"] / row["uncached"]["images_per_s"]
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
         rows.append(row)
         del x_j
     (e2e_stage,) = plan_stages(net.J, "e2e")
-    e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile)
+    e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
     if recompute_activations:
-        e2e["recomputed"] = recomputed(net, e2e_stage, x, y, autocast, cfg, dev, warmup, steps)
+        e2e["activations_recomputed"] = recomputed(net, e2e_stage, x, y, autocast, cfg, dev, warmup, steps)
     return {
         "preset": preset,
         "device": str(dev),
@@ -179,7 +183,7 @@ def bench_model(
         "steps": steps,
         "precision": "bf16 autocast" if autocast else "fp32",
         "recompute_activations": recompute_activations,
-        "compile": compile,
+        "compile": compile_mode,
         "blocks": rows,
         "e2e": e2e,
         "date": time.strftime("%Y-%m-%d"),
@@ -349,42 +353,52 @@ def _cpu_name() -> str:
     return "cpu"
 
 
+def _ratio(a: dict, b: dict) -> float | None:
+    """a's step memory over b's, when both were measured."""
+    return a["step_bytes"] / b["step_bytes"] if a["step_bytes"] and b["step_bytes"] else None
+
+
 def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
 def format_report(model: dict, inputs: dict | None) -> str:
     lean = model.get("recompute_activations")
-    header = f"{'block':<6} {'uncached img/s':>16} {'cached img/s':>12} {'speed-up':>8} {'step MiB':>9} {'cached':>9}"
     lines = [
         f"{model['preset']} on {model['device']} ({model['device_name']}, {model['threads']} threads), "
         f"batch {model['batch_size']}, {model['image_size']} px, {model['precision']}, {model['steps']} timed steps"
         + (f", compiled ({model['compile']})" if model.get("compile", "none") != "none" else ""),
-        header + (f" {'recomputed img/s':>16} {'step MiB':>9}" if lean else ""),
+        f"{'':<6} {'img/s':>30} {'step MiB':>22}" + (f" {'activations recomputed':>28}" if lean else ""),
+        f"{'block':<6} {'uncached':>10} {'cached':>10} {'speed-up':>8} {'uncached':>10} {'cached':>10}"
+        + (f" {'img/s':>12} {'step MiB':>15}" if lean else ""),
     ]
     e = model["e2e"]
-    rows = [(r["block"], r["uncached"], r.get("cached"), r.get("recomputed")) for r in model["blocks"]]
-    for name, plain, cached, recomputed in [*rows, ("e2e", e, None, e.get("recomputed"))]:
-        line = f"{name:<6} {plain['images_per_s']:>16.1f} "
+    rows = [(r["block"], r["uncached"], r.get("cached"), r.get("activations_recomputed")) for r in model["blocks"]]
+    for name, plain, cached, recomputed in [*rows, ("e2e", e, None, e.get("activations_recomputed"))]:
+        line = f"{name:<6} {plain['images_per_s']:>10.1f} "
         if cached:
             speedup = cached["images_per_s"] / plain["images_per_s"]
-            line += f"{cached['images_per_s']:>12.1f} {speedup:>7.2f}x {mib(plain['step_bytes']):>9} "
-            line += f"{mib(cached['step_bytes']):>9}"
+            line += f"{cached['images_per_s']:>10.1f} {speedup:>7.2f}x {mib(plain['step_bytes']):>10} "
+            line += f"{mib(cached['step_bytes']):>10}"
         else:
-            line += f"{'-':>12} {'-':>8} {mib(plain['step_bytes']):>9} {'-':>9}"
+            line += f"{'-':>10} {'-':>8} {mib(plain['step_bytes']):>10} {'-':>10}"
         if recomputed:
-            line += f" {recomputed['images_per_s']:>16.1f} {mib(recomputed['step_bytes']):>9}"
+            line += f" {recomputed['images_per_s']:>12.1f} {mib(recomputed['step_bytes']):>15}"
         lines.append(line)
     first = model["blocks"][0] if model["blocks"] else None
-    if first and e["step_bytes"] and first["uncached"]["step_bytes"] is not None:
-        j, mem = first["block"], first["uncached"]["step_bytes"]
-        lines.append(f"step memory, block {j} greedy / end-to-end: {mem / e['step_bytes']:.2f}x")
+    if first:
+        j = first["block"]
+        ratio = _ratio(first["uncached"], e)
+        if ratio:
+            lines.append(f"step memory, block {j} greedy / end-to-end: {ratio:.2f}x")
         if lean:
-            mem = first["recomputed"]["step_bytes"]
-            lines.append(
-                f"  both with activations recomputed: {mem / e['recomputed']['step_bytes']:.2f}x; "
-                f"block {j} recomputed / plain end-to-end: {mem / e['step_bytes']:.2f}x"
-            )
+            both = _ratio(first["activations_recomputed"], e["activations_recomputed"])
+            mixed = _ratio(first["activations_recomputed"], e)
+            if both and mixed:
+                lines.append(
+                    f"  both with activations recomputed: {both:.2f}x; "
+                    f"block {j} recomputed / plain end-to-end: {mixed:.2f}x"
+                )
     if inputs:
         train_s = inputs["images"] / model["blocks"][0]["uncached"]["images_per_s"]
         mem, pil = inputs["memory_loader_epoch_s"], inputs["pil_dataloader_epoch_s"]

@@ -129,6 +129,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.max_batch:
         from layerwise.bench import max_batch
 
+        if args.compile != "none" or args.precision != "auto":
+            raise LayerwiseError("--max-batch measures the step as training runs it; drop --compile and --precision")
+
         result = max_batch(args.preset, args.device, args.image_size, recompute_activations=args.recompute_activations)
         print(json.dumps(result, indent=2))
         return 0
@@ -144,9 +147,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LayerwiseError(
             f"--blocks takes block numbers separated by commas, like 0,3 (got {args.blocks!r})"
         ) from None
-    lean, precision = args.recompute_activations, args.precision
     model = bench_model(
-        args.preset, batch, args.device, steps, warmup, args.image_size, blocks, lean, precision, args.compile
+        args.preset,
+        batch,
+        args.device,
+        steps,
+        warmup,
+        args.image_size,
+        blocks,
+        recompute_activations=args.recompute_activations,
+        precision=args.precision,
+        compile_mode=args.compile,
     )
     inputs = None
     if not args.no_input and load_preset(args.preset).data.augment == "cifar":

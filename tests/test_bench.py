@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from layerwise.bench import format_report
 from layerwise.cli import main
 from layerwise.config import ModelConfig, TrainConfig
 from layerwise.models import build_model
@@ -76,9 +77,16 @@ def test_max_batch_on_gpu():
 
 def test_compiled_step_matches_plain_step():
     """train.compile on the CPU (about 30 s of compiling): the same losses as the eager step."""
-    compiled = compiled_loss("default")
-    assert compiled is not stage_loss
-    assert few_steps(False, None, compiled) == pytest.approx(few_steps(False, None), rel=1e-4)
+    from torch._dynamo.utils import counters
+
+    compiled = few_steps(False, None, compiled_loss("default"))
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile, rather than fall back to eager
+    assert compiled == pytest.approx(few_steps(False, None), rel=1e-4)
+
+
+def test_max_batch_refuses_options_it_would_ignore(capsys):
+    assert main(["bench", "--max-batch", "--compile", "default"]) == 2
+    assert "drop --compile and --precision" in capsys.readouterr().err
 
 
 def test_bench_refuses_compile_with_recomputation(capsys):
@@ -88,11 +96,15 @@ def test_bench_refuses_compile_with_recomputation(capsys):
 
 
 def test_bench_recomputing_activations_in_bf16_on_the_cpu(capsys):
-    args = ["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0", "--json"]
-    assert main([*args, "--recompute-activations", "--precision", "bf16"]) == 0
+    args = ["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0,2"]
+    assert main([*args, "--recompute-activations", "--precision", "bf16", "--json"]) == 0
     model = json.loads(capsys.readouterr().out)["model"]
     assert model["recompute_activations"] and model["precision"] == "bf16 autocast"
-    assert model["blocks"][0]["recomputed"]["images_per_s"] > 0 and model["e2e"]["recomputed"]["step_bytes"] > 0
+    assert [b["activations_recomputed"]["images_per_s"] > 0 for b in model["blocks"]] == [True, True]
+    assert model["e2e"]["activations_recomputed"]["images_per_s"] > 0
+    report = format_report(model, None)
+    assert "activations recomputed" in report and "bf16 autocast" in report
+    assert len(report.splitlines()[-4].split()) == 8  # block 2: uncached, cached, speed-up, MiB x2, recomputed x2
 
 
 def test_bench_rejects_an_unknown_precision(capsys):

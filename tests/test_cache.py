@@ -14,7 +14,7 @@ def final_weights(path):
 
 
 @pytest.mark.parametrize("where", ["host", "disk"])
-def test_cached_prefix_matches_recomputed_prefix(tmp_path, image_folder, where):
+def test_cached_prefix_matches_uncached_prefix(tmp_path, image_folder, where):
     plain = train(tiny_config(epochs=2), tmp_path / "plain", image_folder)
     cached = train(tiny_config(epochs=2, train={"cache": where, "cache_views": 2}), tmp_path / "cached", image_folder)
     a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "cached")

@@ -1,5 +1,7 @@
 """GPU smoke tests: the CUDA path (GPU-resident data, bf16, channels_last, device cache). Skipped without a GPU."""
 
+import functools
+
 import pytest
 import torch
 from test_train import tiny_config
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
         {"cache": "host"},
         {"recompute_activations": True},
     ],
+    ids=["plain", "cache-device", "cache-host", "recompute"],
 )
 def test_trains_on_the_gpu(tmp_path, image_folder, options):
     cfg = tiny_config(epochs=2, train={"device": "cuda", **options})
@@ -44,19 +47,15 @@ def test_gpu_run_resumes_on_the_cpu(tmp_path, image_folder):
 
 
 def test_recomputed_activations_match_on_the_gpu():
-    """bf16 autocast and channels_last, with and without recomputation: the same steps."""
-    from test_recompute import MODELS, steps
+    """bf16 autocast and channels_last on CUDA: losses, weights and BN buffers as without recomputation."""
+    from test_recompute import MODELS, assert_same_training
 
     from layerwise.models import build_model
-    from layerwise.models.blocks import set_recompute
     from layerwise.train.loop import plan_stages
 
     torch.manual_seed(0)
     plain = build_model(MODELS["vgg11"], num_classes=4).cuda().to(memory_format=torch.channels_last)
-    lean = build_model(MODELS["vgg11"], num_classes=4).cuda().to(memory_format=torch.channels_last)
-    lean.load_state_dict(plain.state_dict())
-    set_recompute(lean, True)
-    stage = plan_stages(plain.J, "greedy")[0]
     batches = [(torch.randn(6, 3, 16, 16, device="cuda"), torch.randint(0, 4, (6,), device="cuda")) for _ in range(3)]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert steps(lean, stage, batches) == pytest.approx(steps(plain, stage, batches), rel=1e-3)
+    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    for mode in ("greedy", "e2e"):
+        assert_same_training(plain, plan_stages(plain.J, mode)[0], batches, autocast, rtol=1e-3, atol=1e-4)

@@ -209,3 +209,20 @@ def test_each_stage_compiles_its_step_in_the_configured_mode(tmp_path, image_fol
     monkeypatch.setattr(run, "compiled_loss", lambda mode: modes.append(mode) or loop.stage_loss)
     train(tiny_config(epochs=1, train={"compile": "reduce-overhead"}), tmp_path / "run", image_folder)
     assert modes == ["reduce-overhead"] * 3
+
+
+def test_a_failing_compile_is_a_one_line_error_and_the_run_can_go_on_without_it(tmp_path, image_folder, monkeypatch):
+    from torch._dynamo.exc import Unsupported
+
+    from layerwise.train import run
+
+    def broken(net, stage, x, y, offset):
+        raise Unsupported("no compiler here\nmore details")
+
+    monkeypatch.setattr(run, "compiled_loss", lambda mode: broken)
+    with pytest.raises(LayerwiseError, match=r"train.compile=default failed in block 0 \(no compiler here\)") as e:
+        train(tiny_config(epochs=1, train={"compile": "default"}), tmp_path / "run", image_folder)
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    summary = train(tiny_config(epochs=1), tmp_path / "run", image_folder, resume=True)
+    assert len(summary["blocks"]) == 3

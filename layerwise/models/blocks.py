@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -14,11 +14,11 @@ from layerwise.models.downsample import SpaceToDepth
 class ConvUnit(nn.Sequential):
     """Parameter-free layers (P, a pool), then conv -> [BN] -> ReLU.
 
-    With `recompute` on, a unit in training keeps only its conv's input for the backward pass and runs
-    conv -> BN -> ReLU again there (torch.utils.checkpoint), instead of storing the conv's and BN's outputs.
-    The result and the gradients are the same; the recomputation leaves BN's running statistics as they were.
-    The leading parameter-free layers stay outside the checkpoint: a max-pool's input is 4x the size of its
-    output, and on a frozen input they record nothing at all.
+    With `recompute` on, a unit in training keeps only its input for the backward pass and runs it again
+    there (torch.utils.checkpoint), instead of storing the conv's and BN's outputs. The result and the
+    gradients are the same; the recomputation leaves BN's running statistics as they were.
+    On a frozen input the leading parameter-free layers run outside the checkpoint: they record nothing, and
+    the checkpoint then keeps their output, which a max-pool makes 4x smaller than its input.
     """
 
     recompute: bool = False
@@ -27,32 +27,34 @@ class ConvUnit(nn.Sequential):
         if not (self.recompute and self.training and torch.is_grad_enabled()):
             return super().forward(x)
         layers = list(self)
-        lead = next(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
-        for m in layers[:lead]:
-            x = m(x)
-        body = layers[lead:]
-        norms = [m for m in body if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not x.requires_grad:
+            while not isinstance(layers[0], nn.Conv2d):
+                x = layers.pop(0)(x)
+        norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            for m in body:
+            for m in layers:
                 x = m(x)
             return x
 
         # No RNG inside a unit, so there is no RNG state to save and restore.
         return checkpoint(
-            run, x, use_reentrant=False, preserve_rng_state=False, context_fn=lambda: (nullcontext(), _kept(norms))
+            run, x, use_reentrant=False, preserve_rng_state=False, context_fn=lambda: (nullcontext(), _Kept(norms))
         )
 
 
-@contextmanager
-def _kept(norms: list[nn.Module]):
-    """Restore the BN buffers (running mean, variance, batch count) that the recomputation updates again."""
-    saved = [[b.clone() for b in m.buffers()] for m in norms]
-    try:
-        yield
-    finally:
+class _Kept:
+    """Context of each recomputation: BN buffers (running mean, variance, batch count) are restored after it."""
+
+    def __init__(self, norms: list[nn.Module]):
+        self.norms = norms
+
+    def __enter__(self) -> None:
+        self.saved = [[b.clone() for b in m.buffers()] for m in self.norms]
+
+    def __exit__(self, *exc) -> None:
         with torch.no_grad():
-            for m, values in zip(norms, saved, strict=True):
+            for m, values in zip(self.norms, self.saved, strict=True):
                 for b, v in zip(m.buffers(), values, strict=True):
                     b.copy_(v)
 

@@ -80,8 +80,8 @@ def start_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) 
 
 def stage_logits(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """The stage's head's logits for x, the input of block `offset`. Blocks before stage.first run without
-    gradients. One loop, so no block's output outlives the block that consumes it: the frozen prefix's
-    output is freed as soon as the first trained block has read it."""
+    gradients. One loop, so the caller holds no block's output: the frozen prefix's output lives only as long
+    as the first trained block keeps it for its backward pass (after a P or a pool, it does not)."""
     for j in range(offset, stage.block + 1):
         with torch.no_grad() if j < stage.first else nullcontext():
             x = net.blocks[j](x)

@@ -141,6 +141,7 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
     """Every stage from where the run stands (its newest checkpoint when resuming) to the end."""
     first_stage, first_epoch, optimizer_state = resume_point(cfg, run, net, len(stages)) if resume else (0, 0, None)
     t_start = time.perf_counter()
+    compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.train.compile != "none" else ()
     for s in range(first_stage, len(stages)):
         stage = stages[s]
         loader = bundle.train
@@ -158,9 +159,15 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
                 optimizer.load_state_dict(optimizer_state)
                 optimizer_state = None
             for epoch in range(first_epoch if s == first_stage else 0, cfg.train.epochs_per_block):
-                train_one_epoch(
-                    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, on_epoch_end
-                )
+                try:
+                    train_one_epoch(
+                        cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, on_epoch_end
+                    )
+                except compile_errors as e:
+                    raise LayerwiseError(
+                        f"train.compile={cfg.train.compile} failed in {stage.name} ({str(e).strip().splitlines()[0]}); "
+                        f"checkpoints are kept in {run.checkpoints}: resume with --set train.compile=none"
+                    ) from None
         finally:  # also on an interruption: free the cache and delete its file
             if loader is not bundle.train:
                 loader.close()
