@@ -12,7 +12,6 @@ The input benchmark compares the in-memory loader with a per-sample PIL/torchvis
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import tarfile
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.config import COMPILE_MODES
+from layerwise.config import COMPILE_MODES, PRECISIONS
 from layerwise.data.sources import sample_path
 from layerwise.device import fast_path, resolve_device
 from layerwise.errors import LayerwiseError
@@ -135,7 +134,9 @@ def bench_model(
     if compile_mode != "none":  # compiling, and CUDA graphs' recording, must not fall in the timed steps
         warmup = max(warmup, 3)
     dev = resolve_device(device)
-    autocast = autocast_for(dev, precision)
+    if precision not in PRECISIONS:
+        raise LayerwiseError(f"--precision must be {', '.join(PRECISIONS)} (got {precision!r})")
+    autocast = fast_path(dev, precision)
     classes = 1000 if cfg.data.augment == "imagenet" else 10
     batch = batch_size or cfg.train.batch_size
     size = image_size or cfg.data.image_size
@@ -198,19 +199,6 @@ def recomputed(net, stage, x, y, autocast, cfg, device, warmup: int, steps: int)
         return time_steps(net, stage, x, y, 0, autocast, cfg, device, warmup, steps)
     finally:
         set_recompute(net, False)
-
-
-def autocast_for(device: torch.device, precision: str):
-    """`auto` is what training uses (bf16 on a GPU, fp32 on the CPU). `bf16` forces bf16 autocast, also on
-    the CPU, where it shows a GPU step's memory profile (bf16 activations, fp32 weights) at CPU speed."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise LayerwiseError(f"--precision must be auto, fp32 or bf16 (got {precision!r})")
-    autocast = fast_path(device)
-    if precision == "fp32":
-        return None
-    if precision == "bf16" and autocast is None:
-        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    return autocast
 
 
 def fits(net, stage, cfg, device, autocast, batch: int, size: int, classes: int) -> bool:

@@ -95,6 +95,7 @@ class DataConfig:
         _check(self.workers >= 0, "data.workers must be >= 0")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -129,6 +130,9 @@ class TrainConfig:
     recompute_activations: bool = False
     """Keep only each trained conv unit's input for the backward pass and recompute its conv, BN and ReLU
     there: less activation memory for about one more forward pass of the trained blocks. Same results."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on a GPU, fp32 on the CPU), `fp32`, or `bf16` (autocast on any device: about
+    twice as fast on CPUs with AMX or AVX-512 BF16, see docs/benchmarks.md)."""
     compile: str = "none"
     """torch.compile mode for each stage's forward and backward: `none`, `default`, `reduce-overhead` (CUDA
     graphs), `max-autotune` or `max-autotune-no-cudagraphs`. Each stage compiles afresh, which takes a while."""
@@ -150,6 +154,7 @@ class TrainConfig:
         _check(0 <= self.seed < 2**31, "train.seed must be in [0, 2^31)")
         _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
+        _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}")
         _check(
             self.compile in COMPILE_MODES,
             f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})",

@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from layerwise.config import PRECISIONS
 from layerwise.errors import LayerwiseError
 
 
@@ -28,9 +29,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def fast_path(device: torch.device):
-    """bf16 autocast and cudnn autotuning on a GPU; plain fp32 on the CPU, where bf16 convs are slow."""
-    if device.type != "cuda":
+def fast_path(device: torch.device, precision: str = "auto"):
+    """The autocast context factory for `precision` on this device (None: plain fp32); cudnn autotuning on a GPU.
+
+    `auto` is bf16 on a GPU and fp32 on the CPU. `bf16` also autocasts on the CPU, which is about twice as
+    fast on CPUs with AMX or AVX-512 BF16 (docs/benchmarks.md) and slow on CPUs without them.
+    """
+    if precision not in PRECISIONS:
+        raise LayerwiseError(f"precision must be {', '.join(PRECISIONS)} (got {precision!r})")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    torch.backends.cudnn.benchmark = True
-    return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)

@@ -109,4 +109,4 @@ def test_bench_recomputing_activations_in_bf16_on_the_cpu(capsys):
 
 def test_bench_rejects_an_unknown_precision(capsys):
     assert main(["bench", "--preset", "demo", "--quick", "--no-input", "--precision", "fp8"]) == 2
-    assert "--precision must be auto, fp32 or bf16" in capsys.readouterr().err
+    assert "--precision must be auto, fp32, bf16" in capsys.readouterr().err

@@ -24,6 +24,19 @@ def test_cached_prefix_matches_uncached_prefix(tmp_path, image_folder, where):
     assert not (tmp_path / "cached" / "cache" / "prefix1.bin").exists()  # the disk cache is removed after its stage
 
 
+def test_cache_in_bf16_on_the_cpu_matches_the_uncached_bf16_run(tmp_path, image_folder):
+    """train.precision=bf16 runs the GPU's autocast on the CPU; the cache then stores bf16, as on a GPU."""
+    bf16 = {"precision": "bf16"}
+    plain = train(tiny_config(epochs=2, train=bf16), tmp_path / "plain", image_folder)
+    cached = train(
+        tiny_config(epochs=2, train={**bf16, "cache": "host", "cache_views": 2}), tmp_path / "c", image_folder
+    )
+    for p, c in zip(plain["blocks"], cached["blocks"], strict=True):
+        assert p["train_loss"] == pytest.approx(c["train_loss"], abs=2e-2)
+    fp32 = train(tiny_config(epochs=2), tmp_path / "fp32", image_folder)
+    assert fp32["blocks"][-1]["train_loss"] != plain["blocks"][-1]["train_loss"]  # bf16 did run
+
+
 def test_fewer_views_than_epochs_reuse_augmentations(tmp_path, image_folder):
     summary = train(tiny_config(epochs=3, train={"cache": "device", "cache_views": 1}), tmp_path / "r", image_folder)
     assert len(summary["blocks"]) == 3

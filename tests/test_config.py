@@ -20,6 +20,7 @@ from layerwise.presets import resolve_config
         ({"model": {"batchnorm": 1}}, "model.batchnorm must be bool"),
         ({"train": {"mode": "decoupled"}}, "train.mode"),
         ({"train": {"compile": "fast"}}, "train.compile must be one of none, default"),
+        ({"train": {"precision": "fp16"}}, "train.precision must be auto, fp32, bf16"),
         ({"train": {"compile": "default", "recompute_activations": True}}, "cannot be combined"),
     ],
 )

@@ -75,7 +75,7 @@ def train(
 
     net = checked_model(cfg, len(bundle.classes), device)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
-    autocast = fast_path(device)
+    autocast = fast_path(device, cfg.train.precision)
     use_cache = cfg.train.cache != "none" and cfg.train.mode == "greedy" and cfg.model.J > 1
     if use_cache:
         plan_prefix_cache(cfg, net, bundle.train, device, run.path / "cache", autocast)
@@ -365,5 +365,5 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> 
     last_block = cfg.model.J - 1 if path == run.final else meta["block"]
     blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
     loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
-    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev))
+    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev, cfg.train.precision))
     return {**result, "checkpoint": str(path), "data": str(data)}
