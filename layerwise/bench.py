@@ -222,6 +222,7 @@ def max_batch(
     image_size: int | None = None,
     limit: int = 8192,
     recompute_activations: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Largest batch (a power of two, then refined by bisection) whose training step fits on the GPU:
     greedy block by block (the run's limit is the smallest of them) and end to end."""
@@ -229,7 +230,7 @@ def max_batch(
     if dev.type != "cuda":
         raise LayerwiseError("--max-batch measures GPU memory; run it with a CUDA device")
     cfg = load_preset(preset)
-    autocast = fast_path(dev)
+    autocast = fast_path(dev, precision)
     classes = 1000 if cfg.data.augment == "imagenet" else 10
     size = image_size or cfg.data.image_size
     net = build_model(cfg.model, classes).to(dev).to(memory_format=torch.channels_last)
@@ -251,6 +252,7 @@ def max_batch(
         "device_name": torch.cuda.get_device_name(dev),
         "image_size": size,
         "recompute_activations": recompute_activations,
+        "precision": "bf16 autocast" if autocast else "fp32",
         "greedy_per_block": greedy,
         "greedy": min(greedy.values()),
         "e2e": largest(plan_stages(net.J, "e2e")[0]),

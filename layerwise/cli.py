@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise LayerwiseError(f"--batch-size must be >= 1 (got {args.batch_size})")
 
-    result = evaluate_run(args.run_dir, args.data, device=args.device, batch_size=args.batch_size)
+    result = evaluate_run(args.run_dir, args.data, args.device, args.batch_size, args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -129,10 +129,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.max_batch:
         from layerwise.bench import max_batch
 
-        if args.compile != "none" or args.precision != "auto":
-            raise LayerwiseError("--max-batch measures the step as training runs it; drop --compile and --precision")
+        if args.compile != "none":
+            raise LayerwiseError("--max-batch measures the uncompiled step; drop --compile")
 
-        result = max_batch(args.preset, args.device, args.image_size, recompute_activations=args.recompute_activations)
+        result = max_batch(
+            args.preset,
+            args.device,
+            args.image_size,
+            recompute_activations=args.recompute_activations,
+            precision=args.precision,
+        )
         print(json.dumps(result, indent=2))
         return 0
     steps, warmup = (args.steps or 2, 1) if args.quick else (args.steps or 10, 2)
@@ -204,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--precision", help="auto, fp32 or bf16 (default: the run's train.precision)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="images/s and peak memory per block: greedy (prefix uncached, cached) and e2e")

@@ -1,4 +1,4 @@
-"""Device selection and the GPU fast path (bf16 autocast, cudnn autotuning)."""
+"""Device selection and the fast path: bf16 autocast (train.precision), cudnn autotuning on a GPU."""
 
 from __future__ import annotations
 

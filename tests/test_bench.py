@@ -86,7 +86,7 @@ def test_compiled_step_matches_plain_step():
 
 def test_max_batch_refuses_options_it_would_ignore(capsys):
     assert main(["bench", "--max-batch", "--compile", "default"]) == 2
-    assert "drop --compile and --precision" in capsys.readouterr().err
+    assert "drop --compile" in capsys.readouterr().err
 
 
 def test_bench_refuses_compile_with_recomputation(capsys):
@@ -110,3 +110,32 @@ def test_bench_recomputing_activations_in_bf16_on_the_cpu(capsys):
 def test_bench_rejects_an_unknown_precision(capsys):
     assert main(["bench", "--preset", "demo", "--quick", "--no-input", "--precision", "fp8"]) == 2
     assert "--precision must be auto, fp32, bf16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device, precision, expected",
+    [
+        ("cpu", "auto", None),
+        ("cpu", "fp32", None),
+        ("cpu", "bf16", "cpu"),
+        ("cuda", "fp32", None),
+        ("cuda", "auto", "cuda"),
+    ],
+)
+def test_fast_path_autocasts_where_asked(device, precision, expected):
+    from layerwise.device import fast_path
+
+    autocast = fast_path(torch.device(device), precision)  # building the factory needs no GPU
+    if expected is None:
+        assert autocast is None
+    else:
+        assert autocast.func is torch.autocast and autocast.args == (expected,)
+        assert autocast.keywords == {"dtype": torch.bfloat16}
+
+
+def test_fast_path_rejects_an_unknown_precision():
+    from layerwise.device import fast_path
+    from layerwise.errors import LayerwiseError
+
+    with pytest.raises(LayerwiseError, match="precision must be auto, fp32, bf16"):
+        fast_path(torch.device("cpu"), "fp16")

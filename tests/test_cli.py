@@ -77,6 +77,9 @@ def test_eval_and_resume_through_the_cli(tmp_path, image_folder, capsys):
     assert code == 0, err
     result = json.loads(out)
     assert set(result["blocks"]) == {"0", "1", "2"} and result["n"] == 48
+    code, out, err = run_cli(["eval", out_dir, "--data", str(image_folder), "--json", "--precision", "bf16"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["loss"] != result["loss"]  # scored under bf16 autocast, not the run's fp32
 
 
 def write_corrupt(folder):

@@ -76,7 +76,7 @@ def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path
 
 
 def cache_dtype(autocast: Callable | None) -> torch.dtype:
-    """The dtype the frozen prefix produces: bf16 under the GPU's autocast, else fp32."""
+    """The dtype the frozen prefix produces: bf16 under autocast (train.precision), else fp32."""
     return torch.bfloat16 if autocast is not None else torch.float32
 
 

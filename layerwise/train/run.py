@@ -34,13 +34,17 @@ def epoch_seed(seed: int, stage: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
 
 
+RESUMABLE_CHANGES = ("device", "precision", "recompute_activations", "compile")
+"""Settings a resumed run may change: they decide how the same training is computed, not what it is."""
+
+
 def same_run(saved: dict[str, Any], cfg: RunConfig) -> None:
-    """Refuse to resume a run under a different config (the device may change)."""
+    """Refuse to resume a run under a different config, except for RESUMABLE_CHANGES."""
     ours = cfg.to_dict()
     theirs = config_from_dict(saved).to_dict()
     for section in ("model", "data", "train"):
         for key, value in ours[section].items():
-            if key not in ("device", "recompute_activations", "compile") and theirs[section].get(key) != value:
+            if key not in RESUMABLE_CHANGES and theirs[section].get(key) != value:
                 raise LayerwiseError(
                     f"--resume: {section}.{key} is {value!r} but the run used {theirs[section].get(key)!r}; "
                     "drop the override or start a new run with another --out"
@@ -348,7 +352,7 @@ def run_info(cfg: RunConfig, device: torch.device, data, description: str) -> di
     }
 
 
-def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> dict:
+def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, precision: str | None = None) -> dict:
     """Score a run's trained heads on data no one trained on, mapping its classes by name.
 
     Uses checkpoints/final.pt when the run finished, else the last epoch's checkpoint.
@@ -365,5 +369,5 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256) -> 
     last_block = cfg.model.J - 1 if path == run.final else meta["block"]
     blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
     loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
-    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev, cfg.train.precision))
+    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev, precision or cfg.train.precision))
     return {**result, "checkpoint": str(path), "data": str(data)}
