@@ -23,7 +23,7 @@ import torch
 
 from layerwise.config import COMPILE_MODES, PRECISIONS
 from layerwise.data.sources import sample_path
-from layerwise.device import fast_path, resolve_device
+from layerwise.device import channels_last, fast_path, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import build_model
@@ -142,7 +142,7 @@ def bench_model(
     size = image_size or cfg.data.image_size
     torch.manual_seed(0)
     net = build_model(cfg.model, classes).to(dev)
-    if dev.type == "cuda":
+    if channels_last(dev, precision):
         net = net.to(memory_format=torch.channels_last)
     x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)

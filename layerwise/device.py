@@ -29,6 +29,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def channels_last(device: torch.device, precision: str = "auto") -> bool:
+    """Whether the network runs channels_last: on a GPU, and under bf16 on the CPU, where oneDNN's bf16
+    convolutions are 1.35-1.6x faster in that layout (docs/benchmarks.md)."""
+    return device.type == "cuda" or precision == "bf16"
+
+
 def fast_path(device: torch.device, precision: str = "auto"):
     """The autocast context factory for `precision` on this device (None: plain fp32); cudnn autotuning on a GPU.
 

@@ -226,3 +226,12 @@ def test_a_failing_compile_is_a_one_line_error_and_the_run_can_go_on_without_it(
     monkeypatch.undo()
     summary = train(tiny_config(epochs=1), tmp_path / "run", image_folder, resume=True)
     assert len(summary["blocks"]) == 3
+
+
+@pytest.mark.parametrize("precision, expected", [("auto", False), ("fp32", False), ("bf16", True)])
+def test_the_cpu_runs_channels_last_under_bf16_only(precision, expected):
+    from layerwise.train.run import checked_model
+
+    net = checked_model(tiny_config(train={"precision": precision}), 4, torch.device("cpu"))
+    weight = net.blocks[0][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == expected

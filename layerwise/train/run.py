@@ -17,7 +17,7 @@ from layerwise import __version__
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.data import build_data, build_eval_loader
 from layerwise.data.loaders import MemoryLoader
-from layerwise.device import fast_path, resolve_device
+from layerwise.device import channels_last, fast_path, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
@@ -207,7 +207,7 @@ def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, 
 
 
 def checked_model(cfg: RunConfig, num_classes: int, device: torch.device, state: dict | None = None) -> StagedNet:
-    """Build the network on the device (channels_last on a GPU), load `state` if given, and run one blank
+    """Build the network on the device (channels_last on a GPU and in bf16), load `state` if given, and run one blank
     RGB image through every block and head, all before anything is written: problems become one line."""
     size = cfg.data.image_size
     try:
@@ -216,7 +216,7 @@ def checked_model(cfg: RunConfig, num_classes: int, device: torch.device, state:
         if state is not None:
             net.load_state_dict(state)
         net = net.to(device)
-        if device.type == "cuda":
+        if channels_last(device, cfg.train.precision):
             net = net.to(memory_format=torch.channels_last)
         with torch.no_grad():
             net.eval()(torch.zeros(1, 3, size, size, device=device))
