@@ -131,8 +131,8 @@ class TrainConfig:
     """Keep only each trained conv unit's input for the backward pass and recompute its conv, BN and ReLU
     there: less activation memory for about one more forward pass of the trained blocks. Same results."""
     precision: str = "auto"
-    """`auto` (bf16 autocast on a GPU, fp32 on the CPU), `fp32`, or `bf16` (autocast on any device: about
-    twice as fast on CPUs with AMX or AVX-512 BF16, see docs/benchmarks.md)."""
+    """`auto` (bf16 autocast on a GPU, fp32 on the CPU), `fp32`, or `bf16` (autocast and channels_last on any
+    device: much faster on CPUs with AMX or AVX-512 BF16, slow on others; see docs/benchmarks.md)."""
     compile: str = "none"
     """torch.compile mode for each stage's forward and backward: `none`, `default`, `reduce-overhead` (CUDA
     graphs), `max-autotune` or `max-autotune-no-cudagraphs`. Each stage compiles afresh, which takes a while."""
