@@ -28,7 +28,17 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import build_model
 from layerwise.presets import load_preset
-from layerwise.train.loop import compiled_loss, freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+from layerwise.train.loop import (
+    compiled_loss,
+    freeze_for,
+    make_optimizer,
+    module_bytes,
+    place_for,
+    plan_stages,
+    resident_modules,
+    train_step,
+    trainable_modules,
+)
 
 
 def _proc_status(field: str) -> int | None:
@@ -95,7 +105,10 @@ def _sync(device: torch.device) -> None:
 def time_steps(
     net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int, compile_mode: str = "none"
 ) -> dict:
-    """images/s and memory of `steps` real training steps after `warmup` untimed ones (which compile)."""
+    """images/s and memory of `steps` real training steps after `warmup` untimed ones (which compile), with only
+    the stage's modules on the device, as in training."""
+    place_for(net, stage, device)
+    resident = resident_modules(net, stage)
     freeze_for(net, stage)
     loss_fn = compiled_loss(compile_mode)
     with peak_memory(device) as mem:
@@ -111,7 +124,12 @@ def time_steps(
         del optimizer
     for p in net.parameters():
         p.grad = None
-    return {"images_per_s": len(y) * steps / seconds, "peak_bytes": mem["peak"], "step_bytes": mem["step"]}
+    return {
+        "images_per_s": len(y) * steps / seconds,
+        "peak_bytes": mem["peak"],
+        "step_bytes": mem["step"],
+        "weights_bytes": module_bytes(resident),
+    }
 
 
 def bench_model(
@@ -141,14 +159,14 @@ def bench_model(
     batch = batch_size or cfg.train.batch_size
     size = image_size or cfg.data.image_size
     torch.manual_seed(0)
-    net = build_model(cfg.model, classes).to(dev)
+    net = build_model(cfg.model, classes)  # on the CPU; each measurement places what its stage runs
     if channels_last(dev, precision):
         net = net.to(memory_format=torch.channels_last)
     x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)
     with torch.no_grad():
         try:
-            net.eval()(x[:1])
+            net.eval()(x[:1].cpu())
         except RuntimeError as e:
             raise LayerwiseError(
                 f"{preset} cannot run at {size} px ({str(e).splitlines()[0]}); use a larger --image-size"
@@ -158,18 +176,18 @@ def bench_model(
     if blocks is not None and not all(0 <= j < net.J for j in blocks):
         raise LayerwiseError(f"--blocks must be between 0 and {net.J - 1} for {preset}")
     for stage in greedy if blocks is None else [greedy[j] for j in blocks]:
-        with torch.no_grad(), autocast() if autocast else nullcontext():
-            x_j = net.eval().forward_features(x, 0, stage.first)
         row = {"block": stage.block}
         row["uncached"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
         if recompute_activations:
             row["activations_recomputed"] = recomputed(net, stage, x, y, autocast, cfg, dev, warmup, steps)
         if stage.first > 0:  # block 0 has no frozen prefix to cache
+            with torch.no_grad(), autocast() if autocast else nullcontext():  # after the uncached steps' peaks
+                x_j = net.eval().forward_features(x, 0, stage.first)
             row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps, compile_mode)
             row["cache_speedup"] = row["cached"]["images_per_s"] / row["uncached"]["images_per_s"]
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
+            del x_j
         rows.append(row)
-        del x_j
     (e2e_stage,) = plan_stages(net.J, "e2e")
     e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
     if recompute_activations:
@@ -233,7 +251,7 @@ def max_batch(
     autocast = fast_path(dev, precision)
     classes = 1000 if cfg.data.augment == "imagenet" else 10
     size = image_size or cfg.data.image_size
-    net = build_model(cfg.model, classes).to(dev).to(memory_format=torch.channels_last)
+    net = build_model(cfg.model, classes).to(memory_format=torch.channels_last)  # time_steps places it
     set_recompute(net, recompute_activations)
 
     def largest(stage) -> int:
@@ -343,9 +361,28 @@ def _cpu_name() -> str:
     return "cpu"
 
 
-def _ratio(a: dict, b: dict) -> float | None:
-    """a's step memory over b's, when both were measured."""
-    return a["step_bytes"] / b["step_bytes"] if a["step_bytes"] and b["step_bytes"] else None
+def memory_lines(first: dict, e2e: dict, lean: bool, on_gpu: bool) -> list[str]:
+    """A small table: the first benchmarked block's greedy step against the end-to-end step, by step memory alone,
+    with the weights each keeps on the device, and (on a GPU) by the measured peaks."""
+    pairs = [("plain", first["uncached"], e2e)]
+    if lean:
+        recomputed = first["activations_recomputed"]
+        pairs += [("both recomputed", recomputed, e2e["activations_recomputed"])]
+        pairs += [("recomputed / plain e2e", recomputed, e2e)]
+    sizes = {
+        "step": lambda r: r["step_bytes"],
+        "step + the stage's weights": lambda r: r["step_bytes"] and r["step_bytes"] + r["weights_bytes"],
+    }
+    if on_gpu:  # on the CPU the process's peak holds far more than the step
+        sizes["peak (weights, batch, all)"] = lambda r: r["peak_bytes"]
+    lines = [f"block {first['block']} greedy / end-to-end, MiB:".ljust(30) + "".join(f"{n:>28}" for n, _, _ in pairs)]
+    for label, size in sizes.items():
+        cells = [
+            f"{mib(size(a))} / {mib(size(b))} = {size(a) / size(b):.2f}x" if size(a) and size(b) else "n/a"
+            for _, a, b in pairs
+        ]
+        lines.append(f"  {label:<28}" + "".join(f"{c:>28}" for c in cells))
+    return lines
 
 
 def mib(n: int | None) -> str:
@@ -375,20 +412,8 @@ def format_report(model: dict, inputs: dict | None) -> str:
         if recomputed:
             line += f" {recomputed['images_per_s']:>12.1f} {mib(recomputed['step_bytes']):>15}"
         lines.append(line)
-    first = model["blocks"][0] if model["blocks"] else None
-    if first:
-        j = first["block"]
-        ratio = _ratio(first["uncached"], e)
-        if ratio:
-            lines.append(f"step memory, block {j} greedy / end-to-end: {ratio:.2f}x")
-        if lean:
-            both = _ratio(first["activations_recomputed"], e["activations_recomputed"])
-            mixed = _ratio(first["activations_recomputed"], e)
-            if both and mixed:
-                lines.append(
-                    f"  both with activations recomputed: {both:.2f}x; "
-                    f"block {j} recomputed / plain end-to-end: {mixed:.2f}x"
-                )
+    if model["blocks"]:
+        lines += memory_lines(model["blocks"][0], e, lean, model["device"].startswith("cuda"))
     if inputs:
         train_s = inputs["images"] / model["blocks"][0]["uncached"]["images_per_s"]
         mem, pil = inputs["memory_loader_epoch_s"], inputs["pil_dataloader_epoch_s"]

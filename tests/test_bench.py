@@ -105,6 +105,15 @@ def test_bench_recomputing_activations_in_bf16_on_the_cpu(capsys):
     report = format_report(model, None)
     assert "activations recomputed" in report and "bf16 autocast" in report
     assert len(report.splitlines()[-4].split()) == 8  # block 2: uncached, cached, speed-up, MiB x2, recomputed x2
+    first, e2e = model["blocks"][0], model["e2e"]
+    assert first["uncached"]["weights_bytes"] < e2e["weights_bytes"]  # block 0 and head 0 against every block
+    recomputed = first["activations_recomputed"]
+    with_weights = (recomputed["step_bytes"] + recomputed["weights_bytes"]) / (e2e["step_bytes"] + e2e["weights_bytes"])
+    assert f"= {with_weights:.2f}x" in report.splitlines()[-1]  # recomputed block 0 / plain e2e, weights counted
+    assert "peak (weights" not in report  # the CPU's process peak holds far more than the step
+    gpu = format_report({**model, "device": "cuda:0"}, None)  # the GPU-only line, fed the CPU's figures
+    peak = recomputed["peak_bytes"] / e2e["peak_bytes"]
+    assert gpu.splitlines()[-1].startswith("  peak (weights") and gpu.endswith(f"= {peak:.2f}x")
 
 
 def test_bench_rejects_an_unknown_precision(capsys):

@@ -1,6 +1,7 @@
 """GPU smoke tests: the CUDA path (GPU-resident data, bf16, channels_last, device cache). Skipped without a GPU."""
 
 import functools
+import gc
 
 import pytest
 import torch
@@ -59,3 +60,43 @@ def test_recomputed_activations_match_on_the_gpu():
     autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
     for mode in ("greedy", "e2e"):
         assert_same_training(plain, plan_stages(plain.J, mode)[0], batches, autocast, rtol=1e-3, atol=1e-4)
+
+
+def test_a_greedy_stage_holds_only_its_own_weights_on_the_gpu():
+    """Training places each stage's modules on the GPU and keeps later blocks and heads on the CPU."""
+    from test_train import devices
+
+    from layerwise.train.loop import place_for, plan_stages, resident_modules
+    from layerwise.train.run import checked_model
+
+    cfg = tiny_config(train={"device": "cuda"})
+    stages = plan_stages(cfg.model.J, "greedy")
+    gc.collect()  # so that no earlier test's tensors are freed during the measurement
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    net = checked_model(cfg, 3, torch.device("cuda"), stage=stages[0])
+    held = torch.cuda.memory_allocated() - before
+    assert allocated(resident_modules(net, stages[0])) <= held < allocated(net)
+    assert [devices(h) for h in net.heads] == [{"cuda"}, {"cpu"}, {"cpu"}]
+    place_for(net, stages[2], torch.device("cuda"))
+    assert all(devices(m) == {"cuda"} for m in (*net.blocks, *net.heads))
+
+
+def test_a_greedy_run_resumed_on_the_gpu_places_the_later_stages(tmp_path, image_folder):
+    class Stop(Exception):
+        pass
+
+    def stop_in_block_1(row):  # after its first epoch: the optimizer state moves back onto the GPU
+        if row["stage"] == 1:
+            raise Stop
+
+    cfg = tiny_config(epochs=2, train={"device": "cuda"})
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "run", image_folder, on_epoch_end=stop_in_block_1)
+    summary = train(cfg, tmp_path / "run", image_folder, resume=True)
+    assert [b["block"] for b in summary["blocks"]] == [0, 1, 2]
+
+
+def allocated(module) -> int:
+    """Bytes of the module's tensors as the CUDA caching allocator counts them (in blocks of 512)."""
+    return sum(-(-t.nbytes // 512) * 512 for t in (*module.parameters(), *module.buffers()))

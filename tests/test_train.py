@@ -15,7 +15,7 @@ from layerwise.models import build_model
 from layerwise.presets import resolve_config
 from layerwise.train import plan_stages, train, train_epoch
 from layerwise.train.checkpoint import RunDir, load_checkpoint
-from layerwise.train.loop import make_optimizer, trainable_modules
+from layerwise.train.loop import make_optimizer, module_bytes, place_for, resident_modules, trainable_modules
 
 
 def tiny_config(epochs=2, **extra):
@@ -50,6 +50,28 @@ def test_plan_stages():
     assert [(s.first, s.block, s.eval_blocks) for s in greedy] == [(0, 0, (0,)), (1, 1, (0, 1)), (2, 2, (0, 1, 2))]
     (e2e,) = plan_stages(3, "e2e")
     assert (e2e.first, e2e.block, e2e.eval_blocks) == (0, 2, (2,))
+
+
+def devices(module) -> set[str]:
+    return {t.device.type for t in (*module.parameters(), *module.buffers())}
+
+
+def test_a_stage_keeps_only_what_it_runs_on_the_device():
+    """place_for, with the meta device standing in for a GPU: greedy stage 1 needs blocks and heads 0-1 (head 0
+    for the ensemble); end to end needs every block and the last head, not the auxiliary ones."""
+    meta = torch.device("meta")
+    net = build_model(tiny_config().model, 3).to(memory_format=torch.channels_last)
+    place_for(net, plan_stages(net.J, "greedy")[1], meta)
+    assert [devices(b) for b in net.blocks] == [{"meta"}, {"meta"}, {"cpu"}]
+    assert [devices(h) for h in net.heads] == [{"meta"}, {"meta"}, {"cpu"}]
+    assert net.blocks[1][0].weight.is_contiguous(memory_format=torch.channels_last)  # moves keep the layout
+    later = module_bytes(resident_modules(net, plan_stages(net.J, "greedy")[2]), off=meta)
+    assert later == module_bytes(net.blocks[2]) + module_bytes(net.heads[2]) > 0  # what stage 2 will bring
+
+    net = build_model(tiny_config().model, 3)
+    place_for(net, plan_stages(net.J, "e2e")[0], meta)
+    assert [devices(b) for b in net.blocks] == [{"meta"}] * 3
+    assert [devices(h) for h in net.heads] == [{"cpu"}, {"cpu"}, {"meta"}]
 
 
 def test_ensemble_weights_later_heads_more():

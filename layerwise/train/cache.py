@@ -24,14 +24,15 @@ from layerwise.models.staged import StagedNet
 
 
 def prefix_shapes(net: StagedNet, image: torch.Tensor) -> list[tuple[int, ...]]:
-    """Shape of x_j for one image, for every block j (x_0 is the image). One image through the net."""
+    """Shape of x_j for one image, for every block j (x_0 is the image). One image through the net, each block
+    on the device it is on (place_for keeps the blocks a stage does not run on the CPU)."""
     shapes = [tuple(image.shape[1:])]
     was_training = net.training
     net.eval()
     with torch.no_grad():
         x = image
         for block in net.blocks:
-            x = block(x)
+            x = block(x.to(next(block.parameters()).device))
             shapes.append(tuple(x.shape[1:]))
     net.train(was_training)
     return shapes

@@ -46,6 +46,28 @@ def trainable_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
     return nn.ModuleList([*net.blocks[stage.first : stage.block + 1], net.heads[stage.block]])
 
 
+def resident_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
+    """What the stage runs: blocks 0..stage.block and the heads it trains or scores."""
+    heads = sorted({*stage.eval_blocks, stage.block})
+    return nn.ModuleList([*net.blocks[: stage.block + 1], *(net.heads[j] for j in heads)])
+
+
+def place_for(net: StagedNet, stage: Stage, device: torch.device) -> None:
+    """Put the stage's resident modules on `device` and keep every other block and head on the CPU.
+
+    Later blocks and heads (VGG-11's 0.5 GiB classifier during greedy block 0) and, end to end, the unused
+    auxiliary heads then take no device memory. Moves keep each tensor's memory format.
+    """
+    resident = {id(m) for m in resident_modules(net, stage)}
+    for module in (*net.blocks, *net.heads):
+        module.to(device if id(module) in resident else torch.device("cpu"))
+
+
+def module_bytes(module: nn.Module, off: torch.device | None = None) -> int:
+    """Bytes of the module's parameters and buffers; with `off`, only of those not on that kind of device yet."""
+    return sum(t.nbytes for t in (*module.parameters(), *module.buffers()) if off is None or t.device.type != off.type)
+
+
 def freeze_for(net: StagedNet, stage: Stage) -> nn.ModuleList:
     """Put everything but the stage's modules in eval mode without gradients; return the trainable part.
 

@@ -22,9 +22,20 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import StagedNet, build_model
-from layerwise.train.cache import PrefixCache, cache_bytes, cache_dtype, check_cache_fits, prefix_shapes
+from layerwise.train.cache import PrefixCache, cache_bytes, cache_dtype, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
-from layerwise.train.loop import compiled_loss, make_optimizer, plan_stages, start_epoch, train_epoch, trainable_modules
+from layerwise.train.loop import (
+    Stage,
+    compiled_loss,
+    make_optimizer,
+    module_bytes,
+    place_for,
+    plan_stages,
+    resident_modules,
+    start_epoch,
+    train_epoch,
+    trainable_modules,
+)
 
 log = logging.getLogger("layerwise")
 
@@ -77,8 +88,8 @@ def train(
         "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples
     )
 
-    net = checked_model(cfg, len(bundle.classes), device)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
+    net = checked_model(cfg, len(bundle.classes), device, stage=stages[0])
     autocast = fast_path(device, cfg.train.precision)
     use_cache = cfg.train.cache != "none" and cfg.train.mode == "greedy" and cfg.model.J > 1
     if use_cache:
@@ -148,6 +159,7 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
     compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.train.compile != "none" else ()
     for s in range(first_stage, len(stages)):
         stage = stages[s]
+        place_for(net, stage, device)
         loader = bundle.train
         if use_cache and stage.first > 0:
             t0 = time.perf_counter()
@@ -206,25 +218,35 @@ def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, 
         on_epoch_end(row)
 
 
-def checked_model(cfg: RunConfig, num_classes: int, device: torch.device, state: dict | None = None) -> StagedNet:
-    """Build the network on the device (channels_last on a GPU and in bf16), load `state` if given, and run one blank
-    RGB image through every block and head, all before anything is written: problems become one line."""
+def checked_model(
+    cfg: RunConfig, num_classes: int, device: torch.device, state: dict | None = None, stage: Stage | None = None
+) -> StagedNet:
+    """Build the network (channels_last on a GPU and in bf16), load `state` if given, and run one blank RGB image
+    through every block and head on the CPU, all before anything is written: problems become one line.
+
+    Then the whole network goes to the device, or with a `stage` only what that stage runs (place_for).
+    """
     size = cfg.data.image_size
     try:
         net = build_model(cfg.model, num_classes)
         set_recompute(net, cfg.train.recompute_activations)
         if state is not None:
             net.load_state_dict(state)
-        net = net.to(device)
         if channels_last(device, cfg.train.precision):
             net = net.to(memory_format=torch.channels_last)
         with torch.no_grad():
-            net.eval()(torch.zeros(1, 3, size, size, device=device))
+            net.eval()(torch.zeros(1, 3, size, size))
     except (RuntimeError, ValueError) as e:
         raise LayerwiseError(
             f"the model cannot be built or run on 3x{size}x{size} inputs ({str(e).splitlines()[0][:200]}); "
             "check model.widths, model.downsample_at, model.in_channels and data.image_size"
         ) from None
+    try:
+        if stage is None:
+            return net.to(device)
+        place_for(net, stage, device)
+    except torch.OutOfMemoryError:
+        raise LayerwiseError(f"the network's weights do not fit in the memory of {device}") from None
     return net
 
 
@@ -242,10 +264,18 @@ def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Pa
     dtype = cache_dtype(autocast)
     shapes = prefix_shapes(net, images.normalize(images.images[:1]))
     n, views = images.num_examples, cache_views(cfg)
-    j = max(range(1, cfg.model.J), key=lambda i: cache_bytes(n, views, shapes[i], dtype))
+    greedy = plan_stages(cfg.model.J, "greedy")
+
+    def weights(i: int) -> int:  # a GPU cache must leave room for the weights stage i brings to the device
+        on_gpu = cfg.train.cache == "device" and device.type == "cuda"
+        return module_bytes(resident_modules(net, greedy[i]), off=device) if on_gpu else 0
+
+    j = max(range(1, cfg.model.J), key=lambda i: cache_bytes(n, views, shapes[i], dtype) + weights(i))
     needed = cache_bytes(n, views, shapes[j], dtype)
     what = f"block {j}'s input ({views} view(s) of {n} images at {'x'.join(map(str, shapes[j]))}, {dtype})"
-    check_cache_fits(needed, cfg.train.cache, device, folder, what)
+    if weights(j):
+        what += f" and the {human(weights(j))} of weights that stage brings to the device"
+    check_cache_fits(needed + weights(j), cfg.train.cache, device, folder, what)
     log.info("prefix cache: at most %.2f GiB (%s)", needed / 2**30, what)
 
 
