@@ -28,6 +28,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import build_model
 from layerwise.presets import load_preset
+from layerwise.train.checkpoint import BackgroundWriter, save_checkpoint
 from layerwise.train.loop import (
     compiled_loss,
     freeze_for,
@@ -39,6 +40,7 @@ from layerwise.train.loop import (
     train_step,
     trainable_modules,
 )
+from layerwise.train.run import save_later
 
 
 def _proc_status(field: str) -> int | None:
@@ -188,6 +190,7 @@ def bench_model(
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
             del x_j
         rows.append(row)
+    checkpoint = time_checkpoint(net, greedy[rows[-1]["block"]] if rows else greedy[0], cfg, dev)
     (e2e_stage,) = plan_stages(net.J, "e2e")
     e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
     if recompute_activations:
@@ -205,8 +208,39 @@ def bench_model(
         "compile": compile_mode,
         "blocks": rows,
         "e2e": e2e,
+        "checkpoint": checkpoint,
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
+    }
+
+
+def time_checkpoint(net, stage, cfg, device, repeats: int = 3) -> dict:
+    """How long an epoch waits for its checkpoint (weights and momentum) in `stage`: written in line, against
+    snapshotted and handed to the background writer, as training does (the median of `repeats`)."""
+    place_for(net, stage, device)
+    optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
+    for p in trainable_modules(net, stage).parameters():
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    meta = {"stage": stage.block, "epoch": 1}
+    inline, background = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "last.pt"
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            save_checkpoint(path, meta, net.state_dict(), optimizer.state_dict())
+            inline.append(time.perf_counter() - t0)
+        with BackgroundWriter() as writer:
+            for _ in range(repeats):
+                writer.wait()  # a training epoch outlasts the write before it
+                t0 = time.perf_counter()
+                save_later(writer, path, meta, net, optimizer)
+                background.append(time.perf_counter() - t0)
+        size = path.stat().st_size
+    return {
+        "block": stage.block,
+        "bytes": size,
+        "inline_s": sorted(inline)[repeats // 2],
+        "background_s": sorted(background)[repeats // 2],
     }
 
 
@@ -414,6 +448,11 @@ def format_report(model: dict, inputs: dict | None) -> str:
         lines.append(line)
     if model["blocks"]:
         lines += memory_lines(model["blocks"][0], e, lean, model["device"].startswith("cuda"))
+    c = model["checkpoint"]
+    lines.append(
+        f"checkpoint per epoch (block {c['block']}, {mib(c['bytes'])} MiB): training waits "
+        f"{1e3 * c['inline_s']:.1f} ms for it written in line, {1e3 * c['background_s']:.1f} ms in the background"
+    )
     if inputs:
         train_s = inputs["images"] / model["blocks"][0]["uncached"]["images_per_s"]
         mem, pil = inputs["memory_loader_epoch_s"], inputs["pil_dataloader_epoch_s"]

@@ -149,6 +149,51 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatc
     assert (meta["stage"], meta["epoch"]) == (0, 1)
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_it_resumes(tmp_path, image_folder, monkeypatch):
+    """Checkpoints are written in the background; a failed write still stops the run with one line, and the
+    checkpoints written before it are intact."""
+    from layerwise.train import checkpoint
+
+    real, calls = checkpoint.torch.save, {"n": 0}
+
+    def full_disk_on_the_second_save(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file: No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_on_the_second_save)
+    with pytest.raises(LayerwiseError, match=r"could not write .*last\.pt .*free disk space and --resume") as info:
+        train(tiny_config(epochs=3), tmp_path / "run", image_folder)
+    assert "\n" not in str(info.value)
+    meta, _, _ = load_checkpoint(RunDir(tmp_path / "run").last)
+    assert (meta["stage"], meta["epoch"]) == (0, 1)
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    summary = train(tiny_config(epochs=3), tmp_path / "run", image_folder, resume=True)
+    assert [b["block"] for b in summary["blocks"]] == [0, 1, 2]
+
+
+def test_the_background_writer_keeps_order_waits_on_exit_and_reports_errors(tmp_path):
+    import time
+
+    from layerwise.train.checkpoint import BackgroundWriter
+
+    done = []
+    with BackgroundWriter() as writer:
+        writer.submit(lambda: (time.sleep(0.2), done.append(1)))
+        writer.submit(lambda: done.append(2))
+    assert done == [1, 2]  # in order, and finished when the block is left
+
+    def fail():
+        raise LayerwiseError("could not write x")
+
+    with pytest.raises(LayerwiseError, match="could not write x"), BackgroundWriter() as writer:
+        writer.submit(fail)
+    with pytest.raises(KeyError), BackgroundWriter() as writer:  # the run's own error wins over the writer's
+        writer.submit(fail)
+        raise KeyError("interrupted")
+
+
 def test_refuses_a_folder_holding_another_run(tmp_path, image_folder):
     train(tiny_config(epochs=1), tmp_path / "run", image_folder)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -23,7 +23,7 @@ from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import StagedNet, build_model
 from layerwise.train.cache import PrefixCache, cache_bytes, cache_dtype, check_cache_fits, human, prefix_shapes
-from layerwise.train.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from layerwise.train.checkpoint import BackgroundWriter, RunDir, cpu_snapshot, load_checkpoint, save_checkpoint
 from layerwise.train.loop import (
     Stage,
     compiled_loss,
@@ -156,49 +156,73 @@ def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, re
     """Every stage from where the run stands (its newest checkpoint when resuming) to the end."""
     first_stage, first_epoch, optimizer_state = resume_point(cfg, run, net, len(stages)) if resume else (0, 0, None)
     t_start = time.perf_counter()
-    compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.train.compile != "none" else ()
-    for s in range(first_stage, len(stages)):
-        stage = stages[s]
-        place_for(net, stage, device)
-        loader = bundle.train
-        if use_cache and stage.first > 0:
-            t0 = time.perf_counter()
-            seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cache_views(cfg))]
-            loader = PrefixCache(net, stage.first, bundle.train, seeds, cfg.train.cache, run.path / "cache", autocast)
-            log.info(
-                "%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0
+    with BackgroundWriter() as writer:  # checkpoints and metrics go to disk while the next epoch trains
+        for s in range(first_stage, len(stages)):
+            resumed = (first_epoch, optimizer_state) if s == first_stage else (0, None)
+            train_stage(
+                cfg, run, net, stages[s], s, *resumed, bundle, device, autocast, use_cache, writer, on_epoch_end
             )
-        try:
-            optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
-            loss_fn = compiled_loss(cfg.train.compile)
-            if optimizer_state is not None:
-                optimizer.load_state_dict(optimizer_state)
-                optimizer_state = None
-            for epoch in range(first_epoch if s == first_stage else 0, cfg.train.epochs_per_block):
-                try:
-                    train_one_epoch(
-                        cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, on_epoch_end
-                    )
-                except compile_errors as e:
-                    raise LayerwiseError(
-                        f"train.compile={cfg.train.compile} failed in {stage.name} ({str(e).strip().splitlines()[0]}); "
-                        f"checkpoints are kept in {run.checkpoints}: resume with --set train.compile=none"
-                    ) from None
-        finally:  # also on an interruption: free the cache and delete its file
-            if loader is not bundle.train:
-                loader.close()
-        if cfg.train.mode == "greedy":
-            save_checkpoint(run.block(stage.block), {"block": stage.block, "stage": s}, net.state_dict())
-
-    if first_stage < len(stages) or not run.final.is_file():
-        save_checkpoint(run.final, {"mode": cfg.train.mode, "blocks_trained": cfg.model.J}, net.state_dict())
+            if cfg.train.mode == "greedy":
+                save_later(writer, run.block(stages[s].block), {"block": stages[s].block, "stage": s}, net)
+        if first_stage < len(stages) or not run.final.is_file():
+            save_later(writer, run.final, {"mode": cfg.train.mode, "blocks_trained": cfg.model.J}, net)
     summary = summarize(cfg, net, run.read_metrics(), stages, time.perf_counter() - t_start, device)
     run.write_json(run.summary, summary)
     return summary
 
 
-def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, on_epoch_end) -> None:
-    """Train, stop on a non-finite loss, evaluate, then write the metrics line and the epoch checkpoint."""
+def save_later(writer: BackgroundWriter, path: Path, meta: dict, net: StagedNet, optimizer=None, first=None) -> None:
+    """Snapshot the weights (and optimizer state) now; the writer runs `first`, if given, then saves them while
+    training goes on."""
+    model_state = cpu_snapshot(net.state_dict())
+    optimizer_state = cpu_snapshot(optimizer.state_dict()) if optimizer is not None else None
+
+    def job() -> None:
+        if first is not None:
+            first()
+        save_checkpoint(path, meta, model_state, optimizer_state)
+
+    writer.submit(job)
+
+
+def train_stage(
+    cfg, run, net, stage, s, first_epoch, optimizer_state, bundle, device, autocast, use_cache, writer, on_epoch_end
+) -> None:
+    """Stage s from `first_epoch` on (with the optimizer state of a resumed epoch), on the prefix cache when asked."""
+    place_for(net, stage, device)
+    loader = bundle.train
+    if use_cache and stage.first > 0:
+        t0 = time.perf_counter()
+        seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cache_views(cfg))]
+        loader = PrefixCache(net, stage.first, bundle.train, seeds, cfg.train.cache, run.path / "cache", autocast)
+        seconds = time.perf_counter() - t0
+        log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), seconds)
+    compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.train.compile != "none" else ()
+    try:
+        optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
+        loss_fn = compiled_loss(cfg.train.compile)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        for epoch in range(first_epoch, cfg.train.epochs_per_block):
+            try:
+                train_one_epoch(
+                    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, writer, on_epoch_end
+                )
+            except compile_errors as e:
+                raise LayerwiseError(
+                    f"train.compile={cfg.train.compile} failed in {stage.name} ({str(e).strip().splitlines()[0]}); "
+                    f"checkpoints are kept in {run.checkpoints}: resume with --set train.compile=none"
+                ) from None
+    finally:  # also on an interruption: free the cache and delete its file
+        if loader is not bundle.train:
+            loader.close()
+
+
+def train_one_epoch(
+    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, writer, on_epoch_end
+) -> None:
+    """Train, stop on a non-finite loss, evaluate, then hand the metrics line and the epoch checkpoint to the
+    writer (in that order, so no checkpoint is ahead of its metrics); on_epoch_end runs while they are written."""
     seed = epoch_seed(cfg.train.seed, s, epoch)
     torch.manual_seed(seed)
     lr = start_epoch(optimizer, cfg.train, epoch)
@@ -210,9 +234,8 @@ def train_one_epoch(cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, 
             f"checkpoints up to the previous epoch are kept in {run.checkpoints}; start again with a lower --lr"
         )
     row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast)
-    run.append_metrics(row)
     meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
-    save_checkpoint(run.last, meta, net.state_dict(), optimizer.state_dict())
+    save_later(writer, run.last, meta, net, optimizer, first=lambda: run.append_metrics(row))  # metrics first
     log.info(format_row(row))
     if on_epoch_end is not None:
         on_epoch_end(row)
