@@ -25,6 +25,7 @@ from layerwise.config import COMPILE_MODES, PRECISIONS
 from layerwise.data.sources import sample_path
 from layerwise.device import channels_last, fast_path, resolve_device
 from layerwise.errors import LayerwiseError
+from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import build_model
 from layerwise.presets import load_preset
@@ -190,7 +191,9 @@ def bench_model(
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
             del x_j
         rows.append(row)
-    checkpoint = time_checkpoint(net, greedy[rows[-1]["block"]] if rows else greedy[0], cfg, dev)
+    last = greedy[rows[-1]["block"]] if rows else greedy[0]
+    checkpoint = time_checkpoint(net, last, cfg, dev)
+    evaluation = time_evaluation(net, last, x, y, autocast, dev, steps)
     (e2e_stage,) = plan_stages(net.J, "e2e")
     e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
     if recompute_activations:
@@ -209,8 +212,40 @@ def bench_model(
         "blocks": rows,
         "e2e": e2e,
         "checkpoint": checkpoint,
+        "evaluation": evaluation,
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
+    }
+
+
+class _SameBatch:
+    """A loader that yields one batch `times` times, to time evaluation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, times: int):
+        self.x, self.y, self.times, self.device = x, y, times, x.device
+
+    def batches(self):
+        return ((self.x, self.y) for _ in range(self.times))
+
+
+def time_evaluation(net, stage, x, y, autocast, device, steps: int) -> dict:
+    """images/s of the per-epoch evaluation of `stage` (every head it scores and their ensemble): running every
+    head, against reusing the frozen heads' scores as training does after the stage's first evaluation."""
+    place_for(net, stage, device)
+    loader, blocks = _SameBatch(x, y, steps), list(stage.eval_blocks)
+    memo: dict = {}
+    evaluate(net, loader, blocks, autocast=autocast, memo=memo)  # warm-up; fills the memo
+    t0 = time.perf_counter()
+    evaluate(net, loader, blocks, autocast=autocast)
+    every_head = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate(net, loader, blocks, autocast=autocast, memo=memo)
+    reused = time.perf_counter() - t0
+    images = len(y) * steps
+    return {
+        "block": stage.block,
+        "every_head_images_per_s": images / every_head,
+        "reused_images_per_s": images / reused,
     }
 
 
@@ -448,6 +483,11 @@ def format_report(model: dict, inputs: dict | None) -> str:
         lines.append(line)
     if model["blocks"]:
         lines += memory_lines(model["blocks"][0], e, lean, model["device"].startswith("cuda"))
+    v = model["evaluation"]
+    lines.append(
+        f"evaluation of block {v['block']}'s heads and ensemble: {v['every_head_images_per_s']:.1f} img/s running "
+        f"every head, {v['reused_images_per_s']:.1f} img/s reusing the frozen heads' scores"
+    )
     c = model["checkpoint"]
     lines.append(
         f"checkpoint per epoch (block {c['block']}, {mib(c['bytes'])} MiB): training waits "

@@ -18,10 +18,15 @@ def ensemble_scores(logits: list[torch.Tensor], kind: str = "logits") -> list[to
     """
     out, total = [], None
     for z in logits:
-        z = z.float().softmax(-1) if kind == "softmax" else z.float()
-        total = z if total is None else 0.5 * total + z  # = 2^-j sum_i 2^i z_i
+        total = add_to_ensemble(total, z, kind)
         out.append(total)
     return out
+
+
+def add_to_ensemble(total: torch.Tensor | None, z: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """The running ensemble after one more head: 0.5 * total + z (softmax(z) for kind="softmax")."""
+    z = z.float().softmax(-1) if kind == "softmax" else z.float()
+    return z if total is None else 0.5 * total + z  # = 2^-j sum_i 2^i z_i
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -32,25 +37,45 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 
 @torch.no_grad()
-def evaluate(net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = "logits", autocast=None) -> dict:
+def evaluate(
+    net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = "logits", autocast=None, memo: dict | None = None
+) -> dict:
     """Top-1/top-5 of each listed head and of the running ensemble over them, as percentages.
 
     Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": last head's loss}.
     Counts stay on the device until the end: one host sync per evaluation.
+
+    `memo` (a dict kept across the evaluations of one greedy stage) skips the heads before the last one when
+    they are frozen: their scores on the loader's fixed, unaugmented batches cannot change. The first call fills
+    it with their counts and, per batch, their running ensemble; later calls run only the last head.
     """
     was_training = net.training
     net.eval()
-    upto = max(blocks)
+    upto, last = max(blocks), blocks[-1]
+    reuse = memo is not None and "counts" in memo and len(blocks) > 1
     counts = torch.zeros(len(blocks), 4, dtype=torch.float64, device=loader.device)
     loss = torch.zeros((), dtype=torch.float64, device=loader.device)
+    totals = []  # the frozen heads' running ensemble, per batch
     n = 0
-    for x, y in loader.batches():
+    for b, (x, y) in enumerate(loader.batches()):
         with autocast() if autocast else nullcontext():
-            logits = net(x, upto=upto, heads=blocks)
-        for i, (z, e) in enumerate(zip(logits, ensemble_scores(logits, kind=ensemble), strict=False)):
-            counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
+            logits = net(x, upto=upto, heads=[last] if reuse else blocks)
+        if reuse:
+            (z,) = logits
+            e = add_to_ensemble(memo["totals"][b], z, ensemble)
+            counts[-1] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
+        else:
+            scores = ensemble_scores(logits, kind=ensemble)
+            for i, (z, e) in enumerate(zip(logits, scores, strict=True)):
+                counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
+            if memo is not None and len(blocks) > 1:
+                totals.append(scores[-2])
         loss += torch.nn.functional.cross_entropy(logits[-1].float(), y, reduction="sum")
         n += len(y)
+    if reuse:
+        counts[:-1] = memo["counts"]
+    elif memo is not None and len(blocks) > 1:
+        memo.update(counts=counts[:-1].clone(), totals=totals)
     net.train(was_training)
     pct = (100.0 * counts / max(n, 1)).tolist()
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")

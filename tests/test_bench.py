@@ -31,6 +31,7 @@ def test_bench_quick_mode_reports_every_block(capsys):
     assert "cached" not in model["blocks"][0] and model["blocks"][2]["cached"]["images_per_s"] > 0
     assert model["e2e"]["images_per_s"] > 0
     assert model["checkpoint"]["block"] == 2 and model["checkpoint"]["bytes"] > 0
+    assert model["evaluation"]["block"] == 2 and model["evaluation"]["reused_images_per_s"] > 0
     assert model["checkpoint"]["inline_s"] > 0 and model["checkpoint"]["background_s"] > 0
     assert inputs["memory_loader_epoch_s"] > 0 and inputs["pil_dataloader_epoch_s"] > 0
 

@@ -10,7 +10,7 @@ from conftest import tiny_overrides
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate import ensemble_scores
+from layerwise.evaluate import ensemble_scores, evaluate
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
 from layerwise.train import plan_stages, train, train_epoch
@@ -84,6 +84,27 @@ def test_ensemble_weights_later_heads_more():
 
 class Interrupt(Exception):
     pass
+
+
+@pytest.mark.parametrize("kind", ["logits", "softmax"])
+def test_evaluation_reuses_the_frozen_heads_scores_and_gives_the_same_numbers(image_folder, kind):
+    """Within greedy stage 2, heads 0-1 are frozen: after the first evaluation only head 2 runs, and every
+    head's and ensemble's numbers stay exactly those of a full evaluation, also after head 2 has changed."""
+    cfg = tiny_config()
+    net = build_model(cfg.model, 3)
+    val = build_data(cfg.data, image_folder, 8, torch.device("cpu")).val
+    calls = []
+    net.heads[0].register_forward_hook(lambda *_: calls.append(0))
+    memo = {}
+    first = evaluate(net, val, [0, 1, 2], kind, memo=memo)
+    assert first == evaluate(net, val, [0, 1, 2], kind) and calls
+    with torch.no_grad():  # the stage trains block 2 and head 2
+        for p in (*net.blocks[2].parameters(), *net.heads[2].parameters()):
+            p.add_(0.5 * torch.randn_like(p))
+    calls.clear()
+    again = evaluate(net, val, [0, 1, 2], kind, memo=memo)
+    assert not calls  # head 0 did not run
+    assert again == evaluate(net, val, [0, 1, 2], kind) != first
 
 
 def test_resume_ends_with_identical_weights(tmp_path, image_folder):

@@ -198,6 +198,7 @@ def train_stage(
         seconds = time.perf_counter() - t0
         log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), seconds)
     compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.train.compile != "none" else ()
+    memos = {"val": {}, "train_eval": {}}  # the frozen heads' scores, kept through the stage's evaluations
     try:
         optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         loss_fn = compiled_loss(cfg.train.compile)
@@ -206,8 +207,9 @@ def train_stage(
         for epoch in range(first_epoch, cfg.train.epochs_per_block):
             try:
                 train_one_epoch(
-                    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, writer, on_epoch_end
-                )
+                    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, memos, writer,
+                    on_epoch_end,
+                )  # fmt: skip
             except compile_errors as e:
                 raise LayerwiseError(
                     f"train.compile={cfg.train.compile} failed in {stage.name} ({str(e).strip().splitlines()[0]}); "
@@ -219,7 +221,7 @@ def train_stage(
 
 
 def train_one_epoch(
-    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, writer, on_epoch_end
+    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, memos, writer, on_epoch_end
 ) -> None:
     """Train, stop on a non-finite loss, evaluate, then hand the metrics line and the epoch checkpoint to the
     writer (in that order, so no checkpoint is ahead of its metrics); on_epoch_end runs while they are written."""
@@ -233,7 +235,7 @@ def train_one_epoch(
             f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
             f"checkpoints up to the previous epoch are kept in {run.checkpoints}; start again with a lower --lr"
         )
-    row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast)
+    row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast, memos)
     meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
     save_later(writer, run.last, meta, net, optimizer, first=lambda: run.append_metrics(row))  # metrics first
     log.info(format_row(row))
@@ -302,10 +304,11 @@ def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Pa
     log.info("prefix cache: at most %.2f GiB (%s)", needed / 2**30, what)
 
 
-def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast) -> dict[str, Any]:
-    """One metrics line: the trained head's numbers and the ensemble over heads 0..block."""
+def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast, memos) -> dict[str, Any]:
+    """One metrics line: the trained head's numbers and the ensemble over heads 0..block (the frozen heads'
+    scores come from `memos` after the stage's first evaluation)."""
     blocks = list(stage.eval_blocks)
-    val = evaluate(net, bundle.val, blocks, cfg.train.ensemble, autocast)
+    val = evaluate(net, bundle.val, blocks, cfg.train.ensemble, autocast, memos["val"])
     row = {
         "stage": s,
         "stage_name": stage.name,
@@ -319,7 +322,7 @@ def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast) -> dict[st
         "seconds": stats["seconds"],
     }
     if bundle.train_eval is not None:
-        clean = evaluate(net, bundle.train_eval, blocks, cfg.train.ensemble, autocast)
+        clean = evaluate(net, bundle.train_eval, blocks, cfg.train.ensemble, autocast, memos["train_eval"])
         row["train_eval"] = {**clean["blocks"][stage.block], "loss": clean["loss"]}
     return row
 
