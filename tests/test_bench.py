@@ -1,5 +1,6 @@
 """`layerwise bench` and the speed paths: they run on the CPU and never change results silently."""
 
+import copy
 import functools
 import json
 
@@ -61,6 +62,30 @@ def test_fast_path_matches_plain_path():
     bf16 = few_steps(True, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16))
     assert bf16 == pytest.approx(plain, rel=3e-2)
     assert plain[-1] < plain[0]  # it does train
+
+
+def test_fused_sgd_matches_plain_sgd():
+    """make_optimizer's fused SGD (momentum, weight decay; the GPU default) against the for-loop update (the CPU
+    default): the same weights after a few steps, up to rounding."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(k=2, widths=[8, 16], downsample_at=[1]), num_classes=4)
+    stage = plan_stages(net.J, "greedy")[1]
+    cfg = TrainConfig(lr=0.05)
+    fused_net = copy.deepcopy(net)
+    start = next(net.heads[1].parameters()).detach().clone()
+    fused = make_optimizer(trainable_modules(fused_net, stage).parameters(), cfg, fused=True)  # a GPU's default
+    options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "foreach": False}
+    plain = torch.optim.SGD(trainable_modules(net, stage).parameters(), **options)
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(4)]
+    for model, optimizer in ((net, plain), (fused_net, fused)):
+        freeze_for(model, stage)
+        for x, y in batches:
+            train_step(model, stage, x, y, optimizer)
+    for (name, a), b in zip(net.state_dict().items(), fused_net.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
+    assert not torch.equal(next(net.heads[1].parameters()), start)  # it did train
 
 
 def test_max_batch_needs_a_gpu(capsys):

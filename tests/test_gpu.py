@@ -100,3 +100,11 @@ def test_a_greedy_run_resumed_on_the_gpu_places_the_later_stages(tmp_path, image
 def allocated(module) -> int:
     """Bytes of the module's tensors as the CUDA caching allocator counts them (in blocks of 512)."""
     return sum(-(-t.nbytes // 512) * 512 for t in (*module.parameters(), *module.buffers()))
+
+
+def test_the_optimizer_is_fused_on_the_gpu():
+    from layerwise.config import TrainConfig
+    from layerwise.train.loop import make_optimizer
+
+    assert make_optimizer([torch.nn.Parameter(torch.zeros(3, device="cuda"))], TrainConfig()).param_groups[0]["fused"]
+    assert not make_optimizer([torch.nn.Parameter(torch.zeros(3))], TrainConfig()).param_groups[0]["fused"]
