@@ -238,15 +238,13 @@ def time_evaluation(net, stage, x, y, autocast, device, steps: int) -> dict:
     t0 = time.perf_counter()
     evaluate(net, loader, blocks, autocast=autocast)
     every_head = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    evaluate(net, loader, blocks, autocast=autocast, memo=memo)
-    reused = time.perf_counter() - t0
     images = len(y) * steps
-    return {
-        "block": stage.block,
-        "every_head_images_per_s": images / every_head,
-        "reused_images_per_s": images / reused,
-    }
+    result = {"block": stage.block, "every_head_images_per_s": images / every_head, "reused_images_per_s": None}
+    if len(blocks) > 1:  # block 0 has no frozen head
+        t0 = time.perf_counter()
+        evaluate(net, loader, blocks, autocast=autocast, memo=memo)
+        result["reused_images_per_s"] = images / (time.perf_counter() - t0)
+    return result
 
 
 def time_checkpoint(net, stage, cfg, device, repeats: int = 3) -> dict:
@@ -484,10 +482,10 @@ def format_report(model: dict, inputs: dict | None) -> str:
     if model["blocks"]:
         lines += memory_lines(model["blocks"][0], e, lean, model["device"].startswith("cuda"))
     v = model["evaluation"]
-    lines.append(
-        f"evaluation of block {v['block']}'s heads and ensemble: {v['every_head_images_per_s']:.1f} img/s running "
-        f"every head, {v['reused_images_per_s']:.1f} img/s reusing the frozen heads' scores"
-    )
+    line = f"evaluation of block {v['block']}'s heads and ensemble: {v['every_head_images_per_s']:.1f} img/s"
+    if v["reused_images_per_s"]:
+        line += f" running every head, {v['reused_images_per_s']:.1f} img/s reusing the frozen heads' scores"
+    lines.append(line)
     c = model["checkpoint"]
     lines.append(
         f"checkpoint per epoch (block {c['block']}, {mib(c['bytes'])} MiB): training waits "

@@ -14,6 +14,7 @@ from layerwise.models import build_model
 from layerwise.train.loop import (
     compiled_loss,
     freeze_for,
+    load_optimizer_state,
     make_optimizer,
     plan_stages,
     stage_loss,
@@ -35,6 +36,12 @@ def test_bench_quick_mode_reports_every_block(capsys):
     assert model["evaluation"]["block"] == 2 and model["evaluation"]["reused_images_per_s"] > 0
     assert model["checkpoint"]["inline_s"] > 0 and model["checkpoint"]["background_s"] > 0
     assert inputs["memory_loader_epoch_s"] > 0 and inputs["pil_dataloader_epoch_s"] > 0
+
+
+def test_bench_of_block_0_alone_has_no_frozen_heads_to_reuse(capsys):
+    assert main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluation"))
+    assert "block 0's" in line and "reusing" not in line
 
 
 def test_bench_rejects_an_image_size_the_heads_cannot_take(capsys):
@@ -77,6 +84,7 @@ def test_fused_sgd_matches_plain_sgd():
     options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "foreach": False}
     plain = torch.optim.SGD(trainable_modules(net, stage).parameters(), **options)
     assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
+    assert not make_optimizer(trainable_modules(net, stage).parameters(), cfg).param_groups[0]["fused"]  # CPU
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(4)]
     for model, optimizer in ((net, plain), (fused_net, fused)):
@@ -86,6 +94,16 @@ def test_fused_sgd_matches_plain_sgd():
     for (name, a), b in zip(net.state_dict().items(), fused_net.state_dict().values(), strict=True):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
     assert not torch.equal(next(net.heads[1].parameters()), start)  # it did train
+
+
+def test_a_resumed_optimizer_keeps_its_own_implementation():
+    """A GPU run's fused SGD state, resumed on the CPU, goes on with the CPU's for-loop update, and the reverse."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for saved_fused, own_fused in ((True, False), (False, True)):
+        saved = make_optimizer(params, TrainConfig(), fused=saved_fused).state_dict()
+        resumed = make_optimizer(params, TrainConfig(), fused=own_fused)
+        load_optimizer_state(resumed, saved)
+        assert bool(resumed.param_groups[0]["fused"]) == own_fused
 
 
 def test_max_batch_needs_a_gpu(capsys):

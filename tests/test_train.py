@@ -127,6 +127,11 @@ def test_resume_ends_with_identical_weights(tmp_path, image_folder):
     rows = RunDir(tmp_path / "cut").read_metrics()
     assert [(r["stage"], r["epoch"]) for r in rows] == [(s, e) for s in range(3) for e in (1, 2)]
 
+    def untimed(rows):  # block 1's second epoch: a fresh evaluation memo when resumed, a reused one when not
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+
+    assert untimed(rows) == untimed(RunDir(tmp_path / "full").read_metrics())
+
 
 def test_run_directory_contents(tmp_path, image_folder):
     summary = train(tiny_config(epochs=1), tmp_path / "run", image_folder)

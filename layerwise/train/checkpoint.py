@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,6 +15,8 @@ import torch
 import yaml
 
 from layerwise.errors import LayerwiseError
+
+log = logging.getLogger("layerwise")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -74,7 +77,7 @@ class BackgroundWriter:
 
     `submit` first waits for the previous job, so at most one is in flight, and raises its error. Leaving the
     `with` block waits for the last job, also on an interruption: what was submitted is on disk when the run
-    stops. If the run is already failing, that error wins over the writer's.
+    stops. If the run is already failing, that error wins, and the writer's is logged as a warning.
     """
 
     def __init__(self):
@@ -86,9 +89,11 @@ class BackgroundWriter:
         self._pending = self._pool.submit(job)
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            finally:
+                self._pending = None
 
     def __enter__(self) -> BackgroundWriter:
         return self
@@ -96,9 +101,10 @@ class BackgroundWriter:
     def __exit__(self, kind, error, traceback) -> None:
         try:
             self.wait()
-        except Exception:
+        except Exception as e:
             if kind is None:
                 raise
+            log.warning("the last checkpoint could not be written either: %s", e)
         finally:
             self._pool.shutdown()
 

@@ -98,6 +98,15 @@ def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch
     return torch.optim.SGD(params, **options)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state but keep this optimizer's implementation (fused, foreach): the saved groups
+    carry the flags of the device the run was on, and a run may resume on another one."""
+    chosen = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(flags)
+
+
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Step schedule within a stage: lr x gamma^(epoch // lr_step)."""
     return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step)

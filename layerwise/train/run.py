@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -27,6 +28,7 @@ from layerwise.train.checkpoint import BackgroundWriter, RunDir, cpu_snapshot, l
 from layerwise.train.loop import (
     Stage,
     compiled_loss,
+    load_optimizer_state,
     make_optimizer,
     module_bytes,
     place_for,
@@ -203,7 +205,7 @@ def train_stage(
         optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         loss_fn = compiled_loss(cfg.train.compile)
         if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+            load_optimizer_state(optimizer, optimizer_state)
         for epoch in range(first_epoch, cfg.train.epochs_per_block):
             try:
                 train_one_epoch(
@@ -237,7 +239,8 @@ def train_one_epoch(
         )
     row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast, memos)
     meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
-    save_later(writer, run.last, meta, net, optimizer, first=lambda: run.append_metrics(row))  # metrics first
+    line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
+    save_later(writer, run.last, meta, net, optimizer, first=lambda: run.append_metrics(line))  # metrics first
     log.info(format_row(row))
     if on_epoch_end is not None:
         on_epoch_end(row)
