@@ -19,10 +19,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 [ -d .device-data/cifar10-jpeg ] || tar xzf .device-data/cifar10-jpeg-train.tar.gz -C .device-data
 # 1. The CUDA code paths, which CI cannot run.
 step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_bench.py -k "gpu or cuda"
-# 2. The issue's goal: the paper's full k=3 schedule (50 epochs per block), evaluation included, with the
-#    frozen prefix cached on the GPU (5 views), against 90 s. summary.json holds the per-block accuracy.
+# 2. The issue's goal: the paper's full k=3 schedule (50 epochs per block), evaluation included, against
+#    90 s; summary.json holds the per-block accuracy. The plain path, since its accuracy is the reference: a
+#    cache with fewer views than epochs repeats augmentations, and one view of block 1's input is 11 GiB.
 step k3-paper 330 $LAYERWISE train --preset cifar10_simcnn_k3 --data .device-data/cifar10-jpeg/train \
-  --set train.cache=device --out "$out/runs/cifar10_k3_paper"
+  --out "$out/runs/cifar10_k3_paper"
 # 3. The memory goal: VGG-11 k=3 block 0 against end-to-end, batch 128, 224 px, bf16, weights counted.
 step bench-vgg11 90 $LAYERWISE bench --preset imagenet_vgg11_k3 --device cuda --blocks 0 --batch-size 128 \
   --steps 3 --no-input --recompute-activations
