@@ -52,7 +52,8 @@ def evaluate(
     was_training = net.training
     net.eval()
     upto, last = max(blocks), blocks[-1]
-    reuse = memo is not None and "counts" in memo and len(blocks) > 1
+    keep = memo is not None and len(blocks) > 1  # only heads before the last one can be frozen
+    reuse = keep and "counts" in memo
     counts = torch.zeros(len(blocks), 4, dtype=torch.float64, device=loader.device)
     loss = torch.zeros((), dtype=torch.float64, device=loader.device)
     totals = []  # the frozen heads' running ensemble, per batch
@@ -68,13 +69,13 @@ def evaluate(
             scores = ensemble_scores(logits, kind=ensemble)
             for i, (z, e) in enumerate(zip(logits, scores, strict=True)):
                 counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
-            if memo is not None and len(blocks) > 1:
+            if keep:
                 totals.append(scores[-2])
         loss += torch.nn.functional.cross_entropy(logits[-1].float(), y, reduction="sum")
         n += len(y)
     if reuse:
         counts[:-1] = memo["counts"]
-    elif memo is not None and len(blocks) > 1:
+    elif keep:
         memo.update(counts=counts[:-1].clone(), totals=totals)
     net.train(was_training)
     pct = (100.0 * counts / max(n, 1)).tolist()
