@@ -1,6 +1,7 @@
 """`layerwise bench`: speed and memory of every block's training step, and of the input pipeline.
 
-For each block j of a preset it times the real training step (`train_step`) three ways:
+It builds the network and trains each stage through the objects `train` uses (checked_model, Precision,
+StageTraining). For each block j of a preset it times the real training step three ways:
 - greedy, uncached: the frozen blocks < j run (without gradients) in every step;
 - greedy, prefix cached: the step starts from x_j, as it does when train.cache is on;
 - end-to-end: every block and the last head (one row, the same for every j);
@@ -16,32 +17,22 @@ import os
 import tarfile
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from layerwise.config import COMPILE_MODES, PRECISIONS
+from layerwise.config import COMPILE_MODES, PRECISIONS, RunConfig
 from layerwise.data.sources import sample_path
-from layerwise.device import channels_last, fast_path, resolve_device
+from layerwise.device import Precision, precision_for, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
-from layerwise.models.staged import build_model
 from layerwise.presets import load_preset
-from layerwise.train.checkpoint import BackgroundWriter, save_checkpoint
-from layerwise.train.loop import (
-    compiled_loss,
-    freeze_for,
-    make_optimizer,
-    module_bytes,
-    place_for,
-    plan_stages,
-    resident_modules,
-    train_step,
-    trainable_modules,
-)
-from layerwise.train.run import save_later
+from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
+from layerwise.train.loop import StageTraining, make_optimizer
+from layerwise.train.run import checked_model
+from layerwise.train.stage import StageModule, frozen_prefix, module_bytes, place_for, plan_stages, resident_modules
 
 
 def _proc_status(field: str) -> int | None:
@@ -105,26 +96,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(
-    net, stage, x, y, offset, autocast, cfg, device, warmup: int, steps: int, compile_mode: str = "none"
-) -> dict:
-    """images/s and memory of `steps` real training steps after `warmup` untimed ones (which compile), with only
-    the stage's modules on the device, as in training."""
-    place_for(net, stage, device)
+def time_steps(net, stage, x, y, offset: int, cfg: RunConfig, precision: Precision, warmup: int, steps: int) -> dict:
+    """images/s and memory of `steps` real training steps (StageTraining, as `train` runs them) after `warmup`
+    untimed ones (which compile when cfg.train.compile asks), with only the stage's modules on the device."""
+    device = precision.device
+    training = StageTraining(net, stage, cfg.train, precision)
     resident = resident_modules(net, stage)
-    freeze_for(net, stage)
-    loss_fn = compiled_loss(compile_mode)
     with peak_memory(device) as mem:
-        optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
         for _ in range(warmup):
-            train_step(net, stage, x, y, optimizer, offset, autocast, loss_fn)
+            training.step(x, y, offset)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            train_step(net, stage, x, y, optimizer, offset, autocast, loss_fn)
+            training.step(x, y, offset)
         _sync(device)
         seconds = time.perf_counter() - t0
-        del optimizer
+        del training
     for p in net.parameters():
         p.grad = None
     return {
@@ -133,6 +120,28 @@ def time_steps(
         "step_bytes": mem["step"],
         "weights_bytes": module_bytes(resident),
     }
+
+
+def bench_config(preset: str, batch_size: int | None, image_size: int | None, precision: str, compile_mode: str):
+    """The preset's config with the benchmark's batch, image size, precision and compile mode."""
+    cfg = load_preset(preset)
+    if compile_mode not in COMPILE_MODES:
+        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {compile_mode!r})")
+    if precision not in PRECISIONS:
+        raise LayerwiseError(f"--precision must be {', '.join(PRECISIONS)} (got {precision!r})")
+    train = {"batch_size": batch_size or cfg.train.batch_size, "precision": precision, "compile": compile_mode}
+    data = {"image_size": image_size or cfg.data.image_size}
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, **train), data=dataclasses.replace(cfg.data, **data)
+    )
+
+
+def bench_network(cfg: RunConfig, preset: str, precision: Precision, classes: int):
+    """The network `train` would build (checked_model), with greedy block 0's modules on the device."""
+    try:
+        return checked_model(cfg, classes, precision, stage=plan_stages(cfg.model.J, "greedy")[0])
+    except LayerwiseError:
+        raise LayerwiseError(f"{preset} cannot run at {cfg.data.image_size} px; use a larger --image-size") from None
 
 
 def bench_model(
@@ -147,57 +156,43 @@ def bench_model(
     precision: str = "auto",
     compile_mode: str = "none",
 ) -> dict:
-    cfg = load_preset(preset)
-    if compile_mode not in COMPILE_MODES:
-        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {compile_mode!r})")
+    cfg = bench_config(preset, batch_size, image_size, precision, compile_mode)
     if compile_mode != "none" and recompute_activations:
         raise LayerwiseError("--compile and --recompute-activations cannot be combined; choose one")
     if compile_mode != "none":  # compiling, and CUDA graphs' recording, must not fall in the timed steps
         warmup = max(warmup, 3)
-    dev = resolve_device(device)
-    if precision not in PRECISIONS:
-        raise LayerwiseError(f"--precision must be {', '.join(PRECISIONS)} (got {precision!r})")
-    autocast = fast_path(dev, precision)
+    compute = precision_for(resolve_device(device), precision)
+    dev = compute.device
     classes = 1000 if cfg.data.augment == "imagenet" else 10
-    batch = batch_size or cfg.train.batch_size
-    size = image_size or cfg.data.image_size
+    batch, size = cfg.train.batch_size, cfg.data.image_size
     torch.manual_seed(0)
-    net = build_model(cfg.model, classes)  # on the CPU; each measurement places what its stage runs
-    if channels_last(dev, precision):
-        net = net.to(memory_format=torch.channels_last)
+    net = bench_network(cfg, preset, compute, classes)  # each measurement places what its stage runs
     x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)
-    with torch.no_grad():
-        try:
-            net.eval()(x[:1].cpu())
-        except RuntimeError as e:
-            raise LayerwiseError(
-                f"{preset} cannot run at {size} px ({str(e).splitlines()[0]}); use a larger --image-size"
-            ) from None
     rows = []
     greedy = plan_stages(net.J, "greedy")
     if blocks is not None and not all(0 <= j < net.J for j in blocks):
         raise LayerwiseError(f"--blocks must be between 0 and {net.J - 1} for {preset}")
     for stage in greedy if blocks is None else [greedy[j] for j in blocks]:
         row = {"block": stage.block}
-        row["uncached"] = time_steps(net, stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
+        row["uncached"] = time_steps(net, stage, x, y, 0, cfg, compute, warmup, steps)
         if recompute_activations:
-            row["activations_recomputed"] = recomputed(net, stage, x, y, autocast, cfg, dev, warmup, steps)
-        if stage.first > 0:  # block 0 has no frozen prefix to cache
-            with torch.no_grad(), autocast() if autocast else nullcontext():  # after the uncached steps' peaks
-                x_j = net.eval().forward_features(x, 0, stage.first)
-            row["cached"] = time_steps(net, stage, x_j, y, stage.first, autocast, cfg, dev, warmup, steps, compile_mode)
+            row["activations_recomputed"] = recomputed(net, stage, x, y, cfg, compute, warmup, steps)
+        if stage.cacheable:  # block 0 has no frozen prefix to cache
+            with compute.autocast():  # after the uncached steps' peaks
+                x_j = frozen_prefix(net.eval(), stage, x)
+            row["cached"] = time_steps(net, stage, x_j, y, stage.first, cfg, compute, warmup, steps)
             row["cache_speedup"] = row["cached"]["images_per_s"] / row["uncached"]["images_per_s"]
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
             del x_j
         rows.append(row)
     last = greedy[rows[-1]["block"]] if rows else greedy[0]
     checkpoint = time_checkpoint(net, last, cfg, dev)
-    evaluation = time_evaluation(net, last, x, y, autocast, dev, steps)
+    evaluation = time_evaluation(net, last, x, y, compute, steps)
     (e2e_stage,) = plan_stages(net.J, "e2e")
-    e2e = time_steps(net, e2e_stage, x, y, 0, autocast, cfg, dev, warmup, steps, compile_mode)
+    e2e = time_steps(net, e2e_stage, x, y, 0, cfg, compute, warmup, steps)
     if recompute_activations:
-        e2e["activations_recomputed"] = recomputed(net, e2e_stage, x, y, autocast, cfg, dev, warmup, steps)
+        e2e["activations_recomputed"] = recomputed(net, e2e_stage, x, y, cfg, compute, warmup, steps)
     return {
         "preset": preset,
         "device": str(dev),
@@ -206,7 +201,7 @@ def bench_model(
         "batch_size": batch,
         "image_size": size,
         "steps": steps,
-        "precision": "bf16 autocast" if autocast else "fp32",
+        "precision": str(compute),
         "recompute_activations": recompute_activations,
         "compile": compile_mode,
         "blocks": rows,
@@ -228,33 +223,34 @@ class _SameBatch:
         return ((self.x, self.y) for _ in range(self.times))
 
 
-def time_evaluation(net, stage, x, y, autocast, device, steps: int) -> dict:
+def time_evaluation(net, stage, x, y, precision: Precision, steps: int) -> dict:
     """images/s of the per-epoch evaluation of `stage` (every head it scores and their ensemble): running every
     head, against reusing the frozen heads' scores as training does after the stage's first evaluation."""
-    place_for(net, stage, device)
-    loader, blocks = _SameBatch(x, y, steps), list(stage.eval_blocks)
+    place_for(net, stage, precision.device)
+    loader, heads, autocast = _SameBatch(x, y, steps), list(stage.eval_heads), precision.autocast
     memo: dict = {}
-    evaluate(net, loader, blocks, autocast=autocast, memo=memo)  # warm-up; fills the memo
+    evaluate(net, loader, heads, autocast=autocast, memo=memo)  # warm-up; fills the memo
     t0 = time.perf_counter()
-    evaluate(net, loader, blocks, autocast=autocast)
+    evaluate(net, loader, heads, autocast=autocast)
     every_head = time.perf_counter() - t0
     images = len(y) * steps
     result = {"block": stage.block, "every_head_images_per_s": images / every_head, "reused_images_per_s": None}
-    if len(blocks) > 1:  # block 0 has no frozen head
+    if stage.frozen_heads:  # block 0 has no frozen head
         t0 = time.perf_counter()
-        evaluate(net, loader, blocks, autocast=autocast, memo=memo)
+        evaluate(net, loader, heads, autocast=autocast, memo=memo)
         result["reused_images_per_s"] = images / (time.perf_counter() - t0)
     return result
 
 
-def time_checkpoint(net, stage, cfg, device, repeats: int = 3) -> dict:
+def time_checkpoint(net, stage, cfg: RunConfig, device, repeats: int = 3) -> dict:
     """How long an epoch waits for its checkpoint (weights and momentum) in `stage`: written in line, against
     snapshotted and handed to the background writer, as training does (the median of `repeats`)."""
     place_for(net, stage, device)
-    optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
-    for p in trainable_modules(net, stage).parameters():
-        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    meta = {"stage": stage.block, "epoch": 1}
+    optimizer = make_optimizer(StageModule(net, stage).parameters(), cfg.train)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    meta = {"stage": stage.index, "epoch": 1}
     inline, background = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "last.pt"
@@ -266,7 +262,7 @@ def time_checkpoint(net, stage, cfg, device, repeats: int = 3) -> dict:
             for _ in range(repeats):
                 writer.wait()  # a training epoch outlasts the write before it
                 t0 = time.perf_counter()
-                save_later(writer, path, meta, net, optimizer)
+                writer.submit(checkpoint_job(path, meta, net, optimizer))
                 background.append(time.perf_counter() - t0)
         size = path.stat().st_size
     return {
@@ -277,21 +273,22 @@ def time_checkpoint(net, stage, cfg, device, repeats: int = 3) -> dict:
     }
 
 
-def recomputed(net, stage, x, y, autocast, cfg, device, warmup: int, steps: int) -> dict:
+def recomputed(net, stage, x, y, cfg: RunConfig, precision: Precision, warmup: int, steps: int) -> dict:
     """time_steps of the uncached step with train.recompute_activations on."""
     set_recompute(net, True)
     try:
-        return time_steps(net, stage, x, y, 0, autocast, cfg, device, warmup, steps)
+        return time_steps(net, stage, x, y, 0, cfg, precision, warmup, steps)
     finally:
         set_recompute(net, False)
 
 
-def fits(net, stage, cfg, device, autocast, batch: int, size: int, classes: int) -> bool:
+def fits(net, stage, cfg: RunConfig, precision: Precision, batch: int, classes: int) -> bool:
     """Whether two training steps of `stage` at this batch size run without running out of GPU memory."""
+    size, device = cfg.data.image_size, precision.device
     try:
         x = torch.randn(batch, cfg.model.in_channels, size, size, device=device)
         y = torch.randint(0, classes, (batch,), device=device)
-        time_steps(net, stage, x, y, 0, autocast, cfg, device, warmup=1, steps=1)
+        time_steps(net, stage, x, y, 0, cfg, precision, warmup=1, steps=1)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
@@ -314,30 +311,29 @@ def max_batch(
     dev = resolve_device(device)
     if dev.type != "cuda":
         raise LayerwiseError("--max-batch measures GPU memory; run it with a CUDA device")
-    cfg = load_preset(preset)
-    autocast = fast_path(dev, precision)
+    cfg = bench_config(preset, None, image_size, precision, "none")
+    compute = precision_for(dev, precision)
     classes = 1000 if cfg.data.augment == "imagenet" else 10
-    size = image_size or cfg.data.image_size
-    net = build_model(cfg.model, classes).to(memory_format=torch.channels_last)  # time_steps places it
+    net = bench_network(cfg, preset, compute, classes)  # time_steps places each stage
     set_recompute(net, recompute_activations)
 
     def largest(stage) -> int:
         lo, hi = 0, 1
-        while hi <= limit and fits(net, stage, cfg, dev, autocast, hi, size, classes):
+        while hi <= limit and fits(net, stage, cfg, compute, hi, classes):
             lo, hi = hi, hi * 2
         hi = min(hi, limit + 1)  # never try beyond the limit
         while hi - lo > max(1, lo // 16):  # bisect to within about 6%
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(net, stage, cfg, dev, autocast, mid, size, classes) else (lo, mid)
+            lo, hi = (mid, hi) if fits(net, stage, cfg, compute, mid, classes) else (lo, mid)
         return lo
 
     greedy = {stage.block: largest(stage) for stage in plan_stages(net.J, "greedy")}
     return {
         "preset": preset,
         "device_name": torch.cuda.get_device_name(dev),
-        "image_size": size,
+        "image_size": cfg.data.image_size,
         "recompute_activations": recompute_activations,
-        "precision": "bf16 autocast" if autocast else "fp32",
+        "precision": str(compute),
         "greedy_per_block": greedy,
         "greedy": min(greedy.values()),
         "e2e": largest(plan_stages(net.J, "e2e")[0]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from layerwise.config import parse_assignment
+from layerwise.distributed import QuietError, from_env
 from layerwise.errors import LayerwiseError, one_line
 
 log = logging.getLogger("layerwise")
@@ -48,14 +50,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.download:
         download_cifar10(args.data)
     log.info("run %s: preset %s, mode %s, J=%d, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.J, cfg.model.k)
+    where = from_env()
+    resume = f"{'torchrun ... -m layerwise' if where.active else 'layerwise'} train --out {out} --resume"
+    signal.signal(signal.SIGTERM, _terminated)  # torchrun stops every process this way when one fails
     try:
         summary = train(cfg, out, data=args.data, resume=args.resume)
+    except Terminated:
+        print(f"error: stopped by SIGTERM; the checkpoints in {out} are intact; go on with {resume}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"interrupted; continue with: layerwise train --out {out} --resume", file=sys.stderr)
+        if where.is_main:
+            print(f"interrupted; continue with: {resume}", file=sys.stderr)
         return 130
-    print(summary_table(summary))
-    print(f"run saved in {out}")
+    if where.is_main:
+        print(summary_table(summary))
+        print(f"run saved in {out}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that training stops the same way: the checkpoint being written is finished."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def download_cifar10(root: str | None) -> None:
@@ -242,11 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
-    )
     try:
+        where = from_env()
+        quiet = args.quiet or not where.is_main  # under torchrun, rank 0 alone logs
+        logging.basicConfig(
+            level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+        )
         return args.func(args)
+    except QuietError:  # another process of the run has reported it
+        return 2
     except LayerwiseError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -31,6 +31,9 @@ class ModelConfig:
     """Indices of the blocks that open with P. Index 0 downsamples the input itself (ImageNet SimCNN)."""
     batchnorm: bool = True
     """BatchNorm after each block's conv. The paper drops it for k=1; a conv without BN then gets a bias."""
+    head_batchnorm: bool = True
+    """BatchNorm in the auxiliary heads: after each head conv, and after the averaging. Off, head convs get a bias.
+    The VGG-11 last head (VGG's classifier) has none either way."""
     conv_bias: bool | None = None
     """Bias in the block convs. None means `not batchnorm`; VGG-11-BN keeps its biases (True)."""
     aux_width: int = 0
@@ -136,6 +139,10 @@ class TrainConfig:
     compile: str = "none"
     """torch.compile mode for each stage's forward and backward: `none`, `default`, `reduce-overhead` (CUDA
     graphs), `max-autotune` or `max-autotune-no-cudagraphs`. Each stage compiles afresh, which takes a while."""
+    sync_bn: bool = False
+    """Under torchrun on GPUs, compute the trained module's BN statistics over the global batch (SyncBatchNorm).
+    Off by default, as the paper's DataParallel kept per-GPU statistics: each process then normalises with
+    its own share's statistics, and rank 0's running statistics are kept. SyncBatchNorm does not run on the CPU."""
     seed: int = 0
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""

@@ -1,9 +1,10 @@
-"""Device selection and the fast path: bf16 autocast (train.precision), cudnn autotuning on a GPU."""
+"""Device selection and the run's Precision: bf16 autocast (train.precision), memory layout, cudnn autotuning."""
 
 from __future__ import annotations
 
-import functools
 import re
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -29,22 +30,40 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def channels_last(device: torch.device, precision: str = "auto") -> bool:
-    """Whether the network runs channels_last: on a GPU, and under bf16 on the CPU, where oneDNN's bf16
-    convolutions are 1.35-1.6x faster in that layout (docs/benchmarks.md)."""
-    return device.type == "cuda" or precision == "bf16"
-
-
-def fast_path(device: torch.device, precision: str = "auto"):
-    """The autocast context factory for `precision` on this device (None: plain fp32); cudnn autotuning on a GPU.
+@dataclass(frozen=True)
+class Precision:
+    """How the run computes on its device, decided once: bf16 autocast or plain fp32, and the memory layout.
 
     `auto` is bf16 on a GPU and fp32 on the CPU. `bf16` also autocasts on the CPU, which (with channels_last)
     ran 2.6-4.0x faster than fp32 on a CPU with AMX (docs/benchmarks.md) and is slow on CPUs without bf16 units.
     """
-    if precision not in PRECISIONS:
-        raise LayerwiseError(f"precision must be {', '.join(PRECISIONS)} (got {precision!r})")
+
+    device: torch.device
+    bf16: bool
+
+    @property
+    def channels_last(self) -> bool:
+        """On a GPU, and under bf16 on the CPU, where oneDNN's bf16 convolutions are 1.35-1.6x faster in that
+        layout (docs/benchmarks.md)."""
+        return self.device.type == "cuda" or self.bf16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the network's activations come out as (and a prefix cache stores)."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def autocast(self) -> AbstractContextManager:
+        """The context every forward pass runs in."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def __str__(self) -> str:
+        return "bf16 autocast" if self.bf16 else "fp32"
+
+
+def precision_for(device: torch.device, name: str = "auto") -> Precision:
+    """The Precision `name` (auto, fp32, bf16) means on this device; cudnn autotuning on a GPU."""
+    if name not in PRECISIONS:
+        raise LayerwiseError(f"precision must be {', '.join(PRECISIONS)} (got {name!r})")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return Precision(device, bf16=name == "bf16" or (name == "auto" and device.type == "cuda"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from layerwise.data.loaders import Loader
+from layerwise.distributed import SINGLE, Dist
 from layerwise.models.staged import StagedNet
 
 
@@ -38,12 +40,19 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 @torch.no_grad()
 def evaluate(
-    net: StagedNet, loader: Loader, blocks: list[int], ensemble: str = "logits", autocast=None, memo: dict | None = None
+    net: StagedNet,
+    loader: Loader,
+    blocks: list[int],
+    ensemble: str = "logits",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    memo: dict | None = None,
+    where: Dist = SINGLE,
 ) -> dict:
     """Top-1/top-5 of each listed head and of the running ensemble over them, as percentages.
 
-    Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": last head's loss}.
-    Counts stay on the device until the end: one host sync per evaluation.
+    Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": last head's loss, "n"}.
+    Counts stay on the device until the end: one host sync per evaluation. Under DDP each process scores its
+    shard of the images and the counts are summed over processes, so every image counts exactly once.
 
     `memo` (a dict kept across the evaluations of one greedy stage) skips the heads before the last one when
     they are frozen: their scores on the loader's fixed, unaugmented batches cannot change. The first call fills
@@ -59,7 +68,7 @@ def evaluate(
     totals = []  # the frozen heads' running ensemble, per batch
     n = 0
     for b, (x, y) in enumerate(loader.batches()):
-        with autocast() if autocast else nullcontext():
+        with autocast():
             logits = net(x, upto=upto, heads=[last] if reuse else blocks)
         if reuse:
             (z,) = logits
@@ -75,13 +84,15 @@ def evaluate(
         n += len(y)
     if reuse:
         counts[:-1] = memo["counts"]
-    elif keep:
+    elif keep:  # this process's counts: each process keeps a memo of its own shard
         memo.update(counts=counts[:-1].clone(), totals=totals)
     net.train(was_training)
-    pct = (100.0 * counts / max(n, 1)).tolist()
+    *counts_flat, loss_sum, n = where.sum(torch.cat([counts.flatten(), loss[None], loss.new_tensor([n])])).tolist()
+    n = int(n)
+    pct = (100.0 * torch.tensor(counts_flat, dtype=torch.float64).view(counts.shape) / max(n, 1)).tolist()
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
     return {
         "blocks": {j: dict(zip(names, row, strict=False)) for j, row in zip(blocks, pct, strict=False)},
-        "loss": loss.item() / max(n, 1),
+        "loss": loss_sum / max(n, 1),
         "n": n,
     }

@@ -1,7 +1,6 @@
 """`layerwise bench` and the speed paths: they run on the CPU and never change results silently."""
 
 import copy
-import functools
 import json
 
 import pytest
@@ -10,17 +9,12 @@ import torch
 from layerwise.bench import format_report
 from layerwise.cli import main
 from layerwise.config import ModelConfig, TrainConfig
+from layerwise.device import Precision
 from layerwise.models import build_model
-from layerwise.train.loop import (
-    compiled_loss,
-    freeze_for,
-    load_optimizer_state,
-    make_optimizer,
-    plan_stages,
-    stage_loss,
-    train_step,
-    trainable_modules,
-)
+from layerwise.train.loop import StageTraining, load_optimizer_state, make_optimizer
+from layerwise.train.stage import StageModule, plan_stages
+
+CPU = torch.device("cpu")
 
 
 def test_bench_quick_mode_reports_every_block(capsys):
@@ -49,24 +43,23 @@ def test_bench_rejects_an_image_size_the_heads_cannot_take(capsys):
     assert "use a larger --image-size" in capsys.readouterr().err
 
 
-def few_steps(channels_last: bool, autocast, loss_fn=stage_loss) -> list[float]:
+def few_steps(channels_last: bool, bf16: bool, compile_mode: str = "none") -> list[float]:
     torch.manual_seed(0)
     net = build_model(ModelConfig(k=2, widths=[8, 16], downsample_at=[1]), num_classes=4)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     stage = plan_stages(net.J, "greedy")[1]
-    optimizer = make_optimizer(trainable_modules(net, stage).parameters(), TrainConfig(lr=0.05))
+    training = StageTraining(net, stage, TrainConfig(lr=0.05, compile=compile_mode), Precision(CPU, bf16))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
-    freeze_for(net, stage)
-    return [train_step(net, stage, x, y, optimizer, 0, autocast, loss_fn)[0].item() for _ in range(4)]
+    return [training.step(x, y)[0].item() for _ in range(4)]
 
 
 def test_fast_path_matches_plain_path():
     """channels_last + bf16 autocast (the GPU path), run on the CPU, against plain fp32."""
-    plain = few_steps(False, None)
-    assert few_steps(True, None) == pytest.approx(plain, rel=1e-5)
-    bf16 = few_steps(True, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16))
+    plain = few_steps(False, False)
+    assert few_steps(True, False) == pytest.approx(plain, rel=1e-5)
+    bf16 = few_steps(True, True)
     assert bf16 == pytest.approx(plain, rel=3e-2)
     assert plain[-1] < plain[0]  # it does train
 
@@ -80,17 +73,18 @@ def test_fused_sgd_matches_plain_sgd():
     cfg = TrainConfig(lr=0.05)
     fused_net = copy.deepcopy(net)
     start = next(net.heads[1].parameters()).detach().clone()
-    fused = make_optimizer(trainable_modules(fused_net, stage).parameters(), cfg, fused=True)  # a GPU's default
+    fused = make_optimizer(StageModule(fused_net, stage).parameters(), cfg, fused=True)  # a GPU's default
     options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "foreach": False}
-    plain = torch.optim.SGD(trainable_modules(net, stage).parameters(), **options)
+    plain = torch.optim.SGD(StageModule(net, stage).parameters(), **options)
     assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
-    assert not make_optimizer(trainable_modules(net, stage).parameters(), cfg).param_groups[0]["fused"]  # CPU
+    assert not make_optimizer(StageModule(net, stage).parameters(), cfg).param_groups[0]["fused"]  # CPU
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(4)]
     for model, optimizer in ((net, plain), (fused_net, fused)):
-        freeze_for(model, stage)
+        training = StageTraining(model, stage, cfg, Precision(CPU, False))
+        training.optimizer = optimizer
         for x, y in batches:
-            train_step(model, stage, x, y, optimizer)
+            training.step(x, y)
     for (name, a), b in zip(net.state_dict().items(), fused_net.state_dict().values(), strict=True):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
     assert not torch.equal(next(net.heads[1].parameters()), start)  # it did train
@@ -125,9 +119,9 @@ def test_compiled_step_matches_plain_step():
     """train.compile on the CPU (about 30 s of compiling): the same losses as the eager step."""
     from torch._dynamo.utils import counters
 
-    compiled = few_steps(False, None, compiled_loss("default"))
+    compiled = few_steps(False, False, "default")
     assert counters["stats"]["unique_graphs"] > 0  # it did compile, rather than fall back to eager
-    assert compiled == pytest.approx(few_steps(False, None), rel=1e-4)
+    assert compiled == pytest.approx(few_steps(False, False), rel=1e-4)
 
 
 def test_max_batch_refuses_options_it_would_ignore(capsys):
@@ -170,29 +164,32 @@ def test_bench_rejects_an_unknown_precision(capsys):
 
 
 @pytest.mark.parametrize(
-    "device, precision, expected",
+    "device, precision, bf16, channels_last",
     [
-        ("cpu", "auto", None),
-        ("cpu", "fp32", None),
-        ("cpu", "bf16", "cpu"),
-        ("cuda", "fp32", None),
-        ("cuda", "auto", "cuda"),
+        ("cpu", "auto", False, False),
+        ("cpu", "fp32", False, False),
+        ("cpu", "bf16", True, True),
+        ("cuda", "fp32", False, True),
+        ("cuda", "auto", True, True),
     ],
 )
-def test_fast_path_autocasts_where_asked(device, precision, expected):
-    from layerwise.device import fast_path
+def test_precision_autocasts_where_asked(device, precision, bf16, channels_last):
+    from layerwise.device import precision_for
 
-    autocast = fast_path(torch.device(device), precision)  # building the factory needs no GPU
-    if expected is None:
-        assert autocast is None
+    chosen = precision_for(torch.device(device), precision)  # deciding needs no GPU
+    assert (chosen.bf16, chosen.channels_last) == (bf16, channels_last)
+    assert chosen.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    context = chosen.autocast()
+    if bf16:
+        assert isinstance(context, torch.autocast) and context.device == device
+        assert context.fast_dtype == torch.bfloat16
     else:
-        assert autocast.func is torch.autocast and autocast.args == (expected,)
-        assert autocast.keywords == {"dtype": torch.bfloat16}
+        assert not isinstance(context, torch.autocast)
 
 
-def test_fast_path_rejects_an_unknown_precision():
-    from layerwise.device import fast_path
+def test_precision_rejects_an_unknown_name():
+    from layerwise.device import precision_for
     from layerwise.errors import LayerwiseError
 
     with pytest.raises(LayerwiseError, match="precision must be auto, fp32, bf16"):
-        fast_path(torch.device("cpu"), "fp16")
+        precision_for(torch.device("cpu"), "fp16")

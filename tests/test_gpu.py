@@ -1,6 +1,5 @@
 """GPU smoke tests: the CUDA path (GPU-resident data, bf16, channels_last, device cache). Skipped without a GPU."""
 
-import functools
 import gc
 
 import pytest
@@ -52,29 +51,29 @@ def test_recomputed_activations_match_on_the_gpu():
     from test_recompute import MODELS, assert_same_training
 
     from layerwise.models import build_model
-    from layerwise.train.loop import plan_stages
+    from layerwise.train.stage import plan_stages
 
     torch.manual_seed(0)
     plain = build_model(MODELS["vgg11"], num_classes=4).cuda().to(memory_format=torch.channels_last)
     batches = [(torch.randn(6, 3, 16, 16, device="cuda"), torch.randint(0, 4, (6,), device="cuda")) for _ in range(3)]
-    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
     for mode in ("greedy", "e2e"):
-        assert_same_training(plain, plan_stages(plain.J, mode)[0], batches, autocast, rtol=1e-3, atol=1e-4)
+        assert_same_training(plain, plan_stages(plain.J, mode)[0], batches, bf16=True, rtol=1e-3, atol=1e-4)
 
 
 def test_a_greedy_stage_holds_only_its_own_weights_on_the_gpu():
     """Training places each stage's modules on the GPU and keeps later blocks and heads on the CPU."""
     from test_train import devices
 
-    from layerwise.train.loop import place_for, plan_stages, resident_modules
+    from layerwise.device import precision_for
     from layerwise.train.run import checked_model
+    from layerwise.train.stage import place_for, plan_stages, resident_modules
 
     cfg = tiny_config(train={"device": "cuda"})
     stages = plan_stages(cfg.model.J, "greedy")
     gc.collect()  # so that no earlier test's tensors are freed during the measurement
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    net = checked_model(cfg, 3, torch.device("cuda"), stage=stages[0])
+    net = checked_model(cfg, 3, precision_for(torch.device("cuda")), stage=stages[0])
     held = torch.cuda.memory_allocated() - before
     assert allocated(resident_modules(net, stages[0])) <= held < allocated(net)
     assert [devices(h) for h in net.heads] == [{"cuda"}, {"cpu"}, {"cpu"}]

@@ -1,7 +1,6 @@
 """Activation recomputation (train.recompute_activations): same training as the plain path, less saved for backward."""
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -10,10 +9,12 @@ from test_train import tiny_config
 from torch.utils.checkpoint import checkpoint
 
 from layerwise.config import ModelConfig, TrainConfig
+from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
 from layerwise.train import train
-from layerwise.train.loop import freeze_for, make_optimizer, plan_stages, train_step, trainable_modules
+from layerwise.train.loop import StageTraining
+from layerwise.train.stage import freeze_for, plan_stages
 
 MODELS = {
     "simcnn": ModelConfig(k=3, widths=[8, 8, 16], downsample_at=[0, 2]),
@@ -21,18 +22,18 @@ MODELS = {
 }
 
 
-def steps(net, stage, batches, autocast=None):
-    freeze_for(net, stage)
-    optimizer = make_optimizer(trainable_modules(net, stage).parameters(), TrainConfig(lr=0.05))
+def steps(net, stage, batches, bf16=False):
+    device = next(net.parameters()).device
+    training = StageTraining(net, stage, TrainConfig(lr=0.05), Precision(device, bf16))
     torch.manual_seed(1)  # the same dropout masks in VGG's classifier
-    return [train_step(net, stage, x, y, optimizer, 0, autocast)[0].item() for x, y in batches]
+    return [training.step(x, y)[0].item() for x, y in batches]
 
 
-def assert_same_training(plain, stage, batches, autocast=None, rtol=1e-4, atol=1e-6):
+def assert_same_training(plain, stage, batches, bf16=False, rtol=1e-4, atol=1e-6):
     """A copy of `plain` with recomputation trains like `plain`: losses, weights and every BN buffer."""
     lean = copy.deepcopy(plain)
     set_recompute(lean, True)
-    assert steps(lean, stage, batches, autocast) == pytest.approx(steps(plain, stage, batches, autocast), rel=rtol)
+    assert steps(lean, stage, batches, bf16) == pytest.approx(steps(plain, stage, batches, bf16), rel=rtol)
     for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values(), strict=True):
         if name.endswith("num_batches_tracked"):  # the recomputation must not count a batch twice
             assert torch.equal(a, b), name
@@ -54,8 +55,7 @@ def test_recompute_under_bf16_autocast_and_channels_last():
     torch.manual_seed(0)
     plain = build_model(MODELS["vgg11"], num_classes=4).to(memory_format=torch.channels_last)
     batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))) for _ in range(3)]
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    assert_same_training(plain, plan_stages(plain.J, "e2e")[0], batches, autocast, rtol=1e-3, atol=1e-4)
+    assert_same_training(plain, plan_stages(plain.J, "e2e")[0], batches, bf16=True, rtol=1e-3, atol=1e-4)
 
 
 def test_a_graph_can_be_recomputed_twice():

@@ -9,13 +9,14 @@ from conftest import tiny_overrides
 
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
+from layerwise.device import Precision
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, evaluate
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
-from layerwise.train import plan_stages, train, train_epoch
+from layerwise.train import StageTraining, plan_stages, train, train_epoch
 from layerwise.train.checkpoint import RunDir, load_checkpoint
-from layerwise.train.loop import make_optimizer, module_bytes, place_for, resident_modules, trainable_modules
+from layerwise.train.stage import module_bytes, place_for, resident_modules
 
 
 def tiny_config(epochs=2, **extra):
@@ -31,11 +32,10 @@ def test_greedy_stage_leaves_earlier_blocks_untouched(image_folder):
     data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
     stages = plan_stages(net.J, "greedy")
     # train block 0 a little so its BN statistics are not the defaults
-    opt = make_optimizer(trainable_modules(net, stages[0]).parameters(), cfg.train)
-    train_epoch(net, stages[0], data.train, opt, seed=0)
+    cpu = Precision(torch.device("cpu"), bf16=False)
+    train_epoch(StageTraining(net, stages[0], cfg.train, cpu), data.train, seed=0)
     before = copy.deepcopy(net.state_dict())
-    opt = make_optimizer(trainable_modules(net, stages[1]).parameters(), cfg.train)
-    train_epoch(net, stages[1], data.train, opt, seed=1)
+    train_epoch(StageTraining(net, stages[1], cfg.train, cpu), data.train, seed=1)
     after = net.state_dict()
     frozen = [k for k in before if k.startswith(("blocks.0.", "heads.0.", "blocks.2.", "heads.2."))]
     trained = [k for k in before if k.startswith(("blocks.1.", "heads.1.")) and before[k].is_floating_point()]
@@ -47,9 +47,16 @@ def test_greedy_stage_leaves_earlier_blocks_untouched(image_folder):
 
 def test_plan_stages():
     greedy = plan_stages(3, "greedy")
-    assert [(s.first, s.block, s.eval_blocks) for s in greedy] == [(0, 0, (0,)), (1, 1, (0, 1)), (2, 2, (0, 1, 2))]
+    assert [(s.index, s.first, s.block, s.eval_heads) for s in greedy] == [
+        (0, 0, 0, (0,)),
+        (1, 1, 1, (0, 1)),
+        (2, 2, 2, (0, 1, 2)),
+    ]
+    assert [s.frozen_heads for s in greedy] == [(), (0,), (0, 1)]
+    assert [(s.cacheable, s.finishes_block) for s in greedy] == [(False, True), (True, True), (True, True)]
     (e2e,) = plan_stages(3, "e2e")
-    assert (e2e.first, e2e.block, e2e.eval_blocks) == (0, 2, (2,))
+    assert (e2e.first, e2e.block, e2e.eval_heads, e2e.frozen_heads) == (0, 2, (2,), ())
+    assert not e2e.cacheable and not e2e.finishes_block
 
 
 def devices(module) -> set[str]:
@@ -156,10 +163,10 @@ def test_e2e_trains_every_block_and_the_last_head(tmp_path, image_folder):
 
 
 def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatch):
-    from layerwise.train import loop
+    from layerwise.train import stage
 
     poisoned = {"on": False}
-    real = loop.F.cross_entropy
+    real = stage.F.cross_entropy
 
     class FakeF:
         @staticmethod
@@ -167,7 +174,7 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatc
             loss = real(logits, y)
             return loss * float("nan") if poisoned["on"] else loss
 
-    monkeypatch.setattr(loop, "F", FakeF)
+    monkeypatch.setattr(stage, "F", FakeF)
     with pytest.raises(LayerwiseError, match="loss became nan in block 0, epoch 2") as info:
         train(tiny_config(epochs=3), tmp_path / "run", image_folder, on_epoch_end=lambda row: poisoned.update(on=True))
     assert "\n" not in str(info.value)
@@ -296,10 +303,8 @@ def test_resume_of_a_finished_run_does_not_retrain(tmp_path, image_folder):
 
 
 def test_each_stage_compiles_its_step_in_the_configured_mode(tmp_path, image_folder, monkeypatch):
-    from layerwise.train import loop, run
-
     modes = []
-    monkeypatch.setattr(run, "compiled_loss", lambda mode: modes.append(mode) or loop.stage_loss)
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
     train(tiny_config(epochs=1, train={"compile": "reduce-overhead"}), tmp_path / "run", image_folder)
     assert modes == ["reduce-overhead"] * 3
 
@@ -307,12 +312,10 @@ def test_each_stage_compiles_its_step_in_the_configured_mode(tmp_path, image_fol
 def test_a_failing_compile_is_a_one_line_error_and_the_run_can_go_on_without_it(tmp_path, image_folder, monkeypatch):
     from torch._dynamo.exc import Unsupported
 
-    from layerwise.train import run
-
-    def broken(net, stage, x, y, offset):
+    def broken(x, y):
         raise Unsupported("no compiler here\nmore details")
 
-    monkeypatch.setattr(run, "compiled_loss", lambda mode: broken)
+    monkeypatch.setattr(torch, "compile", lambda model, mode: broken)
     with pytest.raises(LayerwiseError, match=r"train.compile=default failed in block 0 \(no compiler here\)") as e:
         train(tiny_config(epochs=1, train={"compile": "default"}), tmp_path / "run", image_folder)
     assert "\n" not in str(e.value)
@@ -323,8 +326,9 @@ def test_a_failing_compile_is_a_one_line_error_and_the_run_can_go_on_without_it(
 
 @pytest.mark.parametrize("precision, expected", [("auto", False), ("fp32", False), ("bf16", True)])
 def test_the_cpu_runs_channels_last_under_bf16_only(precision, expected):
+    from layerwise.device import precision_for
     from layerwise.train.run import checked_model
 
-    net = checked_model(tiny_config(train={"precision": precision}), 4, torch.device("cpu"))
+    net = checked_model(tiny_config(train={"precision": precision}), 4, precision_for(torch.device("cpu"), precision))
     weight = net.blocks[0][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == expected

@@ -10,6 +10,7 @@ import torch
 from layerwise.config import DataConfig
 from layerwise.data.loaders import Loader, make_loader
 from layerwise.data.sources import Decoded, Examples, Files, open_eval, open_train, sample_path
+from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
 
 __all__ = ["DataBundle", "Decoded", "Files", "build_data", "build_eval_loader", "hold_out", "sample_path"]
@@ -22,6 +23,7 @@ class DataBundle:
     val: Loader
     train_eval: Loader | None  # a fixed subset of the training images, scored without augmentation
     description: str
+    val_images: int  # over every process (under DDP, `val` holds this process's shard)
 
 
 def hold_out(examples: Examples, val_size: float, seed: int) -> tuple[Examples, Examples]:
@@ -35,9 +37,15 @@ def hold_out(examples: Examples, val_size: float, seed: int) -> tuple[Examples, 
 
 
 def build_data(
-    cfg: DataConfig, path: str | Path | None, batch_size: int, device: torch.device, train_eval_size: int = 0
+    cfg: DataConfig,
+    path: str | Path | None,
+    batch_size: int,
+    device: torch.device,
+    train_eval_size: int = 0,
+    where: Dist = SINGLE,
 ) -> DataBundle:
-    """Open the data at path (None: the built-in sample), hold out validation if needed, and make loaders."""
+    """Open the data at path (None: the built-in sample), hold out validation if needed, and make loaders
+    (under DDP, loaders of this process's shares: see layerwise.data.loaders)."""
     decode = cfg.augment == "cifar"
     source = open_train(path, decode, cfg.image_size)
     train, val = source.train, source.val
@@ -48,13 +56,14 @@ def build_data(
     train_eval = None
     if train_eval_size:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed + 1))
-        train_eval = make_loader(train.subset(order[:train_eval_size]), batch_size, device, cfg, train=False)
+        train_eval = make_loader(train.subset(order[:train_eval_size]), batch_size, device, cfg, False, where)
     return DataBundle(
         classes=source.classes,
-        train=make_loader(train, batch_size, device, cfg, train=True),
-        val=make_loader(val, batch_size, device, cfg, train=False),
+        train=make_loader(train, batch_size, device, cfg, True, where),
+        val=make_loader(val, batch_size, device, cfg, False, where),
         train_eval=train_eval,
         description=description,
+        val_images=len(val),
     )
 
 

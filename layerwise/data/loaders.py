@@ -4,6 +4,12 @@
 with vectorised ops, so no worker process or host->device copy sits in the training loop. `StreamLoader`
 decodes files in DataLoader workers (ImageNet) and ships uint8 crops, normalised only after the copy.
 Randomness comes from a generator seeded per epoch, so a resumed run sees exactly the batches it would have.
+
+Under torchrun (`Dist`) `batch_size` is the global batch: every process draws the same epoch plan, cuts the
+same global batches and takes its own contiguous share of each, so the processes together see exactly the
+batches one process would. The last batch of an epoch is split as evenly as `tensor_split` makes it (shares
+differ by at most one image); it is dropped only when it holds fewer images than there are processes.
+Evaluation loaders hold every world_size-th image (`shard`), so each image is scored exactly once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from layerwise.config import DataConfig
-from layerwise.data.sources import Decoded, Files
+from layerwise.data.sources import Decoded, Examples, Files
+from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -84,6 +91,34 @@ def augment(x: torch.Tensor, padding: int, aug: Augmentation, idx: torch.Tensor)
     return flip(crop(x, padding, aug.dy[idx], aug.dx[idx]), aug.flip[idx])
 
 
+class Batching:
+    """How an epoch of n training images is cut into global batches, and which part of each is this process's."""
+
+    def __init__(self, n: int, batch_size: int, where: Dist = SINGLE):
+        self.n, self.batch_size, self.where = n, batch_size, where
+
+    def __len__(self) -> int:
+        """Batches per epoch; a last batch with fewer images than processes is dropped."""
+        return self.n // self.batch_size + (self.n % self.batch_size >= self.where.world_size)
+
+    def global_batch(self, i: int) -> int:
+        """Images in global batch i, over every process."""
+        return min(self.batch_size, self.n - i * self.batch_size)
+
+    def shares(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """This process's indices of each global batch of `order` (a permutation of the n images)."""
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield idx.tensor_split(self.where.world_size)[self.where.rank] if self.where.active else idx
+
+
+def shard(examples: Examples, where: Dist) -> Examples:
+    """Every world_size-th example from this process's rank on: the processes' shards cover each example once."""
+    if not where.active:
+        return examples
+    return examples.subset(torch.arange(where.rank, len(examples), where.world_size))
+
+
 class MemoryLoader:
     """Batches of a decoded dataset held on the device.
 
@@ -93,15 +128,21 @@ class MemoryLoader:
 
     offset = 0
 
-    def __init__(self, data: Decoded, batch_size: int, device: torch.device, cfg: DataConfig, train: bool):
+    def __init__(
+        self, data: Decoded, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
+    ):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
+        self.batching = Batching(len(data), batch_size, where if train else SINGLE)
         self.padding = cfg.crop_padding
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return len(self.batching)
+
+    def global_batch(self, i: int) -> int:
+        return self.batching.global_batch(i)
 
     @property
     def num_examples(self) -> int:
@@ -125,8 +166,7 @@ class MemoryLoader:
             return
         order, aug = self.epoch_plan(seed)
         order, aug = order.to(self.device), aug.to(self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in self.batching.shares(order):
             yield self.normalize(augment(self.images[idx], self.padding, aug, idx)), self.labels[idx]
 
 
@@ -163,26 +203,36 @@ class StreamLoader:
 
     offset = 0
 
-    def __init__(self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool):
+    def __init__(
+        self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
+    ):
         self.dataset = FileDataset(files, imagenet_transform(cfg, train))
         self.batch_size, self.device, self.train, self.workers = batch_size, device, train, cfg.workers
+        self.batching = Batching(len(files), batch_size, where if train else SINGLE)
+        self.rank = where.rank
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return len(self.batching)
+
+    def global_batch(self, i: int) -> int:
+        return self.batching.global_batch(i)
 
     @property
     def num_examples(self) -> int:
         return len(self.dataset)
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
+        """The epoch's batches (this process's share of each); the order depends only on `seed`, the random crops
+        also on the rank, so that processes do not crop their images alike."""
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if self.train else torch.arange(n)
         loader = DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
-            shuffle=self.train,
+            batch_sampler=[idx.tolist() for idx in self.batching.shares(order)],
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed((seed + 1_000_003 * (self.rank + 1)) % 2**63),
             persistent_workers=False,
         )
         for x, y in loader:
@@ -194,7 +244,9 @@ Loader = MemoryLoader | StreamLoader
 
 
 def make_loader(
-    examples: Decoded | Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool
+    examples: Examples, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
 ) -> Loader:
+    """A training loader over every example (each process takes its share of each batch), or an evaluation
+    loader over this process's shard."""
     cls = MemoryLoader if isinstance(examples, Decoded) else StreamLoader
-    return cls(examples, batch_size, device, cfg, train)
+    return cls(examples if train else shard(examples, where), batch_size, device, cfg, train, where)

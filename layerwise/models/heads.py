@@ -5,19 +5,19 @@ from torch import nn
 from layerwise.models.blocks import ConvUnit
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, padding: int) -> ConvUnit:
-    return ConvUnit(
-        nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+def conv_bn_relu(in_channels: int, out_channels: int, padding: int, batchnorm: bool = True) -> ConvUnit:
+    """3x3 conv -> BN -> ReLU; without BN the conv has a bias."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=not batchnorm)
+    norm = [nn.BatchNorm2d(out_channels)] if batchnorm else []
+    return ConvUnit(conv, *norm, nn.ReLU(inplace=True))
 
 
 class AuxClassifier(nn.Sequential):
     """The paper's head for the paper's k: (k-1) x [3x3 conv -> BN -> ReLU] -> average to pool x pool -> BN -> linear.
 
     For k = 1 it is just averaging, BN and linear. `prepool` first averages the map to half its size and
-    `padding` is the head convs' padding: the VGG-11 heads use prepool=True, padding=0.
+    `padding` is the head convs' padding: the VGG-11 heads use prepool=True, padding=0. `batchnorm=False` drops
+    every BN of the head.
     """
 
     def __init__(
@@ -29,20 +29,19 @@ class AuxClassifier(nn.Sequential):
         pool: int = 2,
         prepool: bool = False,
         padding: int = 1,
+        batchnorm: bool = True,
     ):
         layers: list[nn.Module] = []
         if prepool:
             layers.append(HalfAvgPool())
         channels = in_channels
         for _ in range(k - 1):
-            layers.append(conv_bn_relu(channels, width, padding))
+            layers.append(conv_bn_relu(channels, width, padding, batchnorm))
             channels = width
-        layers += [
-            nn.AdaptiveAvgPool2d(pool),
-            nn.BatchNorm2d(channels),
-            nn.Flatten(),
-            nn.Linear(channels * pool * pool, num_classes),
-        ]
+        layers.append(nn.AdaptiveAvgPool2d(pool))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(channels))
+        layers += [nn.Flatten(), nn.Linear(channels * pool * pool, num_classes)]
         super().__init__(*layers)
 
 

@@ -73,10 +73,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> StagedNet:
             heads.append(VGGClassifier(width, num_classes))
         elif cfg.arch == "vgg11":
             # The paper's VGG heads: average to half size, then k-1 unpadded convs at twice the width.
-            heads.append(AuxClassifier(width, 2 * width, cfg.k, num_classes, cfg.head_pool, prepool=True, padding=0))
+            aux = AuxClassifier(width, 2 * width, cfg.k, num_classes, cfg.head_pool, prepool=True, padding=0,
+                                batchnorm=cfg.head_batchnorm)  # fmt: skip
+            heads.append(aux)
         else:
             aux = cfg.aux_width or max(1, round(cfg.aux_width_factor * width))
-            heads.append(AuxClassifier(width, aux, cfg.k, num_classes, cfg.head_pool))
+            heads.append(AuxClassifier(width, aux, cfg.k, num_classes, cfg.head_pool, batchnorm=cfg.head_batchnorm))
     net = StagedNet(blocks, heads)
     if cfg.arch == "vgg11":
         init_vgg(net)

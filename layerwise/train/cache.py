@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from layerwise.data.loaders import MemoryLoader, augment
+from layerwise.device import Precision
 from layerwise.errors import LayerwiseError
 from layerwise.models.staged import StagedNet
 
@@ -76,16 +76,14 @@ def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path
         )
 
 
-def cache_dtype(autocast: Callable | None) -> torch.dtype:
-    """The dtype the frozen prefix produces: bf16 under autocast (train.precision), else fp32."""
-    return torch.bfloat16 if autocast is not None else torch.float32
-
-
 class PrefixCache:
     """A loader of x_j, the frozen blocks' output, for greedy stage j.
 
     On a GPU the store is (views, N, H, W, C): batches come out channels_last, the network's layout, and
     host or disk stores are gathered straight into pinned memory for an asynchronous copy.
+
+    `store` is "device", "host", or the file of a disk cache. Under DDP every process caches the whole training
+    set (the same x_j on every process; a disk cache in a file of its own) and reads its share of each batch.
     """
 
     def __init__(
@@ -94,24 +92,24 @@ class PrefixCache:
         upto: int,
         images: MemoryLoader,
         view_seeds: list[int],
-        where: str,
-        folder: Path,
-        autocast: Callable | None = None,
+        store: str | Path,
+        precision: Precision,
     ):
         self.offset = upto
         self.images, self.labels = images, images.labels
         self.device, self.batch_size = images.device, images.batch_size
         self.views = len(view_seeds)
         self.nhwc = self.device.type == "cuda"
-        dtype = cache_dtype(autocast)
+        dtype = precision.dtype
+        where = store if isinstance(store, str) else "disk"
         n = len(images.labels)
         c, h, w = prefix_shapes(net, images.normalize(images.images[:1]))[upto]
         full = (self.views, n, h, w, c) if self.nhwc else (self.views, n, c, h, w)
         self.path = None
         try:
             if where == "disk":
-                folder.mkdir(parents=True, exist_ok=True)
-                self.path = folder / f"prefix{upto}.bin"
+                self.path = Path(store)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "wb") as f:  # reserve the blocks now: a full disk later would kill the process
                     os.posix_fallocate(f.fileno(), 0, math.prod(full) * dtype.itemsize)
                 self.store = torch.from_file(str(self.path), shared=True, size=math.prod(full), dtype=dtype).view(full)
@@ -125,7 +123,7 @@ class PrefixCache:
                 f"({str(e).splitlines()[0]}); use fewer train.cache_views or another train.cache"
             ) from None
         net.eval()
-        with torch.no_grad(), autocast() if autocast else nullcontext():
+        with torch.no_grad(), precision.autocast():
             for v, seed in enumerate(view_seeds):
                 _, aug = images.epoch_plan(seed)
                 aug = aug.to(self.device)
@@ -139,6 +137,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.images)
 
+    def global_batch(self, i: int) -> int:
+        return self.images.global_batch(i)
+
     @property
     def num_examples(self) -> int:
         return len(self.labels)
@@ -148,9 +149,7 @@ class PrefixCache:
         view = self.store[epoch % self.views]
         on_device = view.device == self.device
         order_here = order.to(view.device)
-        labels = self.labels[order.to(self.labels.device)]
-        for start in range(0, len(order), self.batch_size):
-            idx = order_here[start : start + self.batch_size]
+        for idx in self.images.batching.shares(order_here):
             if on_device:
                 x = view[idx]
             else:  # gather into pinned memory (PyTorch's caching host allocator), then copy asynchronously
@@ -158,7 +157,7 @@ class PrefixCache:
                 x = torch.empty((len(idx), *view.shape[1:]), dtype=view.dtype, pin_memory=pinned)
                 torch.index_select(view, 0, idx, out=x)
                 x = x.to(self.device, non_blocking=True)
-            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), labels[start : start + self.batch_size]
+            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), self.labels[idx.to(self.labels.device)]
 
     def close(self) -> None:
         """Free the cache (and delete its file) before the next stage builds its own."""

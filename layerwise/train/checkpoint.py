@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +56,20 @@ def save_checkpoint(path: Path, meta: dict[str, Any], model: dict, optimizer: di
         payload["optimizer"] = optimizer
     atomic_write(path, lambda p: torch.save(payload, p))
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+
+
+def checkpoint_job(path: Path, meta: dict, net: torch.nn.Module, optimizer=None, first=None) -> Callable[[], None]:
+    """Snapshot the weights (and optimizer state) now, before the next step changes them; the returned job runs
+    `first`, if given, then saves the snapshot (for a BackgroundWriter)."""
+    model_state = cpu_snapshot(net.state_dict())
+    optimizer_state = cpu_snapshot(optimizer.state_dict()) if optimizer is not None else None
+
+    def job() -> None:
+        if first is not None:
+            first()
+        save_checkpoint(path, meta, model_state, optimizer_state)
+
+    return job
 
 
 def cpu_snapshot(value: Any) -> Any:
@@ -140,6 +157,7 @@ class RunDir:
         self.info = self.path / "run.json"
         self.last = self.checkpoints / "last.pt"
         self.final = self.checkpoints / "final.pt"
+        self.lock_file = self.path / ".lock"
 
     def is_run(self) -> bool:
         return self.config.is_file()
@@ -148,13 +166,17 @@ class RunDir:
         return self.checkpoints / f"block{j}.pt"
 
     def check_new(self) -> None:
-        """Refuse to start a new run in a folder that already holds something."""
+        """Refuse to start a new run in a folder that already holds something (a lock file alone is nothing)."""
         if self.is_run():
             raise LayerwiseError(
                 f"{self.path} already holds a run; pass --resume to continue it, or choose another --out"
             )
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        if self.path.exists() and (not self.path.is_dir() or any(p != self.lock_file for p in self.path.iterdir())):
             raise LayerwiseError(f"{self.path} exists and is not an empty folder; choose another --out")
+
+    def lock(self) -> RunLock:
+        """Become the run directory's only writer, or refuse with a line naming the process that is."""
+        return RunLock(self.lock_file)
 
     def create(self, config_yaml: str) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -213,3 +235,39 @@ class RunDir:
 
     def write_json(self, path: Path, value: Any) -> None:
         write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+class RunLock:
+    """An advisory lock (flock) on RUN/.lock, held while a process trains the run.
+
+    The kernel releases it when the process ends, however it ends: a run killed with SIGKILL can be resumed at
+    once, with no stale lock to delete. The file holds the holder's pid and host, for the error message. flock
+    works across nodes on NFS (Linux emulates it with fcntl locks there).
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.made_folder = path, not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise LayerwiseError(
+                f"{path.parent} is being trained by {holder}; wait for it to finish or stop it, then --resume"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+
+    def release(self, undo: bool = False) -> None:
+        """Drop the lock; with `undo` (a new run that failed before it started) also remove the folder the lock
+        created, if nothing else is in it."""
+        if self.fd is None:
+            return
+        if undo and self.made_folder:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+        os.close(self.fd)  # closing the descriptor drops the lock
+        self.fd = None

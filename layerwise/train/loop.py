@@ -1,84 +1,21 @@
-"""One training loop for every strategy. A strategy is only a list of stages.
-
-A stage trains blocks[first..block] and heads[block] on the output of the frozen blocks before `first`:
-- greedy (Algorithm 1): stage j trains block j and head j alone, first = block = j;
-- end-to-end: one stage trains every block and the last head, first = 0, block = J-1.
-"""
+"""The loop every strategy shares: a stage set up to train (StageTraining), its step, and one epoch."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from layerwise.config import TrainConfig
 from layerwise.data.loaders import Loader
+from layerwise.device import Precision
+from layerwise.distributed import SINGLE, Dist
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    block: int
-    """The last trained block; its head gives the loss."""
-    first: int
-    """The first trained block; blocks before it are frozen (eval mode, no gradient)."""
-    eval_blocks: tuple[int, ...]
-    """Heads scored after each epoch; the ensemble runs over them."""
-
-
-def plan_stages(J: int, mode: str) -> list[Stage]:
-    if mode == "greedy":
-        return [Stage(f"block {j}", j, j, tuple(range(j + 1))) for j in range(J)]
-    if mode == "e2e":
-        return [Stage("e2e", J - 1, 0, (J - 1,))]
-    raise ValueError(f"unknown mode {mode!r}")
-
-
-def trainable_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
-    return nn.ModuleList([*net.blocks[stage.first : stage.block + 1], net.heads[stage.block]])
-
-
-def resident_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
-    """What the stage runs: blocks 0..stage.block and the heads it trains or scores."""
-    heads = sorted({*stage.eval_blocks, stage.block})
-    return nn.ModuleList([*net.blocks[: stage.block + 1], *(net.heads[j] for j in heads)])
-
-
-def place_for(net: StagedNet, stage: Stage, device: torch.device) -> None:
-    """Put the stage's resident modules on `device` and keep every other block and head on the CPU.
-
-    Later blocks and heads (VGG-11's 0.5 GiB classifier during greedy block 0) and, end to end, the unused
-    auxiliary heads then take no device memory. Moves keep each tensor's memory format.
-    """
-    resident = {id(m) for m in resident_modules(net, stage)}
-    for module in (*net.blocks, *net.heads):
-        module.to(device if id(module) in resident else torch.device("cpu"))
-
-
-def module_bytes(module: nn.Module, off: torch.device | None = None) -> int:
-    """Bytes of the module's parameters and buffers; with `off`, only of those not on that kind of device yet."""
-    return sum(t.nbytes for t in (*module.parameters(), *module.buffers()) if off is None or t.device.type != off.type)
-
-
-def freeze_for(net: StagedNet, stage: Stage) -> nn.ModuleList:
-    """Put everything but the stage's modules in eval mode without gradients; return the trainable part.
-
-    Frozen blocks therefore use their BN running statistics and receive no updates (Algorithm 1).
-    """
-    net.eval().requires_grad_(False)
-    for p in net.parameters():
-        p.grad = None  # frees gradients left over from an earlier stage
-    trainable = trainable_modules(net, stage)
-    trainable.train().requires_grad_(True)
-    return trainable
+from layerwise.train.stage import Stage, freeze_for, frozen_prefix, place_for
 
 
 def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
@@ -112,98 +49,95 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step)
 
 
-def start_epoch(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
-    """Set this epoch's learning rate; at a decay, optionally forget momentum as the released code does."""
-    lr = lr_at(cfg, epoch)
-    if cfg.reset_momentum_at_decay and epoch > 0 and epoch % cfg.lr_step == 0:
-        optimizer.state.clear()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+class StageTraining:
+    """A stage set up to train: its modules on the device and frozen as Algorithm 1 says, the StageModule it
+    trains (in DDP under torchrun, compiled when train.compile asks) and the module's optimizer.
 
-
-def stage_logits(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """The stage's head's logits for x, the input of block `offset`. Blocks before stage.first run without
-    gradients. One loop, so the caller holds no block's output: the frozen prefix's output lives only as long
-    as the first trained block keeps it for its backward pass (after a P or a pool, it does not)."""
-    for j in range(offset, stage.block + 1):
-        with torch.no_grad() if j < stage.first else nullcontext():
-            x = net.blocks[j](x)
-    return net.heads[stage.block](x)
-
-
-def stage_loss(
-    net: StagedNet, stage: Stage, x: torch.Tensor, y: torch.Tensor, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy of the stage's head, its logits) for a batch; what `train.compile` compiles."""
-    logits = stage_logits(net, stage, x, offset)
-    return F.cross_entropy(logits.float(), y), logits
-
-
-LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def compiled_loss(mode: str) -> LossFn:
-    """stage_loss, compiled with torch.compile in this mode (`none`: as it is).
-
-    Call it once per stage: it clears the compile caches, since each stage freezes other modules and
-    recompiles anyway, and stale entries would count towards torch's recompilation limit.
+    `train` and `layerwise bench` both train through this object. Under DDP only the StageModule is wrapped:
+    the frozen blocks run outside it, without gradients, and their weights are never all-reduced.
     """
-    if mode == "none":
-        return stage_loss
-    torch.compiler.reset()
-    return torch.compile(stage_loss, mode=mode)
+
+    def __init__(
+        self,
+        net: StagedNet,
+        stage: Stage,
+        cfg: TrainConfig,
+        precision: Precision,
+        where: Dist = SINGLE,
+        optimizer_state: dict | None = None,
+    ):
+        self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
+        device = precision.device
+        place_for(net, stage, device)
+        self.module = freeze_for(net, stage)
+        if cfg.sync_bn and where.active:  # replaces the BN modules inside the network's own blocks and head
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        self.optimizer = make_optimizer(self.module.parameters(), cfg)
+        if optimizer_state is not None:
+            load_optimizer_state(self.optimizer, optimizer_state)
+        model: nn.Module = self.module
+        if where.active:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
+            model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if cfg.compile != "none":
+            # Each stage freezes other modules and recompiles anyway; stale entries would count towards
+            # torch's recompilation limit.
+            torch.compiler.reset()
+            model = torch.compile(model, mode=cfg.compile)
+        self.model = model
+
+    def start_epoch(self, epoch: int) -> float:
+        """Set this epoch's learning rate; at a decay, optionally forget momentum as the released code does. Put
+        the frozen modules back in eval mode (evaluation switches modes)."""
+        lr = lr_at(self.cfg, epoch)
+        if self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0:
+            self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.net.eval()
+        self.module.train()
+        return lr
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, offset: int = 0, weight: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step. x is the input of block `offset`: the image when 0, else a cached output of the
+        frozen prefix. Returns (loss, logits), both still on the device; the loss is the mean over this process's
+        images. `weight` scales the gradient so that DDP's average over processes is the global batch's mean
+        when the processes' shares differ in size (the last batch of an epoch)."""
+        # Free the last step's gradients before the forward pass, so they never coexist with its activations.
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            loss, logits = self.model(frozen_prefix(self.net, self.stage, x, offset), y)
+        (loss if weight == 1.0 else loss * weight).backward()
+        self.optimizer.step()
+        return loss, logits
+
+    def sync(self) -> None:
+        """Every process takes rank 0's BN statistics, before evaluation and checkpoints (see Dist)."""
+        self.where.broadcast_buffers(self.module)
 
 
-def train_step(
-    net: StagedNet,
-    stage: Stage,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    offset: int = 0,
-    autocast=None,
-    loss_fn: LossFn = stage_loss,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step of the stage. x is the input of block `offset`: the image when 0, else a
-    cached output of the frozen prefix. Returns (loss, logits), both still on the device."""
-    # Free the last step's gradients before the forward pass, so they never coexist with its activations.
-    optimizer.zero_grad(set_to_none=True)
-    with autocast() if autocast else nullcontext():
-        loss, logits = loss_fn(net, stage, x, y, offset)
-    loss.backward()
-    optimizer.step()
-    return loss, logits
-
-
-def train_epoch(
-    net: StagedNet,
-    stage: Stage,
-    loader: Loader,
-    optimizer: torch.optim.Optimizer,
-    seed: int,
-    autocast=None,
-    desc: str = "",
-    epoch: int = 0,
-    loss_fn: LossFn = stage_loss,
-) -> dict:
+def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int = 0, desc: str = "") -> dict:
     """One pass over the training data. Sums stay on the device; the only host sync is at the end.
 
-    `loader` yields images, or (a PrefixCache) the frozen blocks' output for this epoch's cached view.
+    `loader` yields this process's share of each batch: images, or (a PrefixCache) the frozen blocks' output for
+    this epoch's cached view. Under DDP the returned figures are over every process's images.
     """
-    freeze_for(net, stage)
+    where = training.where
     offset = loader.offset
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss * n, top-1 hits, top-5 hits
     n = 0
     t0 = time.perf_counter()
-    for x, y in tqdm(
-        loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None, unit="batch"
-    ):
-        loss, logits = train_step(net, stage, x, y, optimizer, offset, autocast, loss_fn)
+    batches = tqdm(
+        loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None if where.is_main else True
+    )
+    for i, (x, y) in enumerate(batches):
+        weight = len(y) * where.world_size / loader.global_batch(i) if where.active else 1.0
+        loss, logits = training.step(x, y, offset, weight)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])
         n += len(y)
-    loss_sum, top1, top5 = sums.tolist()
+    loss_sum, top1, top5, n = where.sum(torch.cat([sums, sums.new_tensor([n])])).tolist()
     seconds = time.perf_counter() - t0
     return {
         "loss": loss_sum / n,

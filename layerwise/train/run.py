@@ -1,4 +1,8 @@
-"""A whole training run: data, model, every stage of the strategy, metrics, checkpoints and resume."""
+"""A whole training run as one object (Run): set-up, every stage of the strategy, metrics, checkpoints, resume.
+
+Under torchrun every process builds the same Run; rank 0 alone writes the run directory (config, logs,
+metrics, checkpoints, summary), and every process reads its checkpoints when resuming.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +21,18 @@ import torch
 
 from layerwise import __version__
 from layerwise.config import RunConfig, config_from_dict
-from layerwise.data import build_data, build_eval_loader
+from layerwise.data import DataBundle, build_data, build_eval_loader
 from layerwise.data.loaders import MemoryLoader
-from layerwise.device import channels_last, fast_path, resolve_device
+from layerwise.device import Precision, precision_for, resolve_device
+from layerwise.distributed import Dist, QuietError, check_batch, device_for, from_env, is_peer_failure, process_group
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import StagedNet, build_model
-from layerwise.train.cache import PrefixCache, cache_bytes, cache_dtype, check_cache_fits, human, prefix_shapes
-from layerwise.train.checkpoint import BackgroundWriter, RunDir, cpu_snapshot, load_checkpoint, save_checkpoint
-from layerwise.train.loop import (
-    Stage,
-    compiled_loss,
-    load_optimizer_state,
-    make_optimizer,
-    module_bytes,
-    place_for,
-    plan_stages,
-    resident_modules,
-    start_epoch,
-    train_epoch,
-    trainable_modules,
-)
+from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
+from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
+from layerwise.train.loop import StageTraining, train_epoch
+from layerwise.train.stage import Stage, module_bytes, place_for, plan_stages, resident_modules
 
 log = logging.getLogger("layerwise")
 
@@ -74,193 +69,329 @@ def train(
     """Train cfg's network into the run directory `out` and return the summary. See RunDir for the files.
 
     `data` is a dataset path (None: the built-in sample). With `resume`, an interrupted run continues from
-    its last finished epoch and ends exactly where an uninterrupted run would.
+    its last finished epoch and ends exactly where an uninterrupted run would. Under torchrun this process
+    joins the run's process group (NCCL on GPUs, gloo on the CPU) for the duration, unless it already has.
     """
-    run = RunDir(out)
-    if resume:
-        same_run(run.saved_config(), cfg)
-        if data is None:  # continue on the data the run started with
-            data = run.read_info().get("data_path")
-    else:
-        run.check_new()
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    bundle = build_data(cfg.data, data, cfg.train.batch_size, device, cfg.train.train_eval_size)
-    log.info(
-        "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val.num_examples
-    )
+    where = from_env()
+    check_batch(cfg.train.batch_size, where)
+    device = resolve_device(device_for(cfg.train.device, where))
+    if cfg.train.sync_bn and where.active and device.type != "cuda":
+        raise LayerwiseError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU (gloo)")
+    with process_group(where, device):
+        run = Run.open(cfg, out, data, resume, where, device)
+        try:
+            return run.train(on_epoch_end)
+        finally:
+            run.close()
 
-    stages = plan_stages(cfg.model.J, cfg.train.mode)
-    net = checked_model(cfg, len(bundle.classes), device, stage=stages[0])
-    autocast = fast_path(device, cfg.train.precision)
-    use_cache = cfg.train.cache != "none" and cfg.train.mode == "greedy" and cfg.model.J > 1
-    if use_cache:
-        plan_prefix_cache(cfg, net, bundle.train, device, run.path / "cache", autocast)
 
-    if resume:
-        if run.read_classes() != bundle.classes:
+@dataclass
+class Resume:
+    """Where training continues: a stage, the epochs of it already done, and their optimizer state."""
+
+    stage: int = 0
+    epoch: int = 0
+    optimizer_state: dict | None = None
+
+
+class Run:
+    """What every stage of a run shares: its config, run directory, network, data, precision and this
+    process's place in the process group (`where`). `Run.open` sets it up; `train` trains it."""
+
+    def __init__(
+        self, cfg: RunConfig, run_dir: RunDir, net: StagedNet, data: DataBundle, precision: Precision, where: Dist
+    ):
+        self.cfg, self.dir, self.net, self.data, self.precision, self.where = cfg, run_dir, net, data, precision, where
+        self.stages = plan_stages(cfg.model.J, cfg.train.mode)
+        self.resuming = False
+        self.writer: BackgroundWriter | None = None
+        self.lock = None
+        self.log_handler: logging.Handler | None = None
+        self.on_epoch_end: Callable[[dict], None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    @classmethod
+    def open(
+        cls, cfg: RunConfig, out: str | Path, data: str | Path | None, resume: bool, where: Dist, device: torch.device
+    ) -> Run:
+        """Check everything that can fail before anything is written (on every process: none goes on alone),
+        then, on rank 0, take the run directory's lock and write the config, classes and run.json."""
+        run_dir = RunDir(out)
+
+        locks = []
+
+        def check_dir() -> None:
+            if resume:
+                same_run(run_dir.saved_config(), cfg)
+            else:
+                run_dir.check_new()
+            if where.is_main:
+                locks.append(run_dir.lock())
+                if not resume:
+                    run_dir.check_new()  # another run may have started here since the check above
+
+        try:
+            where.agree(check_dir)
+            if resume and data is None:  # continue on the data the run started with
+                data = run_dir.read_info().get("data_path")
+            precision = precision_for(device, cfg.train.precision)
+            torch.manual_seed(cfg.train.seed)
+            batch, eval_size = cfg.train.batch_size, cfg.train.train_eval_size
+            bundle = where.agree(lambda: build_data(cfg.data, data, batch, device, eval_size, where))
+            log.info(
+                "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val_images
+            )
+            first = plan_stages(cfg.model.J, cfg.train.mode)[0]
+            net = where.agree(lambda: checked_model(cfg, len(bundle.classes), precision, stage=first))
+            run = cls(cfg, run_dir, net, bundle, precision, where)
+            run.lock, run.resuming = locks[0] if locks else None, resume
+            if cfg.train.cache != "none" and any(s.cacheable for s in run.stages):
+                where.agree(run.check_cache)
+            if resume:
+                where.agree(run.check_classes)
+            where.agree(lambda: run.write_start(data) if where.is_main else None)
+            return run
+        except BaseException:
+            for lock in locks:
+                lock.release(undo=not resume)
+            raise
+
+    def check_classes(self) -> None:
+        if self.dir.read_classes() != self.data.classes:
             raise LayerwiseError(
-                f"--resume: the data's classes differ from the run's {run.classes}; pass the same --data"
+                f"--resume: the data's classes differ from the run's {self.dir.classes}; pass the same --data"
             )
-    else:
-        run.create(cfg.to_yaml())
-        run.write_json(run.classes, bundle.classes)
-    info = run_info(cfg, device, data, bundle.description)
-    if resume:  # keep when the run started; note when it was resumed
-        old = run.read_info()
-        info = {**info, "started": old.get("started"), "resumed": [*old.get("resumed", []), info["started"]]}
-    run.write_json(run.info, info)
-    handler = logging.FileHandler(run.path / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    try:
-        return _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
 
+    def write_start(self, data: str | Path | None) -> None:
+        """Rank 0: the config and classes of a new run, run.json (noting a resumption), and train.log."""
+        if not self.resuming:
+            self.dir.create(self.cfg.to_yaml())
+            self.dir.write_json(self.dir.classes, self.data.classes)
+        info = run_info(self.cfg, self.device, data, self.data.description, self.where)
+        if self.resuming:  # keep when the run started; note when it was resumed
+            old = self.dir.read_info()
+            info = {**info, "started": old.get("started"), "resumed": [*old.get("resumed", []), info["started"]]}
+        self.dir.write_json(self.dir.info, info)
+        self.log_handler = logging.FileHandler(self.dir.path / "train.log")
+        self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(self.log_handler)
 
-def resume_point(cfg: RunConfig, run: RunDir, net: StagedNet, n_stages: int) -> tuple[int, int, dict | None]:
-    """Load the newest checkpoint into net; return (stage, epoch, optimizer state) to continue from.
+    def close(self) -> None:
+        if self.log_handler is not None:
+            log.removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
-    final.pt (finished) > last.pt (end of an epoch) > the newest block{j}.pt (end of a greedy block).
-    Metric lines the checkpoint does not cover are dropped.
-    """
-    if run.final.is_file():
-        _, model_state, _ = load_checkpoint(run.final)
-        net.load_state_dict(model_state)
-        log.info("%s already finished; rewriting its summary", run.path)
-        return n_stages, 0, None
-    if run.last.is_file():
-        meta, model_state, optimizer_state = load_checkpoint(run.last)
-        net.load_state_dict(model_state)
-        stage, epoch = meta["stage"], meta["epoch"]
-        run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= (stage, epoch))
-        log.info("resuming %s after stage %d epoch %d", run.path, stage, epoch)
-        if epoch < cfg.train.epochs_per_block:
-            return stage, epoch, optimizer_state
-        if cfg.train.mode == "greedy" and not run.block(meta["block"]).is_file():  # stopped before saving it
-            save_checkpoint(run.block(meta["block"]), {"block": meta["block"], "stage": stage}, model_state)
-        return stage + 1, 0, None
-    block = run.last_finished_block()
-    if block is not None:  # last.pt was lost: continue after the last finished block
-        meta, model_state, _ = load_checkpoint(block)
-        net.load_state_dict(model_state)
-        run.keep_metrics(lambda r: r["stage"] <= meta["stage"])
-        log.info("resuming %s after %s (no last.pt)", run.path, block.name)
-        return meta["stage"] + 1, 0, None
-    run.keep_metrics(lambda r: False)
-    log.info("no checkpoint in %s yet: starting from the beginning", run.checkpoints)
-    return 0, 0, None
+    def train(self, on_epoch_end: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Every stage from where the run stands (its newest checkpoint when resuming) to the end; the summary.
 
+        `on_epoch_end(row)` runs after each epoch, while its metrics line and checkpoint are being written.
+        """
+        self.on_epoch_end = on_epoch_end
+        start = self.resume_point() if self.resuming else Resume()
+        t_start = time.perf_counter()
+        try:
+            with BackgroundWriter() as self.writer:  # checkpoints and metrics go to disk while training goes on
+                for stage in self.stages[start.stage :]:
+                    self.train_stage(stage, start if stage.index == start.stage else Resume(stage.index))
+                    if stage.finishes_block:
+                        self.save(self.dir.block(stage.block), {"block": stage.block, "stage": stage.index})
+                if start.stage < len(self.stages) or not self.dir.final.is_file():
+                    meta = {"mode": self.cfg.train.mode, "blocks_trained": self.cfg.model.J}
+                    self.save(self.dir.final, meta)
+        except RuntimeError as e:
+            if not (self.where.active and is_peer_failure(e)):
+                raise
+            raise LayerwiseError(
+                f"process {self.where.rank} stopped: another process of the run failed "
+                f"({str(e).strip().splitlines()[0][:160]}); the checkpoints in {self.dir.checkpoints} are intact: "
+                "start the same command again with --resume"
+            ) from None
+        finally:
+            self.writer = None
+        summary = None
+        if self.where.is_main:
+            seconds = time.perf_counter() - t_start
+            summary = summarize(self.cfg, self.net, self.dir.read_metrics(), self.stages, seconds, self.device)
+            self.dir.write_json(self.dir.summary, summary)
+        return self.where.from_main(summary)
 
-def _train_stages(cfg, run, net, stages, bundle, device, autocast, use_cache, resume, on_epoch_end) -> dict[str, Any]:
-    """Every stage from where the run stands (its newest checkpoint when resuming) to the end."""
-    first_stage, first_epoch, optimizer_state = resume_point(cfg, run, net, len(stages)) if resume else (0, 0, None)
-    t_start = time.perf_counter()
-    with BackgroundWriter() as writer:  # checkpoints and metrics go to disk while the next epoch trains
-        for s in range(first_stage, len(stages)):
-            resumed = (first_epoch, optimizer_state) if s == first_stage else (0, None)
-            train_stage(
-                cfg, run, net, stages[s], s, *resumed, bundle, device, autocast, use_cache, writer, on_epoch_end
+    def resume_point(self) -> Resume:
+        """Load the newest checkpoint into the network; return where to continue from.
+
+        final.pt (finished) > last.pt (end of an epoch) > the newest block{j}.pt (end of a greedy block).
+        Rank 0 drops the metric lines the checkpoint does not cover.
+        """
+        run, main = self.dir, self.where.is_main
+        if run.final.is_file():
+            _, model_state, _ = load_checkpoint(run.final)
+            self.net.load_state_dict(model_state)
+            log.info("%s already finished; rewriting its summary", run.path)
+            return Resume(len(self.stages))
+        if run.last.is_file():
+            meta, model_state, optimizer_state = load_checkpoint(run.last)
+            self.net.load_state_dict(model_state)
+            stage, epoch = self.stages[meta["stage"]], meta["epoch"]
+            if main:
+                run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= (stage.index, epoch))
+            log.info("resuming %s after stage %d epoch %d", run.path, stage.index, epoch)
+            if epoch < self.cfg.train.epochs_per_block:
+                return Resume(stage.index, epoch, optimizer_state)
+            if main and stage.finishes_block and not run.block(stage.block).is_file():  # stopped before saving it
+                save_checkpoint(run.block(stage.block), {"block": stage.block, "stage": stage.index}, model_state)
+            return Resume(stage.index + 1)
+        block = run.last_finished_block()
+        if block is not None:  # last.pt was lost: continue after the last finished block
+            meta, model_state, _ = load_checkpoint(block)
+            self.net.load_state_dict(model_state)
+            if main:
+                run.keep_metrics(lambda r: r["stage"] <= meta["stage"])
+            log.info("resuming %s after %s (no last.pt)", run.path, block.name)
+            return Resume(meta["stage"] + 1)
+        if main:
+            run.keep_metrics(lambda r: False)
+        log.info("no checkpoint in %s yet: starting from the beginning", run.checkpoints)
+        return Resume()
+
+    def train_stage(self, stage: Stage, start: Resume) -> None:
+        """The stage from `start.epoch` on (with the optimizer state of a resumed epoch), on the prefix cache when
+        train.cache asks for one."""
+        cfg = self.cfg.train
+        training = StageTraining(self.net, stage, cfg, self.precision, self.where, start.optimizer_state)
+        loader = self.prefix_cache(stage) if cfg.cache != "none" and stage.cacheable else self.data.train
+        compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile != "none" else ()
+        memos = {"val": {}, "train_eval": {}}  # the frozen heads' scores, kept through the stage's evaluations
+        try:
+            for epoch in range(start.epoch, cfg.epochs_per_block):
+                try:
+                    self.train_epoch(training, loader, epoch, memos)
+                except compile_errors as e:
+                    raise LayerwiseError(
+                        f"train.compile={cfg.compile} failed in {stage.name} ({str(e).strip().splitlines()[0]}); "
+                        f"checkpoints are kept in {self.dir.checkpoints}: resume with --set train.compile=none"
+                    ) from None
+        finally:  # also on an interruption: free the cache and delete its file
+            if isinstance(loader, PrefixCache):
+                loader.close()
+
+    def train_epoch(self, training: StageTraining, loader, epoch: int, memos: dict) -> None:
+        """Train, stop on a non-finite loss, evaluate, then hand the metrics line and the epoch checkpoint to the
+        writer (in that order, so no checkpoint is ahead of its metrics); on_epoch_end runs while they are written."""
+        stage, cfg = training.stage, self.cfg.train
+        seed = epoch_seed(cfg.seed, stage.index, epoch)
+        torch.manual_seed((seed + 7_919 * self.where.rank) % 2**63)  # dropout masks differ between processes
+        lr = training.start_epoch(epoch)
+        stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{cfg.epochs_per_block}")
+        if not math.isfinite(stats["loss"]):  # the same all-reduced loss on every process
+            raise (LayerwiseError if self.where.is_main else QuietError)(
+                f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
+                f"checkpoints up to the previous epoch are kept in {self.dir.checkpoints}; "
+                "start again with a lower --lr"
             )
-            if cfg.train.mode == "greedy":
-                save_later(writer, run.block(stages[s].block), {"block": stages[s].block, "stage": s}, net)
-        if first_stage < len(stages) or not run.final.is_file():
-            save_later(writer, run.final, {"mode": cfg.train.mode, "blocks_trained": cfg.model.J}, net)
-    summary = summarize(cfg, net, run.read_metrics(), stages, time.perf_counter() - t_start, device)
-    run.write_json(run.summary, summary)
-    return summary
+        training.sync()
+        row = self.epoch_row(stage, epoch, lr, stats, memos)
+        meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
+        line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
+        self.save(self.dir.last, meta, training.optimizer, first=lambda: self.dir.append_metrics(line))
+        log.info(format_row(row))
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(row)
 
+    def save(self, path: Path, meta: dict, optimizer=None, first: Callable[[], None] | None = None) -> None:
+        """Rank 0: snapshot the weights (and optimizer state) now; the writer runs `first`, if given, then saves
+        them while training goes on."""
+        if self.where.is_main:
+            self.writer.submit(checkpoint_job(path, meta, self.net, optimizer, first))
 
-def save_later(writer: BackgroundWriter, path: Path, meta: dict, net: StagedNet, optimizer=None, first=None) -> None:
-    """Snapshot the weights (and optimizer state) now; the writer runs `first`, if given, then saves them while
-    training goes on."""
-    model_state = cpu_snapshot(net.state_dict())
-    optimizer_state = cpu_snapshot(optimizer.state_dict()) if optimizer is not None else None
+    def epoch_row(self, stage: Stage, epoch: int, lr: float, stats: dict, memos: dict) -> dict[str, Any]:
+        """One metrics line: the trained head's numbers and the ensemble over the stage's heads (the frozen heads'
+        scores come from `memos` after the stage's first evaluation)."""
+        heads, ensemble, autocast = list(stage.eval_heads), self.cfg.train.ensemble, self.precision.autocast
+        val = evaluate(self.net, self.data.val, heads, ensemble, autocast, memos["val"], self.where)
+        row = {
+            "stage": stage.index,
+            "stage_name": stage.name,
+            "block": stage.block,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": stats["loss"],
+            "train": {"top1": stats["top1"], "top5": stats["top5"]},
+            "val": {**val["blocks"][stage.block], "loss": val["loss"]},
+            "images_per_s": stats["images_per_s"],
+            "seconds": stats["seconds"],
+        }
+        if self.data.train_eval is not None:
+            clean = evaluate(self.net, self.data.train_eval, heads, ensemble, autocast, memos["train_eval"], self.where)
+            row["train_eval"] = {**clean["blocks"][stage.block], "loss": clean["loss"]}
+        return row
 
-    def job() -> None:
-        if first is not None:
-            first()
-        save_checkpoint(path, meta, model_state, optimizer_state)
+    def cache_store(self, stage: Stage) -> str | Path:
+        """Where stage's prefix cache lives: "device", "host", or its file (one per process under DDP)."""
+        if self.cfg.train.cache != "disk":
+            return self.cfg.train.cache
+        name = f"prefix{stage.first}.rank{self.where.rank}.bin" if self.where.active else f"prefix{stage.first}.bin"
+        return self.dir.path / "cache" / name
 
-    writer.submit(job)
-
-
-def train_stage(
-    cfg, run, net, stage, s, first_epoch, optimizer_state, bundle, device, autocast, use_cache, writer, on_epoch_end
-) -> None:
-    """Stage s from `first_epoch` on (with the optimizer state of a resumed epoch), on the prefix cache when asked."""
-    place_for(net, stage, device)
-    loader = bundle.train
-    if use_cache and stage.first > 0:
+    def prefix_cache(self, stage: Stage) -> PrefixCache:
         t0 = time.perf_counter()
-        seeds = [epoch_seed(cfg.train.seed, s, v) for v in range(cache_views(cfg))]
-        loader = PrefixCache(net, stage.first, bundle.train, seeds, cfg.train.cache, run.path / "cache", autocast)
+        seeds = [epoch_seed(self.cfg.train.seed, stage.index, v) for v in range(cache_views(self.cfg))]
+        cache = PrefixCache(self.net, stage.first, self.data.train, seeds, self.cache_store(stage), self.precision)
         seconds = time.perf_counter() - t0
         log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), seconds)
-    compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.train.compile != "none" else ()
-    memos = {"val": {}, "train_eval": {}}  # the frozen heads' scores, kept through the stage's evaluations
-    try:
-        optimizer = make_optimizer(trainable_modules(net, stage).parameters(), cfg.train)
-        loss_fn = compiled_loss(cfg.train.compile)
-        if optimizer_state is not None:
-            load_optimizer_state(optimizer, optimizer_state)
-        for epoch in range(first_epoch, cfg.train.epochs_per_block):
-            try:
-                train_one_epoch(
-                    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, memos, writer,
-                    on_epoch_end,
-                )  # fmt: skip
-            except compile_errors as e:
-                raise LayerwiseError(
-                    f"train.compile={cfg.train.compile} failed in {stage.name} ({str(e).strip().splitlines()[0]}); "
-                    f"checkpoints are kept in {run.checkpoints}: resume with --set train.compile=none"
-                ) from None
-    finally:  # also on an interruption: free the cache and delete its file
-        if loader is not bundle.train:
-            loader.close()
+        return cache
 
+    def check_cache(self) -> None:
+        """Size the largest prefix cache of the run and refuse it now if it cannot fit (every process of this node
+        holds its own copy in host memory, and of the run on a disk cache)."""
+        cfg, images = self.cfg.train, self.data.train
+        folder = self.dir.path / "cache"
+        if self.where.is_main:
+            for stale in folder.glob("prefix*.bin"):  # left by an interrupted run; it would count as used space
+                stale.unlink()
+        if not isinstance(images, MemoryLoader):
+            raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
+        dtype = self.precision.dtype
+        shapes = prefix_shapes(self.net, images.normalize(images.images[:1]))
+        n, views = images.num_examples, cache_views(self.cfg)
+        on_gpu = cfg.cache == "device" and self.device.type == "cuda"
+        copies = 1 if on_gpu else self.where.world_size if cfg.cache == "disk" else self.where.local_world_size
 
-def train_one_epoch(
-    cfg, run, net, stage, s, epoch, loader, optimizer, loss_fn, bundle, autocast, memos, writer, on_epoch_end
-) -> None:
-    """Train, stop on a non-finite loss, evaluate, then hand the metrics line and the epoch checkpoint to the
-    writer (in that order, so no checkpoint is ahead of its metrics); on_epoch_end runs while they are written."""
-    seed = epoch_seed(cfg.train.seed, s, epoch)
-    torch.manual_seed(seed)
-    lr = start_epoch(optimizer, cfg.train, epoch)
-    desc = f"{stage.name} epoch {epoch + 1}/{cfg.train.epochs_per_block}"
-    stats = train_epoch(net, stage, loader, optimizer, seed, autocast, desc, epoch, loss_fn)
-    if not math.isfinite(stats["loss"]):
-        raise LayerwiseError(
-            f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
-            f"checkpoints up to the previous epoch are kept in {run.checkpoints}; start again with a lower --lr"
-        )
-    row = epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast, memos)
-    meta = {"stage": s, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
-    line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
-    save_later(writer, run.last, meta, net, optimizer, first=lambda: run.append_metrics(line))  # metrics first
-    log.info(format_row(row))
-    if on_epoch_end is not None:
-        on_epoch_end(row)
+        def weights(stage: Stage) -> int:  # a GPU cache must leave room for the weights the stage brings there
+            return module_bytes(resident_modules(self.net, stage), off=self.device) if on_gpu else 0
+
+        cached = [s for s in plan_stages(self.cfg.model.J, "greedy") if s.cacheable]
+        stage = max(cached, key=lambda s: cache_bytes(n, views, shapes[s.first], dtype) + weights(s))
+        needed = cache_bytes(n, views, shapes[stage.first], dtype)
+        shape = "x".join(map(str, shapes[stage.first]))
+        what = f"block {stage.first}'s input ({views} view(s) of {n} images at {shape}, {dtype})"
+        what += f" in each of {copies} processes" if copies > 1 else ""
+        if weights(stage):
+            what += f" and the {human(weights(stage))} of weights that stage brings to the device"
+        check_cache_fits(copies * needed + weights(stage), cfg.cache, self.device, folder, what)
+        log.info("prefix cache: at most %.2f GiB (%s)", copies * needed / 2**30, what)
 
 
 def checked_model(
-    cfg: RunConfig, num_classes: int, device: torch.device, state: dict | None = None, stage: Stage | None = None
+    cfg: RunConfig, num_classes: int, precision: Precision, state: dict | None = None, stage: Stage | None = None
 ) -> StagedNet:
-    """Build the network (channels_last on a GPU and in bf16), load `state` if given, and run one blank RGB image
-    through every block and head on the CPU, all before anything is written: problems become one line.
+    """Build the network (channels_last where the precision says), load `state` if given, and run one blank RGB
+    image through every block and head on the CPU, all before anything is written: problems become one line.
 
     Then the whole network goes to the device, or with a `stage` only what that stage runs (place_for).
     """
-    size = cfg.data.image_size
+    size, device = cfg.data.image_size, precision.device
     try:
         net = build_model(cfg.model, num_classes)
         set_recompute(net, cfg.train.recompute_activations)
         if state is not None:
             net.load_state_dict(state)
-        if channels_last(device, cfg.train.precision):
+        if precision.channels_last:
             net = net.to(memory_format=torch.channels_last)
         with torch.no_grad():
             net.eval()(torch.zeros(1, 3, size, size))
@@ -283,53 +414,6 @@ def cache_views(cfg: RunConfig) -> int:
     return min(cfg.train.cache_views, cfg.train.epochs_per_block)
 
 
-def plan_prefix_cache(cfg: RunConfig, net: StagedNet, images, device, folder: Path, autocast) -> None:
-    """Size the largest prefix cache of the run and refuse it now if it cannot fit."""
-    for stale in folder.glob("prefix*.bin"):  # left by an interrupted run; it would count as used space
-        stale.unlink()
-    if not isinstance(images, MemoryLoader):
-        raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
-    dtype = cache_dtype(autocast)
-    shapes = prefix_shapes(net, images.normalize(images.images[:1]))
-    n, views = images.num_examples, cache_views(cfg)
-    greedy = plan_stages(cfg.model.J, "greedy")
-
-    def weights(i: int) -> int:  # a GPU cache must leave room for the weights stage i brings to the device
-        on_gpu = cfg.train.cache == "device" and device.type == "cuda"
-        return module_bytes(resident_modules(net, greedy[i]), off=device) if on_gpu else 0
-
-    j = max(range(1, cfg.model.J), key=lambda i: cache_bytes(n, views, shapes[i], dtype) + weights(i))
-    needed = cache_bytes(n, views, shapes[j], dtype)
-    what = f"block {j}'s input ({views} view(s) of {n} images at {'x'.join(map(str, shapes[j]))}, {dtype})"
-    if weights(j):
-        what += f" and the {human(weights(j))} of weights that stage brings to the device"
-    check_cache_fits(needed + weights(j), cfg.train.cache, device, folder, what)
-    log.info("prefix cache: at most %.2f GiB (%s)", needed / 2**30, what)
-
-
-def epoch_row(net, stage, s, epoch, lr, stats, bundle, cfg, autocast, memos) -> dict[str, Any]:
-    """One metrics line: the trained head's numbers and the ensemble over heads 0..block (the frozen heads'
-    scores come from `memos` after the stage's first evaluation)."""
-    blocks = list(stage.eval_blocks)
-    val = evaluate(net, bundle.val, blocks, cfg.train.ensemble, autocast, memos["val"])
-    row = {
-        "stage": s,
-        "stage_name": stage.name,
-        "block": stage.block,
-        "epoch": epoch + 1,
-        "lr": lr,
-        "loss": stats["loss"],
-        "train": {"top1": stats["top1"], "top5": stats["top5"]},
-        "val": {**val["blocks"][stage.block], "loss": val["loss"]},
-        "images_per_s": stats["images_per_s"],
-        "seconds": stats["seconds"],
-    }
-    if bundle.train_eval is not None:
-        clean = evaluate(net, bundle.train_eval, blocks, cfg.train.ensemble, autocast, memos["train_eval"])
-        row["train_eval"] = {**clean["blocks"][stage.block], "loss": clean["loss"]}
-    return row
-
-
 def format_row(row: dict[str, Any]) -> str:
     v = row["val"]
     return (
@@ -342,8 +426,8 @@ def format_row(row: dict[str, Any]) -> str:
 def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds: float, device) -> dict[str, Any]:
     """Per-block results (each stage's last epoch), the final network's numbers and the paper's targets."""
     per_stage = []
-    for s, stage in enumerate(stages):
-        mine = [r for r in rows if r["stage"] == s]
+    for stage in stages:
+        mine = [r for r in rows if r["stage"] == stage.index]
         if not mine:
             raise LayerwiseError(
                 f"metrics.jsonl has no line for {stage.name}, which the checkpoints cover; the summary cannot be "
@@ -397,13 +481,14 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_info(cfg: RunConfig, device: torch.device, data, description: str) -> dict[str, Any]:
+def run_info(cfg: RunConfig, device: torch.device, data, description: str, where: Dist) -> dict[str, Any]:
     return {
         "layerwise": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "processes": where.world_size,
         "data": str(data) if data is not None else "built-in sample",
         "data_path": str(Path(data).resolve()) if data is not None else None,
         "data_description": description,
@@ -423,10 +508,10 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, pre
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     meta, state, _ = load_checkpoint(path)
-    dev = resolve_device(device)
-    net = checked_model(cfg, len(classes), dev, state)
-    last_block = cfg.model.J - 1 if path == run.final else meta["block"]
-    blocks = [cfg.model.J - 1] if cfg.train.mode == "e2e" else list(range(last_block + 1))
-    loader = build_eval_loader(cfg.data, data, classes, batch_size, dev)
-    result = evaluate(net, loader, blocks, cfg.train.ensemble, fast_path(dev, precision or cfg.train.precision))
+    compute = precision_for(resolve_device(device), precision or cfg.train.precision)
+    net = checked_model(cfg, len(classes), compute, state)
+    stages = plan_stages(cfg.model.J, cfg.train.mode)
+    heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)  # the heads trained so far
+    loader = build_eval_loader(cfg.data, data, classes, batch_size, compute.device)
+    result = evaluate(net, loader, heads, cfg.train.ensemble, compute.autocast)
     return {**result, "checkpoint": str(path), "data": str(data)}

@@ -1,0 +1,173 @@
+"""torchrun and DistributedDataParallel: the one module that knows the process's rank.
+
+`torchrun --nproc-per-node N -m layerwise train ...` starts N processes and tells each its RANK, WORLD_SIZE,
+LOCAL_RANK and LOCAL_WORLD_SIZE through the environment. Without those variables a run is one process
+(`Dist()`, world size 1) and nothing here calls torch.distributed at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from layerwise.errors import LayerwiseError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands in the run: its rank among `world_size` processes, and on its own node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run's files and logs."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum t over every process, in place (a no-op in a single process)."""
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Give every process rank 0's buffers (BN running statistics): each process updated its own from its own
+        share of the last batch, and the saved checkpoint holds rank 0's."""
+        if self.active:
+            for b in module.buffers():
+                dist.broadcast(b, 0)
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value`, on every process."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+    def agree(self, work: Callable[[], T]) -> T:
+        """Run `work` on every process; if it raised a LayerwiseError on any of them, raise one on all of them.
+
+        Use it where only some processes can fail (rank 0 takes the lock, one node lacks the data), so that no
+        process goes on into a collective that the failed one will never reach. The other processes' copy of
+        the error is `quiet`: only the ones that failed print it.
+        """
+        if not self.active:
+            return work()
+        result, error = None, None
+        try:
+            result = work()
+        except LayerwiseError as e:
+            error = str(e)
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, error)
+        if error is not None:
+            raise LayerwiseError(error)
+        for rank, other in enumerate(errors):
+            if other is not None:
+                raise QuietError(f"process {rank} of the run failed: {other}")
+        return result
+
+
+class QuietError(LayerwiseError):
+    """An error another process has already reported; the CLI does not print it again."""
+
+
+SINGLE = Dist()
+
+
+def from_env() -> Dist:
+    """The Dist torchrun describes in the environment, or SINGLE outside torchrun."""
+    if "WORLD_SIZE" not in os.environ:
+        return SINGLE
+    try:
+        world = int(os.environ["WORLD_SIZE"])
+        return Dist(
+            rank=int(os.environ["RANK"]),
+            world_size=world,
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        )
+    except (KeyError, ValueError):
+        raise LayerwiseError("WORLD_SIZE is set but RANK is missing or not a number; start with torchrun") from None
+
+
+def device_for(name: str, where: Dist) -> str:
+    """The device name for this process: under torchrun each process takes the GPU of its local rank."""
+    if not where.active or name == "cpu":
+        return name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            return name
+    if name != "cuda":
+        raise LayerwiseError(
+            f"under torchrun each process uses the GPU of its local rank; pass --device cuda or auto, not {name!r}"
+        )
+    if torch.cuda.is_available() and where.local_rank >= torch.cuda.device_count():
+        raise LayerwiseError(
+            f"local rank {where.local_rank} has no GPU: {torch.cuda.device_count()} visible on this node; "
+            "lower --nproc-per-node"
+        )
+    return f"cuda:{where.local_rank}"
+
+
+def check_batch(batch_size: int, where: Dist) -> None:
+    if batch_size % where.world_size:
+        raise LayerwiseError(
+            f"train.batch_size={batch_size} is the global batch and must divide by the {where.world_size} "
+            "processes; change --batch-size or --nproc-per-node"
+        )
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU processes; a one-line error when this torch lacks it."""
+    name = "nccl" if device.type == "cuda" else "gloo"
+    available = dist.is_available() and (dist.is_nccl_available() if name == "nccl" else dist.is_gloo_available())
+    if not available:
+        raise LayerwiseError(f"torch.distributed backend {name!r} is not available in this torch build")
+    return name
+
+
+@contextmanager
+def process_group(where: Dist, device: torch.device) -> Iterator[None]:
+    """Join the run's process group for the duration (unless it is one process, or the caller already did)."""
+    if not where.active or dist.is_initialized():
+        yield
+        return
+    backend = backend_for(device)
+    # Collectives give up after this long, so a process whose peer hangs (rather than dies) stops too.
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LAYERWISE_DIST_TIMEOUT", 1800)))
+    options = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, timeout=timeout, **options)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the run stopped (its connection closed)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "NCCL", "gloo", "Gloo")
+    )

@@ -1,0 +1,126 @@
+"""Strategies and their stages: what each stage trains, freezes, scores and may cache.
+
+A strategy is a list of stages. A stage trains blocks[first..block] and heads[block] on the output of the
+frozen blocks before `first`:
+- greedy (Algorithm 1): stage j trains block j and head j alone, first = block = j;
+- end-to-end: one stage trains every block and the last head, first = 0, block = J-1.
+Everything else (the loop, checkpoints, resume, caching, DDP) reads the stage's fields, never the mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from layerwise.models.staged import StagedNet
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    """Position in the strategy's list; checkpoints and metrics name stages by it."""
+    name: str
+    first: int
+    """The first trained block; blocks before it are frozen (eval mode, no gradient)."""
+    block: int
+    """The last trained block; its head gives the loss."""
+    eval_heads: tuple[int, ...]
+    """Heads scored after each epoch; the ensemble runs over them."""
+    frozen_heads: tuple[int, ...]
+    """Scored heads that this stage never changes: their scores on fixed data can be computed once and reused."""
+    cacheable: bool
+    """Whether the frozen prefix's output can be cached (train.cache): there is a prefix, and it never changes."""
+    finishes_block: bool
+    """Whether the stage leaves block `block` finished for good, saved as checkpoints/block{j}.pt."""
+
+    @property
+    def frozen_blocks(self) -> range:
+        return range(self.first)
+
+    @property
+    def trained_blocks(self) -> range:
+        return range(self.first, self.block + 1)
+
+
+def greedy(J: int) -> list[Stage]:
+    """Algorithm 1: block j and its head, on the frozen blocks before it; heads 0..j are scored."""
+    return [Stage(j, f"block {j}", j, j, tuple(range(j + 1)), tuple(range(j)), j > 0, True) for j in range(J)]
+
+
+def end_to_end(J: int) -> list[Stage]:
+    """The reference: every block and the last head, jointly; only the last head is scored."""
+    return [Stage(0, "e2e", 0, J - 1, (J - 1,), (), False, False)]
+
+
+STRATEGIES = {"greedy": greedy, "e2e": end_to_end}
+
+
+def plan_stages(J: int, mode: str) -> list[Stage]:
+    if mode not in STRATEGIES:
+        raise ValueError(f"unknown mode {mode!r}")
+    return STRATEGIES[mode](J)
+
+
+class StageModule(nn.Module):
+    """What a stage trains, as one module that DDP can wrap: x_first -> blocks first..block -> head block.
+
+    forward(x, y) -> (cross-entropy, logits), where x is the input of block `first` (the frozen prefix's output,
+    or a cached copy of it) and the logits are (B, classes). It holds the network's own modules, not copies.
+    """
+
+    def __init__(self, net: StagedNet, stage: Stage):
+        super().__init__()
+        self.blocks = nn.ModuleList(net.blocks[j] for j in stage.trained_blocks)
+        self.head = net.heads[stage.block]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+
+@torch.no_grad()
+def frozen_prefix(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """x_first from x, the input of block `offset` (0: the image; `first`: a cached x_first, returned as is)."""
+    for j in range(offset, stage.first):
+        x = net.blocks[j](x)
+    return x
+
+
+def resident_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
+    """What the stage runs: blocks 0..stage.block and the heads it trains or scores."""
+    heads = sorted({*stage.eval_heads, stage.block})
+    return nn.ModuleList([*net.blocks[: stage.block + 1], *(net.heads[j] for j in heads)])
+
+
+def place_for(net: StagedNet, stage: Stage, device: torch.device) -> None:
+    """Put the stage's resident modules on `device` and keep every other block and head on the CPU.
+
+    Later blocks and heads (VGG-11's 0.5 GiB classifier during greedy block 0) and, end to end, the unused
+    auxiliary heads then take no device memory. Moves keep each tensor's memory format.
+    """
+    resident = {id(m) for m in resident_modules(net, stage)}
+    for module in (*net.blocks, *net.heads):
+        module.to(device if id(module) in resident else torch.device("cpu"))
+
+
+def module_bytes(module: nn.Module, off: torch.device | None = None) -> int:
+    """Bytes of the module's parameters and buffers; with `off`, only of those not on that kind of device yet."""
+    return sum(t.nbytes for t in (*module.parameters(), *module.buffers()) if off is None or t.device.type != off.type)
+
+
+def freeze_for(net: StagedNet, stage: Stage) -> StageModule:
+    """Put everything but the stage's modules in eval mode without gradients; return the trained part.
+
+    Frozen blocks therefore use their BN running statistics and receive no updates (Algorithm 1).
+    """
+    net.eval().requires_grad_(False)
+    for p in net.parameters():
+        p.grad = None  # frees gradients left over from an earlier stage
+    trained = StageModule(net, stage)
+    trained.train().requires_grad_(True)
+    return trained
