@@ -62,6 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if where.is_main:
             print(f"interrupted; continue with: {resume}", file=sys.stderr)
         return 130
+    finally:  # a SIGTERM while the process exits just ends it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if where.is_main:
         print(summary_table(summary))
         print(f"run saved in {out}")

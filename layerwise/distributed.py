@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,7 +157,12 @@ def process_group(where: Dist, device: torch.device) -> Iterator[None]:
     # Collectives give up after this long, so a process whose peer hangs (rather than dies) stops too.
     timeout = datetime.timedelta(seconds=float(os.environ.get("LAYERWISE_DIST_TIMEOUT", 1800)))
     options = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=timeout, **options)
+    try:
+        dist.init_process_group(backend, timeout=timeout, **options)
+    except ValueError as e:  # the environment lacks what torchrun sets (MASTER_ADDR, ...)
+        raise LayerwiseError(
+            f"cannot join the run's processes ({str(e).splitlines()[0]}); start with torchrun"
+        ) from None
     try:
         yield
     finally:
@@ -171,3 +177,10 @@ def is_peer_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(
         s in text for s in ("Connection reset by peer", "Connection closed by peer", "NCCL", "gloo", "Gloo")
     )
+
+
+def peer_failure(error: BaseException) -> str:
+    """The gist of a collective's failure, without the backend's source paths and advice."""
+    text = " ".join(str(error).split())
+    found = re.search(r"Connection (reset|closed) by peer|timed out|[Tt]imeout", text)
+    return found.group(0) if found else text[:120]

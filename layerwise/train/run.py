@@ -24,7 +24,16 @@ from layerwise.config import RunConfig, config_from_dict
 from layerwise.data import DataBundle, build_data, build_eval_loader
 from layerwise.data.loaders import MemoryLoader
 from layerwise.device import Precision, precision_for, resolve_device
-from layerwise.distributed import Dist, QuietError, check_batch, device_for, from_env, is_peer_failure, process_group
+from layerwise.distributed import (
+    Dist,
+    QuietError,
+    check_batch,
+    device_for,
+    from_env,
+    is_peer_failure,
+    peer_failure,
+    process_group,
+)
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
@@ -209,9 +218,8 @@ class Run:
             if not (self.where.active and is_peer_failure(e)):
                 raise
             raise LayerwiseError(
-                f"process {self.where.rank} stopped: another process of the run failed "
-                f"({str(e).strip().splitlines()[0][:160]}); the checkpoints in {self.dir.checkpoints} are intact: "
-                "start the same command again with --resume"
+                f"process {self.where.rank} stopped: another process of the run failed ({peer_failure(e)}); the "
+                f"checkpoints in {self.dir.checkpoints} are intact: start the same command again with --resume"
             ) from None
         finally:
             self.writer = None
