@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from layerwise.config import COMPILE_MODES, PRECISIONS, RunConfig
 from layerwise.data.sources import sample_path
 from layerwise.device import Precision, precision_for, resolve_device
+from layerwise.distributed import SINGLE, Dist, check_batch, device_for, from_env, process_group
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
@@ -96,18 +98,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(net, stage, x, y, offset: int, cfg: RunConfig, precision: Precision, warmup: int, steps: int) -> dict:
-    """images/s and memory of `steps` real training steps (StageTraining, as `train` runs them) after `warmup`
-    untimed ones (which compile when cfg.train.compile asks), with only the stage's modules on the device."""
-    device = precision.device
-    training = StageTraining(net, stage, cfg.train, precision)
+@dataclass(frozen=True)
+class Timing:
+    """How a benchmark trains and times its steps: the run's config and precision, untimed and timed steps, and the
+    process group (one process, or DDP under torchrun)."""
+
+    cfg: RunConfig
+    precision: Precision
+    warmup: int
+    steps: int
+    where: Dist = SINGLE
+
+
+def time_steps(net, stage, x, y, offset: int, timing: Timing) -> dict:
+    """images/s (over every process) and memory of `steps` real training steps (StageTraining, as `train` runs
+    them) after `warmup` untimed ones (which compile when cfg.train.compile asks), with only the stage's modules on
+    the device. x and y are this process's share of the batch."""
+    device = timing.precision.device
+    training = StageTraining(net, stage, timing.cfg.train, timing.precision, timing.where)
     resident = resident_modules(net, stage)
     with peak_memory(device) as mem:
-        for _ in range(warmup):
+        for _ in range(timing.warmup):
             training.step(x, y, offset)
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(timing.steps):
             training.step(x, y, offset)
         _sync(device)
         seconds = time.perf_counter() - t0
@@ -115,7 +130,7 @@ def time_steps(net, stage, x, y, offset: int, cfg: RunConfig, precision: Precisi
     for p in net.parameters():
         p.grad = None
     return {
-        "images_per_s": len(y) * steps / seconds,
+        "images_per_s": len(y) * timing.where.world_size * timing.steps / seconds,
         "peak_bytes": mem["peak"],
         "step_bytes": mem["step"],
         "weights_bytes": module_bytes(resident),
@@ -169,19 +184,20 @@ def bench_model(
     net = bench_network(cfg, preset, compute, classes)  # each measurement places what its stage runs
     x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)
+    timing = Timing(cfg, compute, warmup, steps)
     rows = []
     greedy = plan_stages(net.J, "greedy")
     if blocks is not None and not all(0 <= j < net.J for j in blocks):
         raise LayerwiseError(f"--blocks must be between 0 and {net.J - 1} for {preset}")
     for stage in greedy if blocks is None else [greedy[j] for j in blocks]:
         row = {"block": stage.block}
-        row["uncached"] = time_steps(net, stage, x, y, 0, cfg, compute, warmup, steps)
+        row["uncached"] = time_steps(net, stage, x, y, 0, timing)
         if recompute_activations:
-            row["activations_recomputed"] = recomputed(net, stage, x, y, cfg, compute, warmup, steps)
+            row["activations_recomputed"] = recomputed(net, stage, x, y, timing)
         if stage.cacheable:  # block 0 has no frozen prefix to cache
             with compute.autocast():  # after the uncached steps' peaks
                 x_j = frozen_prefix(net.eval(), stage, x)
-            row["cached"] = time_steps(net, stage, x_j, y, stage.first, cfg, compute, warmup, steps)
+            row["cached"] = time_steps(net, stage, x_j, y, stage.first, timing)
             row["cache_speedup"] = row["cached"]["images_per_s"] / row["uncached"]["images_per_s"]
             row["cached_bytes_per_image"] = x_j[0].numel() * x_j.element_size()
             del x_j
@@ -190,9 +206,9 @@ def bench_model(
     checkpoint = time_checkpoint(net, last, cfg, dev)
     evaluation = time_evaluation(net, last, x, y, compute, steps)
     (e2e_stage,) = plan_stages(net.J, "e2e")
-    e2e = time_steps(net, e2e_stage, x, y, 0, cfg, compute, warmup, steps)
+    e2e = time_steps(net, e2e_stage, x, y, 0, timing)
     if recompute_activations:
-        e2e["activations_recomputed"] = recomputed(net, e2e_stage, x, y, cfg, compute, warmup, steps)
+        e2e["activations_recomputed"] = recomputed(net, e2e_stage, x, y, timing)
     return {
         "preset": preset,
         "device": str(dev),
@@ -273,22 +289,23 @@ def time_checkpoint(net, stage, cfg: RunConfig, device, repeats: int = 3) -> dic
     }
 
 
-def recomputed(net, stage, x, y, cfg: RunConfig, precision: Precision, warmup: int, steps: int) -> dict:
+def recomputed(net, stage, x, y, timing: Timing) -> dict:
     """time_steps of the uncached step with train.recompute_activations on."""
     set_recompute(net, True)
     try:
-        return time_steps(net, stage, x, y, 0, cfg, precision, warmup, steps)
+        return time_steps(net, stage, x, y, 0, timing)
     finally:
         set_recompute(net, False)
 
 
-def fits(net, stage, cfg: RunConfig, precision: Precision, batch: int, classes: int) -> bool:
+def fits(net, stage, timing: Timing, batch: int, classes: int) -> bool:
     """Whether two training steps of `stage` at this batch size run without running out of GPU memory."""
-    size, device = cfg.data.image_size, precision.device
+    cfg, device = timing.cfg, timing.precision.device
+    size = cfg.data.image_size
     try:
         x = torch.randn(batch, cfg.model.in_channels, size, size, device=device)
         y = torch.randint(0, classes, (batch,), device=device)
-        time_steps(net, stage, x, y, 0, cfg, precision, warmup=1, steps=1)
+        time_steps(net, stage, x, y, 0, timing)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
@@ -316,15 +333,16 @@ def max_batch(
     classes = 1000 if cfg.data.augment == "imagenet" else 10
     net = bench_network(cfg, preset, compute, classes)  # time_steps places each stage
     set_recompute(net, recompute_activations)
+    timing = Timing(cfg, compute, warmup=1, steps=1)
 
     def largest(stage) -> int:
         lo, hi = 0, 1
-        while hi <= limit and fits(net, stage, cfg, compute, hi, classes):
+        while hi <= limit and fits(net, stage, timing, hi, classes):
             lo, hi = hi, hi * 2
         hi = min(hi, limit + 1)  # never try beyond the limit
         while hi - lo > max(1, lo // 16):  # bisect to within about 6%
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(net, stage, cfg, compute, mid, classes) else (lo, mid)
+            lo, hi = (mid, hi) if fits(net, stage, timing, mid, classes) else (lo, mid)
         return lo
 
     greedy = {stage.block: largest(stage) for stage in plan_stages(net.J, "greedy")}
@@ -338,6 +356,76 @@ def max_batch(
         "greedy": min(greedy.values()),
         "e2e": largest(plan_stages(net.J, "e2e")[0]),
     }
+
+
+def bench_processes(
+    preset: str,
+    batch_size: int | None = None,
+    device: str = "auto",
+    steps: int = 10,
+    warmup: int = 2,
+    precision: str = "auto",
+) -> dict:
+    """images/s of every greedy block's (uncached) training step and of the end-to-end step, over every process
+    of the run: under torchrun through DDP, each process stepping on its share of the global batch. Also what one
+    all-reduce of the stage's gradients costs (the whole of DDP's communication per step, not overlapped here)."""
+    where = from_env()
+    cfg = bench_config(preset, batch_size, None, precision, "none")
+    check_batch(cfg.train.batch_size, where)
+    compute = precision_for(resolve_device(device_for(device, where)), precision)
+    dev = compute.device
+    with process_group(where, dev):
+        classes = 1000 if cfg.data.augment == "imagenet" else 10
+        batch, size = cfg.train.batch_size, cfg.data.image_size
+        torch.manual_seed(0)  # the same network and batch in every process
+        net = bench_network(cfg, preset, compute, classes)
+        x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev).tensor_split(where.world_size)
+        y = torch.randint(0, classes, (batch,), device=dev).tensor_split(where.world_size)
+        timing = Timing(cfg, compute, warmup, steps, where)
+        rows = []
+        for stage in [*plan_stages(net.J, "greedy"), *plan_stages(net.J, "e2e")]:
+            row = {"stage": stage.name, **time_steps(net, stage, x[where.rank], y[where.rank], 0, timing)}
+            rows.append({**row, **time_allreduce(StageModule(net, stage), timing)})
+    return {
+        "preset": preset,
+        "device": str(dev),
+        "processes": where.world_size,
+        "threads_per_process": torch.get_num_threads(),
+        "batch_size": batch,
+        "precision": str(compute),
+        "stages": rows,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
+
+
+def time_allreduce(module: torch.nn.Module, timing: Timing) -> dict:
+    """Milliseconds of one all-reduce of as many fp32 values as the module has parameters (0 in one process)."""
+    grads = torch.zeros(sum(p.numel() for p in module.parameters()), device=timing.precision.device)
+    seconds = 0.0
+    if timing.where.active:
+        for _ in range(timing.warmup):
+            torch.distributed.all_reduce(grads)
+        _sync(grads.device)
+        t0 = time.perf_counter()
+        for _ in range(timing.steps):
+            torch.distributed.all_reduce(grads)
+        _sync(grads.device)
+        seconds = (time.perf_counter() - t0) / timing.steps
+    return {"gradient_bytes": grads.nbytes, "allreduce_ms": 1e3 * seconds}
+
+
+def format_processes(result: dict) -> str:
+    lines = [
+        f"{result['preset']} on {result['processes']} process(es) x {result['threads_per_process']} thread(s), "
+        f"{result['device']}, global batch {result['batch_size']}, {result['precision']}",
+        f"{'stage':<9} {'img/s':>9} {'gradients MiB':>14} {'all-reduce ms':>14}",
+    ]
+    for r in result["stages"]:
+        lines.append(
+            f"{r['stage']:<9} {r['images_per_s']:>9.1f} {mib(r['gradient_bytes']):>14} {r['allreduce_ms']:>14.2f}"
+        )
+    return "\n".join(lines)
 
 
 def bench_input(

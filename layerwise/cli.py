@@ -167,6 +167,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LayerwiseError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    where = from_env()
+    if args.scaling or where.active:
+        from layerwise.bench import bench_processes, format_processes
+
+        result = bench_processes(args.preset, batch, args.device, steps, warmup, args.precision)
+        if where.is_main:
+            print(json.dumps(result, indent=2) if args.json else format_processes(result))
+        return 0
     try:
         blocks = [int(j) for j in args.blocks.split(",")] if args.blocks else None
     except ValueError:
@@ -251,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", default="none", help="as train.compile: none, default, reduce-overhead, ...")
     b.add_argument("--data", help="images for the input benchmark (default: the built-in sample)")
     b.add_argument("--no-input", action="store_true", help="skip the input-pipeline benchmark")
+    b.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only the training step's img/s per stage and the all-reduce cost; implied under torchrun (DDP)",
+    )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

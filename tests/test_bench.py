@@ -193,3 +193,14 @@ def test_precision_rejects_an_unknown_name():
 
     with pytest.raises(LayerwiseError, match="precision must be auto, fp32, bf16"):
         precision_for(torch.device("cpu"), "fp16")
+
+
+def test_bench_scaling_in_one_process(capsys):
+    assert main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--scaling", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["processes"] == 1 and [r["allreduce_ms"] for r in result["stages"]] == [0.0] * 4
+    from layerwise.presets import load_preset
+
+    net = build_model(load_preset("demo").model, 10)
+    trained = [net.blocks[1], net.heads[1]]  # greedy block 1 trains block 1 and head 1 alone
+    assert result["stages"][1]["gradient_bytes"] == 4 * sum(p.numel() for m in trained for p in m.parameters())

@@ -341,3 +341,47 @@ def test_a_memory_loader_share_holds_the_same_images_as_the_single_process_batch
     for i, (x, y) in enumerate(one[:3]):
         assert torch.equal(torch.cat([two[0][i][0], two[1][i][0]]), x)
         assert torch.equal(torch.cat([two[0][i][1], two[1][i][1]]), y)
+
+
+def test_a_streaming_loader_share_holds_the_labels_of_the_single_process_batch(imagenet_folder):
+    """The streamed (ImageNet-style) loader cuts the same global batches from the same seed; its crops are random."""
+    from layerwise.config import DataConfig
+    from layerwise.data.loaders import StreamLoader
+    from layerwise.data.sources import open_train
+
+    files = open_train(imagenet_folder / "train", decode=False, size=32).train
+    cfg, cpu = DataConfig(augment="imagenet", image_size=32, resize_size=40, workers=0), torch.device("cpu")
+    one = [y for _, y in StreamLoader(files, 6, cpu, cfg, True).batches(seed=3)]
+    two = [[y for _, y in StreamLoader(files, 6, cpu, cfg, True, Dist(r, 2)).batches(seed=3)] for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 4  # 24 images in batches of 6, 3 + 3 per process
+    assert all(torch.equal(torch.cat([a, b]), y) for a, b, y in zip(two[0], two[1], one, strict=True))
+    assert sorted(torch.cat(one).tolist()) == sorted(files.labels)
+
+
+def test_each_process_caches_the_whole_prefix_in_its_own_file_and_trains_as_without_it(tmp_path, data, two_processes):
+    """train.cache=disk under DDP: one file per process (the same x_j in each), read in the process's shares; with
+    a view per epoch the run sees the uncached run's batches."""
+    out = tmp_path / "cached"
+    items = settings(2, *NO_BN, "train.cache=disk", "train.cache_views=2")
+    stderr = run(standalone(*layerwise_train(out, data, items))).stderr
+    assert "block 1: cached 2 view(s)" in stderr and "block 2: cached 2 view(s)" in stderr
+    assert "in each of 2 processes" in stderr  # the size check counted both copies
+    assert_close(weights(out), weights(two_processes), atol=1e-4)
+    assert not list((out / "cache").glob("*.bin"))  # every process removed its file after its stage
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_sync_bn_on_two_gpus(tmp_path, data):
+    """NCCL with SyncBatchNorm: the trained module's statistics are over the global batch."""
+    items = [*settings(1, "train.sync_bn=true"), "train.device=cuda"]
+    run(standalone(*layerwise_train(tmp_path / "run", data, items)))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["device"].startswith("cuda")
+
+
+def test_bench_under_torchrun_times_ddp_steps_and_the_all_reduce():
+    out = run(standalone("-m", "layerwise", "bench", "--preset", "demo", "--quick", "--steps", "1", "--json")).stdout
+    result = json.loads(out)  # rank 0 alone printed
+    assert result["processes"] == 2 and result["threads_per_process"] == 1  # torchrun's OMP_NUM_THREADS=1
+    assert [r["stage"] for r in result["stages"]] == ["block 0", "block 1", "block 2", "e2e"]
+    assert all(r["images_per_s"] > 0 and r["allreduce_ms"] > 0 for r in result["stages"])
+    assert result["stages"][-1]["gradient_bytes"] > result["stages"][0]["gradient_bytes"]
