@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     if args.download:
+        if from_env().active:
+            raise LayerwiseError("--download once without torchrun first: every process would write the same files")
         download_cifar10(args.data)
     log.info("run %s: preset %s, mode %s, J=%d, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.J, cfg.model.k)
     where = from_env()
@@ -151,6 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.compile != "none":
             raise LayerwiseError("--max-batch measures the uncompiled step; drop --compile")
+        if from_env().active:
+            raise LayerwiseError("--max-batch measures one GPU; run it without torchrun")
 
         result = max_batch(
             args.preset,

@@ -171,6 +171,11 @@ class TrainConfig:
             "train.compile and train.recompute_activations cannot be combined; choose one",
         )
         _check(
+            not self.sync_bn or (self.compile == "none" and not self.recompute_activations),
+            "train.sync_bn cannot be combined with train.compile or train.recompute_activations (SyncBatchNorm's "
+            "collectives would be traced or run again in the backward pass); choose one",
+        )
+        _check(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
         )

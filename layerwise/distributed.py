@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, one_line
 
 T = TypeVar("T")
 
@@ -75,12 +75,12 @@ class Dist:
         result, error = None, None
         try:
             result = work()
-        except LayerwiseError as e:
-            error = str(e)
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other processes must hear of it
+            error = e
         errors = [None] * self.world_size
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, None if error is None else one_line(error))
         if error is not None:
-            raise LayerwiseError(error)
+            raise error
         for rank, other in enumerate(errors):
             if other is not None:
                 raise QuietError(f"process {rank} of the run failed: {other}")
@@ -155,7 +155,7 @@ def process_group(where: Dist, device: torch.device) -> Iterator[None]:
         return
     backend = backend_for(device)
     # Collectives give up after this long, so a process whose peer hangs (rather than dies) stops too.
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LAYERWISE_DIST_TIMEOUT", 1800)))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LAYERWISE_DIST_TIMEOUT", 600)))
     options = {"device_id": device} if device.type == "cuda" else {}
     try:
         dist.init_process_group(backend, timeout=timeout, **options)
@@ -175,7 +175,7 @@ def is_peer_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        s in text for s in ("Connection reset by peer", "Connection closed by peer", "NCCL", "gloo", "Gloo")
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
     )
 
 

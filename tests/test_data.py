@@ -156,3 +156,24 @@ def test_mixed_sizes_need_imagenet_mode(tmp_path, image_folder):
     write_folder(image_folder, per_class=1, size=40, classes=["cat"], seed=3)  # overwrites cat/000.jpg at 40 px
     with pytest.raises(LayerwiseError, match="image_size"):
         open_train(image_folder, decode=True, size=32)
+
+
+def test_the_streamed_loader_draws_what_a_shuffling_dataloader_draws(imagenet_folder):
+    """One process streams the batches torch's DataLoader(shuffle=True, generator seeded per epoch) gives: the
+    same order and, with the same global seed, the same random crops."""
+    from torch.utils.data import DataLoader
+
+    from layerwise.data.loaders import StreamLoader
+
+    files = open_train(imagenet_folder / "train", decode=False, size=32).train
+    cfg = DataConfig(augment="imagenet", image_size=32, resize_size=40, workers=0)
+    loader = StreamLoader(files, 5, torch.device("cpu"), cfg, True)
+    reference = DataLoader(loader.dataset, 5, shuffle=True, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
+    expected = list(reference)
+    torch.manual_seed(1)
+    ours = list(loader.batches(seed=7))
+    assert len(ours) == len(expected) == 5
+    for (x, y), (ex, ey) in zip(ours, expected, strict=True):
+        assert torch.equal(y, ey)
+        assert torch.equal(x, loader.normalize(ex))

@@ -54,13 +54,14 @@ def build_data(
         train, val = hold_out(train, cfg.val_size, cfg.split_seed)
         description += f", {len(val)} images held out for validation (seed {cfg.split_seed})"
     train_eval = None
+    eval_batch = max(1, batch_size // where.world_size)  # each process scores its shard in its share of a batch
     if train_eval_size:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed + 1))
-        train_eval = make_loader(train.subset(order[:train_eval_size]), batch_size, device, cfg, False, where)
+        train_eval = make_loader(train.subset(order[:train_eval_size]), eval_batch, device, cfg, False, where)
     return DataBundle(
         classes=source.classes,
         train=make_loader(train, batch_size, device, cfg, True, where),
-        val=make_loader(val, batch_size, device, cfg, False, where),
+        val=make_loader(val, eval_batch, device, cfg, False, where),
         train_eval=train_eval,
         description=description,
         val_images=len(val),

@@ -28,6 +28,7 @@ from layerwise.config import DataConfig
 from layerwise.data.sources import Decoded, Examples, Files
 from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
+from layerwise.locks import release_inherited_locks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -226,14 +227,20 @@ class StreamLoader:
         """The epoch's batches (this process's share of each); the order depends only on `seed`, the random crops
         also on the rank, so that processes do not crop their images alike."""
         n = len(self.dataset)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if self.train else torch.arange(n)
+        order = torch.arange(n)
+        if self.train:  # the order DataLoader(shuffle=True, generator=seeded) draws, after its workers' base seed
+            g = torch.Generator().manual_seed(seed)
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            order = torch.randperm(n, generator=g)
+        crops = seed if self.rank == 0 else (seed + 1_000_003 * self.rank) % 2**63  # the workers' base seed
         loader = DataLoader(
             self.dataset,
             batch_sampler=[idx.tolist() for idx in self.batching.shares(order)],
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed((seed + 1_000_003 * (self.rank + 1)) % 2**63),
+            generator=torch.Generator().manual_seed(crops),
             persistent_workers=False,
+            worker_init_fn=release_inherited_locks,
         )
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)

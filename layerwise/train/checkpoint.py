@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import logging
 import os
-import socket
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +15,7 @@ import torch
 import yaml
 
 from layerwise.errors import LayerwiseError
+from layerwise.locks import RunLock
 
 log = logging.getLogger("layerwise")
 
@@ -235,39 +233,3 @@ class RunDir:
 
     def write_json(self, path: Path, value: Any) -> None:
         write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-class RunLock:
-    """An advisory lock (flock) on RUN/.lock, held while a process trains the run.
-
-    The kernel releases it when the process ends, however it ends: a run killed with SIGKILL can be resumed at
-    once, with no stale lock to delete. The file holds the holder's pid and host, for the error message. flock
-    works across nodes on NFS (Linux emulates it with fcntl locks there).
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.made_folder = path, not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise LayerwiseError(
-                f"{path.parent} is being trained by {holder}; wait for it to finish or stop it, then --resume"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-
-    def release(self, undo: bool = False) -> None:
-        """Drop the lock; with `undo` (a new run that failed before it started) also remove the folder the lock
-        created, if nothing else is in it."""
-        if self.fd is None:
-            return
-        if undo and self.made_folder:
-            self.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()
-        os.close(self.fd)  # closing the descriptor drops the lock
-        self.fd = None

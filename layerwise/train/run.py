@@ -128,8 +128,8 @@ class Run:
     ) -> Run:
         """Check everything that can fail before anything is written (on every process: none goes on alone),
         then, on rank 0, take the run directory's lock and write the config, classes and run.json."""
+        check_batch(cfg.train.batch_size, where)
         run_dir = RunDir(out)
-
         locks = []
 
         def check_dir() -> None:
@@ -158,6 +158,7 @@ class Run:
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
             if cfg.train.cache != "none" and any(s.cacheable for s in run.stages):
+                where.agree(run.remove_stale_cache)  # before any process measures the free space
                 where.agree(run.check_cache)
             if resume:
                 where.agree(run.check_classes)
@@ -203,7 +204,7 @@ class Run:
         `on_epoch_end(row)` runs after each epoch, while its metrics line and checkpoint are being written.
         """
         self.on_epoch_end = on_epoch_end
-        start = self.resume_point() if self.resuming else Resume()
+        start = self.where.agree(self.resume_point) if self.resuming else Resume()
         t_start = time.perf_counter()
         try:
             with BackgroundWriter() as self.writer:  # checkpoints and metrics go to disk while training goes on
@@ -214,6 +215,8 @@ class Run:
                 if start.stage < len(self.stages) or not self.dir.final.is_file():
                     meta = {"mode": self.cfg.train.mode, "blocks_trained": self.cfg.model.J}
                     self.save(self.dir.final, meta)
+            # Rank 0 alone writes the summary; every process returns it, or stops with its error.
+            return self.where.from_main(self.where.agree(lambda: self.write_summary(t_start)))
         except RuntimeError as e:
             if not (self.where.active and is_peer_failure(e)):
                 raise
@@ -223,12 +226,14 @@ class Run:
             ) from None
         finally:
             self.writer = None
-        summary = None
-        if self.where.is_main:
-            seconds = time.perf_counter() - t_start
-            summary = summarize(self.cfg, self.net, self.dir.read_metrics(), self.stages, seconds, self.device)
-            self.dir.write_json(self.dir.summary, summary)
-        return self.where.from_main(summary)
+
+    def write_summary(self, t_start: float) -> dict[str, Any] | None:
+        if not self.where.is_main:
+            return None
+        seconds = time.perf_counter() - t_start
+        summary = summarize(self.cfg, self.net, self.dir.read_metrics(), self.stages, seconds, self.device)
+        self.dir.write_json(self.dir.summary, summary)
+        return summary
 
     def resume_point(self) -> Resume:
         """Load the newest checkpoint into the network; return where to continue from.
@@ -354,14 +359,17 @@ class Run:
         log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), seconds)
         return cache
 
+    def remove_stale_cache(self) -> None:
+        """Rank 0: delete cache files an interrupted run left; they would count as used space."""
+        if self.where.is_main:
+            for stale in (self.dir.path / "cache").glob("prefix*.bin"):
+                stale.unlink()
+
     def check_cache(self) -> None:
         """Size the largest prefix cache of the run and refuse it now if it cannot fit (every process of this node
         holds its own copy in host memory, and of the run on a disk cache)."""
         cfg, images = self.cfg.train, self.data.train
         folder = self.dir.path / "cache"
-        if self.where.is_main:
-            for stale in folder.glob("prefix*.bin"):  # left by an interrupted run; it would count as used space
-                stale.unlink()
         if not isinstance(images, MemoryLoader):
             raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
         dtype = self.precision.dtype
