@@ -34,7 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             "mode": args.mode,
             "lr": args.lr,
         },
-        "data": {"val_size": args.val_size, "workers": args.workers},
+        "data": {
+            "val_size": args.val_size,
+            "workers": args.workers,
+            "val_path": str(Path(args.val_data).resolve()) if args.val_data else None,
+        },
     }
     given = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
     overrides.append({s: kv for s, kv in given.items() if kv})
@@ -229,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--seed", type=int)
-    t.add_argument("--val-size", type=float, help="held-out validation images (a count, or a fraction below 1)")
+    t.add_argument(
+        "--val-size", type=float, help="held-out validation images (a count, or a fraction below 1; 0: none)"
+    )
+    t.add_argument(
+        "--val-data",
+        help="score this data after every epoch instead of a held-out split (CIFAR-10 archive: its test_batch)",
+    )
     t.add_argument("--workers", type=int, help="DataLoader workers for streamed (ImageNet) data")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr_step=4"

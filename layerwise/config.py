@@ -33,7 +33,14 @@ class ModelConfig:
     """BatchNorm after each block's conv. The paper drops it for k=1; a conv without BN then gets a bias."""
     head_batchnorm: bool = True
     """BatchNorm in the auxiliary heads: after each head conv, and after the averaging. Off, head convs get a bias.
-    The VGG-11 last head (VGG's classifier) has none either way."""
+    The paper has none for k=1 (the k=1 presets turn it off). The VGG-11 last head (VGG's classifier) has none
+    either way."""
+    classifier_dropout: float = 0.0
+    """Dropout before each hidden linear layer of VGG-11's last head (VGG's own classifier). 0 as in the released
+    greedy VGG-11; torchvision's vgg11_bn, the end-to-end baseline, has 0.5. VGG-11 only."""
+    bn_weight_init: str = "ones"
+    """Initial BatchNorm weight: `ones` (PyTorch today) or `uniform` in [0, 1), as PyTorch 0.4 did when the
+    paper's code ran, for a faithful replica of its SimCNN runs. SimCNN only (VGG-11 keeps torchvision's)."""
     conv_bias: bool | None = None
     """Bias in the block convs. None means `not batchnorm`; VGG-11-BN keeps its biases (True)."""
     aux_width: int = 0
@@ -57,6 +64,16 @@ class ModelConfig:
         _check(self.aux_width_factor > 0, "model.aux_width_factor must be > 0")
         _check(self.head_pool >= 1, "model.head_pool must be >= 1")
         _check(self.in_channels >= 1, "model.in_channels must be >= 1")
+        _check(0 <= self.classifier_dropout < 1, "model.classifier_dropout must be in [0, 1)")
+        _check(
+            self.classifier_dropout == 0 or self.arch == "vgg11",
+            "model.classifier_dropout applies to VGG-11's classifier only; leave it at 0 for simcnn",
+        )
+        _check(self.bn_weight_init in ("ones", "uniform"), "model.bn_weight_init must be 'ones' or 'uniform'")
+        _check(
+            self.bn_weight_init == "ones" or self.arch == "simcnn",
+            "model.bn_weight_init=uniform is for SimCNN; VGG-11 keeps torchvision's initialisation",
+        )
 
     @property
     def J(self) -> int:
@@ -79,7 +96,12 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])
     val_size: float = 0.1
-    """Images held out of the training data when it has no validation split: a count, or a fraction if < 1."""
+    """Images held out of the training data when it has no validation split (and no val_path): a count, or a
+    fraction if < 1. 0 holds none out: without val_path the run then has no validation, and its metrics and
+    summary give training figures instead, saying so."""
+    val_path: str | None = None
+    """Data scored after every epoch instead of a held-out split or the source's own val/ folder: any source
+    `--data` accepts (a CIFAR-10 python archive: its test_batch), its classes mapped to the run's by name."""
     split_seed: int = 0
     """Seed of the held-out split; fixed apart from train.seed so runs with other seeds share a validation set."""
     workers: int = 4
@@ -94,7 +116,8 @@ class DataConfig:
             len(self.mean) == len(self.std) and len(self.mean) > 0, "data.mean and data.std need one value per channel"
         )
         _check(all(s > 0 for s in self.std), "data.std values must be > 0")
-        _check(self.val_size > 0, "data.val_size must be > 0 (a count, or a fraction below 1)")
+        _check(self.val_size >= 0, "data.val_size must be >= 0 (a count, or a fraction below 1)")
+        _check(self.val_path != "", "data.val_path must be a path, or null for none")
         _check(self.workers >= 0, "data.workers must be >= 0")
 
 

@@ -1,8 +1,10 @@
 """The real command line: every small preset runs a few steps, and every bad input is a one-line error."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
@@ -194,3 +196,40 @@ def test_bench_input_needs_image_files(cifar_archive, capsys):
         ["bench", "--preset", "demo", "--quick", "--steps", "1", "--data", str(cifar_archive)], capsys
     )
     assert code == 2 and "needs image files" in error_line(err)
+
+
+def test_the_paper_set_up_trains_on_every_image_and_scores_the_test_split(tmp_path, cifar_archive, capsys):
+    """A recipe's set-up: all training images (data.val_size=0) and --val-data on a CIFAR-10 archive, whose
+    test_batch (20 images here) is scored after every epoch."""
+    args = ["train", "--data", str(cifar_archive), "--val-data", str(cifar_archive), "--val-size", "0"]
+    sets = [arg for a in tiny_overrides(1) for arg in ("--set", a)]
+    assert main([*args, "--out", str(tmp_path / "run"), *sets]) == 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert f"validation on {cifar_archive.resolve()} (20 images)" in info["data_description"]
+    assert "held out" not in info["data_description"]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"val_path: {cifar_archive.resolve()}" in config and "val_size: 0" in config
+
+
+def test_the_device_check_runs_end_to_end_on_the_cpu_at_tiny_size(tmp_path, image_folder):
+    """recipes/device_check.sh --tiny: every step that needs no GPU, shrunk, on the CPU; one JSON line each. With
+    a test split, the k=3 runs train on every image and score that split (here a folder of the run's classes)."""
+    from conftest import write_folder
+
+    test_split = write_folder(tmp_path / "test", per_class=2, seed=3)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE_CHECK_DATA": str(image_folder)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # python3: this environment's
+    script = Path(__file__).parent.parent / "recipes" / "device_check.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(test_split), "--tiny"], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["step"] for r in lines] == ["k3-paper", "k3-short", "memory-vgg11", "bench-k3"], result.stderr
+    assert all(r["exit"] == 0 for r in lines), result.stdout
+    paper = lines[0]
+    assert paper["goal"] == {"seconds": 90.0, "met": True} and paper["no_validation"] is None
+    assert set(paper["per_block_top1"]) == {"block 0", "block 1", "block 2", "block 3"}
+    info = json.loads((tmp_path / "out" / "runs" / "k3-paper" / "run.json").read_text())
+    assert "validation on" in info["data_description"] and "held out" not in info["data_description"]
+    assert 0 < lines[2]["memory_ratio"] < 1 and lines[2]["goal"]["memory_ratio"] == 0.5
+    assert (tmp_path / "out" / "steps.jsonl").read_text().splitlines() == result.stdout.splitlines()

@@ -92,3 +92,51 @@ def test_vgg11_matches_torchvision_vgg11_bn():
         net = build_model(cfg.model, 1000)
         ref = vgg11_bn()
     assert net.final_parameters() == sum(p.numel() for p in ref.parameters())
+
+
+def modules_of(preset: str, kind: type) -> list[torch.nn.Module]:
+    with torch.device("meta"):
+        net = build_model(load_preset(preset).model, 1000 if "imagenet" in preset else 10)
+    return [m for m in net.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("preset", ["cifar10_simcnn_k1", "imagenet_simcnn_k1"])
+def test_k1_presets_have_no_batchnorm_anywhere(preset):
+    """The paper: BN is absent for k = 1; the released k = 1 scripts (--bn 0) build it in neither blocks nor heads."""
+    assert modules_of(preset, torch.nn.BatchNorm2d) == []
+    just_average_and_linear = [torch.nn.AdaptiveAvgPool2d, torch.nn.Flatten, torch.nn.Linear]
+    heads = modules_of(preset, AuxClassifier)
+    assert heads and all([type(m) for m in head] == just_average_and_linear for head in heads)
+
+
+def test_only_the_end_to_end_vgg11_has_dropout():
+    """The released greedy VGG-11 has no dropout; torchvision's vgg11_bn (the e2e baseline) has two Dropout(0.5)."""
+    assert [m.p for m in modules_of("imagenet_vgg11_k3", torch.nn.Dropout)] == [0.0, 0.0]
+    assert [m.p for m in modules_of("imagenet_vgg11_e2e", torch.nn.Dropout)] == [0.5, 0.5]
+
+
+def test_old_batchnorm_initialisation_is_uniform_and_off_by_default():
+    torch.manual_seed(0)
+    weights = [m.weight for m in build_model(ModelConfig(), 10).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(w, torch.ones_like(w)) for w in weights)
+    net = build_model(ModelConfig(bn_weight_init="uniform"), 10)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    values = torch.cat([m.weight.detach() for m in norms])
+    assert len(norms) == len(weights) and values.min() >= 0 and values.max() < 1
+    assert 0.4 < values.mean() < 0.6  # U[0, 1): mean 1/2 over ~2,000 values
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"arch": "vgg11", "bn_weight_init": "uniform", "conv_bias": True}, "VGG-11 keeps torchvision"),
+        ({"classifier_dropout": 0.5}, "VGG-11's classifier only"),
+        ({"bn_weight_init": "normal"}, "'ones' or 'uniform'"),
+    ],
+)
+def test_model_settings_that_do_not_apply_are_refused(values, message):
+    from layerwise.errors import LayerwiseError
+
+    with pytest.raises(LayerwiseError, match=message):
+        ModelConfig(**values)

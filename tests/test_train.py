@@ -332,3 +332,51 @@ def test_the_cpu_runs_channels_last_under_bf16_only(precision, expected):
     net = checked_model(tiny_config(train={"precision": precision}), 4, precision_for(torch.device("cpu"), precision))
     weight = net.blocks[0][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == expected
+
+
+def test_without_validation_the_run_trains_on_every_image_and_says_its_figures_are_training_ones(
+    tmp_path, image_folder
+):
+    summary = train(tiny_config(epochs=1, data={"val_size": 0}), tmp_path / "run", image_folder)
+    run = RunDir(tmp_path / "run")
+    assert "no validation" in json.loads(run.info.read_text())["data_description"]
+    rows = run.read_metrics()
+    assert all("val" not in r and "train_eval" in r for r in rows)
+    names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
+    assert summary["final"] == {f"train_eval_{k}": rows[-1]["train_eval"][k] for k in names}
+    assert "train_eval" in summary["no_validation"]
+    from layerwise.train.run import summary_table
+
+    assert "no validation" in summary_table(summary)
+
+
+def test_val_data_replaces_the_held_out_split_and_maps_classes_by_name(tmp_path, image_folder):
+    """--val-data (data.val_path): scored every epoch instead of holding images out; here a folder with two of
+    the run's three classes, in another order, so its labels must be mapped by name."""
+    from conftest import write_folder
+
+    from layerwise.train.run import evaluate_run
+
+    other = write_folder(tmp_path / "other", per_class=3, classes=["ship", "cat"], seed=5)
+    cfg = tiny_config(epochs=1, data={"val_size": 0, "val_path": str(other)})
+    train(cfg, tmp_path / "run", image_folder)
+    run = RunDir(tmp_path / "run")
+    assert "validation on" in json.loads(run.info.read_text())["data_description"]
+    last = run.read_metrics()[-1]
+    scored = evaluate_run(tmp_path / "run", other, device="cpu")
+    assert scored["n"] == 6
+    assert last["val"]["top1"] == pytest.approx(scored["blocks"][2]["top1"])
+    assert last["val"]["ensemble_top1"] == pytest.approx(scored["blocks"][2]["ensemble_top1"])
+
+
+def test_val_data_replaces_a_sources_own_val_folder(imagenet_folder, tmp_path):
+    from conftest import write_folder
+
+    from layerwise.config import DataConfig
+
+    other = write_folder(tmp_path / "other", per_class=1, size=48, fmt="png")
+    cfg = DataConfig(augment="imagenet", image_size=32, resize_size=40, workers=0)
+    cpu = torch.device("cpu")
+    assert build_data(cfg, imagenet_folder, 4, cpu).val_images == 6  # its own val/ folder
+    cfg.val_path = str(other)
+    assert build_data(cfg, imagenet_folder, 4, cpu).val_images == 3

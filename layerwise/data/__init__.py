@@ -20,7 +20,7 @@ __all__ = ["DataBundle", "Decoded", "Files", "build_data", "build_eval_loader", 
 class DataBundle:
     classes: list[str]
     train: Loader
-    val: Loader
+    val: Loader | None  # None: no validation (data.val_size=0 and no val_path)
     train_eval: Loader | None  # a fixed subset of the training images, scored without augmentation
     description: str
     val_images: int  # over every process (under DDP, `val` holds this process's shard)
@@ -50,9 +50,15 @@ def build_data(
     source = open_train(path, decode, cfg.image_size)
     train, val = source.train, source.val
     description = source.description
-    if val is None:
+    # One rule: data.val_path, else the source's own validation split, else a held-out split, else none.
+    if cfg.val_path is not None:
+        val = open_eval(cfg.val_path, decode, cfg.image_size, source.classes)
+        description += f", validation on {cfg.val_path} ({len(val)} images)"
+    elif val is None and cfg.val_size > 0:
         train, val = hold_out(train, cfg.val_size, cfg.split_seed)
         description += f", {len(val)} images held out for validation (seed {cfg.split_seed})"
+    elif val is None:
+        description += ", no validation (data.val_size=0): training figures only"
     train_eval = None
     eval_batch = max(1, batch_size // where.world_size)  # each process scores its shard in its share of a batch
     if train_eval_size:
@@ -61,10 +67,10 @@ def build_data(
     return DataBundle(
         classes=source.classes,
         train=make_loader(train, batch_size, device, cfg, True, where),
-        val=make_loader(val, eval_batch, device, cfg, False, where),
+        val=make_loader(val, eval_batch, device, cfg, False, where) if val is not None else None,
         train_eval=train_eval,
         description=description,
-        val_images=len(val),
+        val_images=len(val) if val is not None else 0,
     )
 
 

@@ -54,9 +54,12 @@ class HalfAvgPool(nn.Module):
 
 
 class VGGClassifier(nn.Sequential):
-    """VGG's own classifier, kept as the last head of VGG-11: maxpool, 7x7 average, 25088 -> 4096 -> 4096 -> classes."""
+    """VGG's own classifier, kept as the last head of VGG-11: maxpool, 7x7 average, 25088 -> 4096 -> 4096 -> classes.
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 4096, dropout: float = 0.5):
+    `dropout` before each hidden layer: 0 in the released greedy VGG-11, 0.5 in torchvision's vgg11_bn (the
+    layers stay, as identities at 0, so checkpoints of both have the same keys)."""
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 4096, dropout: float = 0.0):
         super().__init__(
             nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(7),  # identity at 224 px, as in torchvision's VGG

@@ -70,7 +70,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> StagedNet:
         blocks.append(Block(channels, width, pool if j in cfg.downsample_at else None, cfg.batchnorm, bias))
         channels = width
         if cfg.arch == "vgg11" and j == cfg.J - 1:
-            heads.append(VGGClassifier(width, num_classes))
+            heads.append(VGGClassifier(width, num_classes, dropout=cfg.classifier_dropout))
         elif cfg.arch == "vgg11":
             # The paper's VGG heads: average to half size, then k-1 unpadded convs at twice the width.
             aux = AuxClassifier(width, 2 * width, cfg.k, num_classes, cfg.head_pool, prepool=True, padding=0,
@@ -82,6 +82,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> StagedNet:
     net = StagedNet(blocks, heads)
     if cfg.arch == "vgg11":
         init_vgg(net)
+    elif cfg.bn_weight_init == "uniform":  # PyTorch 0.4's BatchNorm: weight ~ U[0, 1), bias 0
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.uniform_(m.weight)
     return net
 
 

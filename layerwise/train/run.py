@@ -326,7 +326,10 @@ class Run:
         """One metrics line: the trained head's numbers and the ensemble over the stage's heads (the frozen heads'
         scores come from `memos` after the stage's first evaluation)."""
         heads, ensemble, autocast = list(stage.eval_heads), self.cfg.train.ensemble, self.precision.autocast
-        val = evaluate(self.net, self.data.val, heads, ensemble, autocast, memos["val"], self.where)
+        scores = {}
+        if self.data.val is not None:  # None: no validation (data.val_size=0, no val_path)
+            val = evaluate(self.net, self.data.val, heads, ensemble, autocast, memos["val"], self.where)
+            scores["val"] = {**val["blocks"][stage.block], "loss": val["loss"]}
         row = {
             "stage": stage.index,
             "stage_name": stage.name,
@@ -335,7 +338,7 @@ class Run:
             "lr": lr,
             "loss": stats["loss"],
             "train": {"top1": stats["top1"], "top5": stats["top5"]},
-            "val": {**val["blocks"][stage.block], "loss": val["loss"]},
+            **scores,
             "images_per_s": stats["images_per_s"],
             "seconds": stats["seconds"],
         }
@@ -431,12 +434,17 @@ def cache_views(cfg: RunConfig) -> int:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    v = row["val"]
+    scored, v = next(((name, row[key]) for name, key in SCORED if key in row), ("", None))
+    scores = f"{scored} top-1 {v['top1']:.2f} top-5 {v['top5']:.2f} ensemble {v['ensemble_top1']:.2f} " if v else ""
     return (
         f"{row['stage_name']} epoch {row['epoch']}: loss {row['loss']:.3f} train top-1 {row['train']['top1']:.1f} "
-        f"val top-1 {v['top1']:.2f} top-5 {v['top5']:.2f} ensemble {v['ensemble_top1']:.2f} "
-        f"({row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s)"
+        f"{scores}({row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s)"
     )
+
+
+TRAIN_EVAL = "train_eval (t_ev), the fixed subset of training images scored without augmentation"
+SCORED = (("val", "val"), ("train-eval", "train_eval"))
+"""What a run's per-epoch scores are on, best first: validation, else the clean training subset (train_eval)."""
 
 
 def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds: float, device) -> dict[str, Any]:
@@ -454,7 +462,7 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
             "stage": stage.name,
             "block": stage.block,
             "downsample": stage.block in cfg.model.downsample_at,
-            **{f"val_{k}": v for k, v in last["val"].items()},
+            **{f"val_{k}": v for k, v in last.get("val", {}).items()},
             "train_top1": last["train"]["top1"],
             "train_loss": last["loss"],
             "seconds": sum(r["seconds"] for r in mine),
@@ -469,29 +477,45 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
         if not cur["downsample"]:
             cur["improves_on_previous"] = cur[risk] <= prev[risk]
     final = per_stage[-1]
-    return {
+    scored = next((key for _, key in SCORED if f"{key}_top1" in final), None)
+    names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
+    final_scores = (
+        {f"{scored}_{k}": final[f"{scored}_{k}"] for k in names} if scored else {"train_top1": final["train_top1"]}
+    )
+    summary = {
         "preset": cfg.preset,
         "mode": cfg.train.mode,
         "device": str(device),
         "blocks": per_stage,
-        "final": {k: final[k] for k in ("val_top1", "val_top5", "val_ensemble_top1", "val_ensemble_top5")},
+        "final": final_scores,
         "params_final": net.final_parameters(),
         "params_heads": net.head_parameters(),
         "train_seconds": sum(r["seconds"] for r in rows),
         "wall_seconds_this_session": seconds,
         "paper": cfg.paper,
     }
+    if scored != "val":  # say so: these are not validation figures
+        what = TRAIN_EVAL if scored else "the augmented training batches"
+        summary["no_validation"] = f"data.val_size=0 and no data.val_path; the figures are on {what}"
+    return summary
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    columns = ("val top-1", "top-5", "ens top-1", "ens top-5", "train top-1", "time s")
+    scored = next((key for _, key in SCORED if f"{key}_top1" in summary["blocks"][-1]), None)
+    first = {"val": "val top-1", "train_eval": "t_ev top-1"}.get(scored)
+    columns = (*((first, "top-5", "ens top-1", "ens top-5") if scored else ()), "train top-1", "time s")
     header = f"{'stage':<10} " + " ".join(f"{c:>{max(len(c), 7)}}" for c in columns)
     lines = [header, "-" * len(header)]
     for b in summary["blocks"]:
-        lines.append(
-            f"{b['stage']:<10} {b['val_top1']:>9.2f} {b['val_top5']:>7.2f} {b['val_ensemble_top1']:>9.2f} "
-            f"{b['val_ensemble_top5']:>9.2f} {b['train_top1']:>11.2f} {b['seconds']:>7.1f}"
-        )
+        cells = ""
+        if scored:
+            cells = (
+                f"{b[f'{scored}_top1']:>9.2f} {b[f'{scored}_top5']:>7.2f} {b[f'{scored}_ensemble_top1']:>9.2f} "
+                f"{b[f'{scored}_ensemble_top5']:>9.2f} "
+            )
+        lines.append(f"{b['stage']:<10} {cells}{b['train_top1']:>11.2f} {b['seconds']:>7.1f}")
+    if "no_validation" in summary:
+        lines.append(f"no validation: {summary['no_validation']}")
     if summary.get("paper"):
         lines.append("paper: " + ", ".join(f"{k} {v:g}" for k, v in summary["paper"].items()))
     return "\n".join(lines)
