@@ -162,6 +162,9 @@ class TrainConfig:
     compile: str = "none"
     """torch.compile mode for each stage's forward and backward: `none`, `default`, `reduce-overhead` (CUDA
     graphs), `max-autotune` or `max-autotune-no-cudagraphs`. Each stage compiles afresh, which takes a while."""
+    min_gain: float | None = None
+    """Adaptive depth (greedy): stop after the first block whose own head improves validation top-1 by less than
+    this many points over the block before, and deliver the blocks before it. None: train every block."""
     sync_bn: bool = False
     """Under torchrun on GPUs, compute the trained module's BN statistics over the global batch (SyncBatchNorm).
     Off by default, as the paper's DataParallel kept per-GPU statistics: each process then normalises with
@@ -192,6 +195,10 @@ class TrainConfig:
         _check(
             self.compile == "none" or not self.recompute_activations,
             "train.compile and train.recompute_activations cannot be combined; choose one",
+        )
+        _check(
+            self.min_gain is None or self.mode == "greedy",
+            "train.min_gain decides how many greedy blocks to train; it needs train.mode=greedy",
         )
         _check(
             not self.sync_bn or (self.compile == "none" and not self.recompute_activations),

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -380,3 +381,37 @@ def test_val_data_replaces_a_sources_own_val_folder(imagenet_folder, tmp_path):
     assert build_data(cfg, imagenet_folder, 4, cpu).val_images == 6  # its own val/ folder
     cfg.val_path = str(other)
     assert build_data(cfg, imagenet_folder, 4, cpu).val_images == 3
+
+
+def test_adaptive_depth_stops_at_the_first_block_that_does_not_pay_and_delivers_the_ones_before(tmp_path, image_folder):
+    """train.min_gain: with a gain no block can reach, the run stops after block 1 and delivers block 0 alone;
+    block 2 never trains, the summary and final.pt say why and what, eval scores head 0 only, and a resumed
+    run keeps the decision."""
+    from layerwise.train.run import evaluate_run
+
+    cfg = tiny_config(epochs=1, train={"min_gain": 101.0})
+    summary = train(cfg, tmp_path / "run", image_folder)
+    run = RunDir(tmp_path / "run")
+    rows = run.read_metrics()
+    assert [r["stage"] for r in rows] == [0, 1]
+    decision = summary["adaptive_depth"]
+    assert decision["blocks_delivered"] == 1 and "less than train.min_gain=101" in decision["reason"]
+    assert summary["final"]["val_top1"] == rows[0]["val"]["top1"]  # block 0's head, not block 1's
+    meta, _, _ = load_checkpoint(run.final)
+    assert meta["blocks_trained"] == 1 and not run.block(2).exists()
+    assert list(evaluate_run(tmp_path / "run", image_folder, device="cpu")["blocks"]) == [0]
+    assert train(cfg, tmp_path / "run", image_folder, resume=True) == {**summary, "wall_seconds_this_session": ANY}
+    assert [r["stage"] for r in run.read_metrics()] == [0, 1]
+
+
+def test_adaptive_depth_trains_every_block_that_pays(tmp_path, image_folder):
+    summary = train(tiny_config(epochs=1, train={"min_gain": -101.0}), tmp_path / "run", image_folder)
+    assert "adaptive_depth" not in summary and [b["block"] for b in summary["blocks"]] == [0, 1, 2]
+
+
+def test_adaptive_depth_needs_validation(tmp_path, image_folder):
+    with pytest.raises(LayerwiseError, match=r"train\.min_gain compares the blocks' validation top-1"):
+        train(tiny_config(epochs=1, train={"min_gain": 1.0}, data={"val_size": 0}), tmp_path / "run", image_folder)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(LayerwiseError, match=r"needs train\.mode=greedy"):
+        tiny_config(train={"min_gain": 1.0, "mode": "e2e"})

@@ -117,6 +117,8 @@ class Run:
         self.lock = None
         self.log_handler: logging.Handler | None = None
         self.on_epoch_end: Callable[[dict], None] | None = None
+        self.val_top1: dict[int, float] = {}  # each finished epoch's validation top-1, by stage (the last one wins)
+        self.stopped: dict[str, Any] | None = None  # train.min_gain's decision, once taken
 
     @property
     def device(self) -> torch.device:
@@ -154,6 +156,11 @@ class Run:
                 "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val_images
             )
             first = plan_stages(cfg.model.J, cfg.train.mode)[0]
+            if cfg.train.min_gain is not None and bundle.val is None:
+                raise LayerwiseError(
+                    "train.min_gain compares the blocks' validation top-1, and this run has none: "
+                    "give --val-data, or a data.val_size above 0"
+                )
             net = where.agree(lambda: checked_model(cfg, len(bundle.classes), precision, stage=first))
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
@@ -205,16 +212,23 @@ class Run:
         """
         self.on_epoch_end = on_epoch_end
         start = self.where.agree(self.resume_point) if self.resuming else Resume()
+        if self.cfg.train.min_gain is not None:  # the finished stages' scores, which the decisions compare
+            self.val_top1 = self.where.from_main(self.finished_val_top1() if self.where.is_main else None)
+            self.stopped = next(filter(None, map(self.stop_reason, self.stages[: start.stage])), None)
         t_start = time.perf_counter()
         try:
             with BackgroundWriter() as self.writer:  # checkpoints and metrics go to disk while training goes on
-                for stage in self.stages[start.stage :]:
+                for stage in self.stages[start.stage :] if self.stopped is None else []:
                     self.train_stage(stage, start if stage.index == start.stage else Resume(stage.index))
                     if stage.finishes_block:
                         self.save(self.dir.block(stage.block), {"block": stage.block, "stage": stage.index})
+                    self.stopped = self.stop_reason(stage)
+                    if self.stopped is not None:
+                        log.info("adaptive depth: %s", self.stopped["reason"])
+                        break
                 if start.stage < len(self.stages) or not self.dir.final.is_file():
-                    meta = {"mode": self.cfg.train.mode, "blocks_trained": self.cfg.model.J}
-                    self.save(self.dir.final, meta)
+                    delivered = self.cfg.model.J if self.stopped is None else self.stopped["blocks_delivered"]
+                    self.save(self.dir.final, {"mode": self.cfg.train.mode, "blocks_trained": delivered})
             # Rank 0 alone writes the summary; every process returns it, or stops with its error.
             return self.where.from_main(self.where.agree(lambda: self.write_summary(t_start)))
         except RuntimeError as e:
@@ -231,9 +245,34 @@ class Run:
         if not self.where.is_main:
             return None
         seconds = time.perf_counter() - t_start
-        summary = summarize(self.cfg, self.net, self.dir.read_metrics(), self.stages, seconds, self.device)
+        trained = self.stages[: self.stopped["blocks_delivered"] + 1] if self.stopped else self.stages
+        summary = summarize(self.cfg, self.net, self.dir.read_metrics(), trained, seconds, self.device)
+        if self.stopped is not None:  # the delivered network ends a block before the last one trained
+            summary["final"] = final_scores(summary["blocks"][self.stopped["blocks_delivered"] - 1])
+            summary["adaptive_depth"] = self.stopped
         self.dir.write_json(self.dir.summary, summary)
         return summary
+
+    def finished_val_top1(self) -> dict[int, float]:
+        """Rank 0: the validation top-1 of each stage's last epoch in metrics.jsonl (what a resumed run has)."""
+        return {r["stage"]: r["val"]["top1"] for r in self.dir.read_metrics() if "val" in r}
+
+    def stop_reason(self, stage: Stage) -> dict[str, Any] | None:
+        """train.min_gain after greedy block j > 0: if its head's validation top-1 gained less than min_gain
+        points over block j-1's, the decision to stop and deliver blocks 0..j-1; else None."""
+        min_gain = self.cfg.train.min_gain
+        if min_gain is None or not stage.finishes_block or stage.block == 0:
+            return None
+        before, after = self.val_top1[stage.index - 1], self.val_top1[stage.index]
+        if after - before >= min_gain:
+            return None
+        return {
+            "min_gain": min_gain,
+            "blocks_delivered": stage.block,
+            "reason": f"block {stage.block}'s head reached validation top-1 {after:.2f}, {after - before:+.2f} points "
+            f"over block {stage.block - 1}'s {before:.2f}, less than train.min_gain={min_gain:g}: "
+            f"the run delivers blocks 0-{stage.block - 1} and their heads",
+        }
 
     def resume_point(self) -> Resume:
         """Load the newest checkpoint into the network; return where to continue from.
@@ -309,6 +348,8 @@ class Run:
             )
         training.sync()
         row = self.epoch_row(stage, epoch, lr, stats, memos)
+        if "val" in row:
+            self.val_top1[stage.index] = row["val"]["top1"]
         meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
         line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
         self.save(self.dir.last, meta, training.optimizer, first=lambda: self.dir.append_metrics(line))
@@ -478,16 +519,12 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
             cur["improves_on_previous"] = cur[risk] <= prev[risk]
     final = per_stage[-1]
     scored = next((key for _, key in SCORED if f"{key}_top1" in final), None)
-    names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
-    final_scores = (
-        {f"{scored}_{k}": final[f"{scored}_{k}"] for k in names} if scored else {"train_top1": final["train_top1"]}
-    )
     summary = {
         "preset": cfg.preset,
         "mode": cfg.train.mode,
         "device": str(device),
         "blocks": per_stage,
-        "final": final_scores,
+        "final": final_scores(final),
         "params_final": net.final_parameters(),
         "params_heads": net.head_parameters(),
         "train_seconds": sum(r["seconds"] for r in rows),
@@ -498,6 +535,14 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
         what = TRAIN_EVAL if scored else "the augmented training batches"
         summary["no_validation"] = f"data.val_size=0 and no data.val_path; the figures are on {what}"
     return summary
+
+
+def final_scores(entry: dict[str, Any]) -> dict[str, float]:
+    """A summary block entry's scores: validation, else train_eval, else the running training top-1."""
+    scored = next((key for _, key in SCORED if f"{key}_top1" in entry), None)
+    if scored is None:
+        return {"train_top1": entry["train_top1"]}
+    return {f"{scored}_{k}": entry[f"{scored}_{k}"] for k in ("top1", "top5", "ensemble_top1", "ensemble_top5")}
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -516,6 +561,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(f"{b['stage']:<10} {cells}{b['train_top1']:>11.2f} {b['seconds']:>7.1f}")
     if "no_validation" in summary:
         lines.append(f"no validation: {summary['no_validation']}")
+    if "adaptive_depth" in summary:
+        lines.append(f"adaptive depth: {summary['adaptive_depth']['reason']}")
     if summary.get("paper"):
         lines.append("paper: " + ", ".join(f"{k} {v:g}" for k, v in summary["paper"].items()))
     return "\n".join(lines)
@@ -552,6 +599,8 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, pre
     net = checked_model(cfg, len(classes), compute, state)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
     heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)  # the heads trained so far
+    if path == run.final:  # train.min_gain may have stopped the run early: only the delivered blocks' heads
+        heads = [j for j in heads if j < meta.get("blocks_trained", cfg.model.J)]
     loader = build_eval_loader(cfg.data, data, classes, batch_size, compute.device)
     result = evaluate(net, loader, heads, cfg.train.ensemble, compute.autocast)
     return {**result, "checkpoint": str(path), "data": str(data)}
