@@ -113,6 +113,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from layerwise.report import write_report
+
+    out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else "report.html")
+    print(f"report written to {write_report(args.run_dirs, out)}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from layerwise.models import build_model
     from layerwise.presets import list_presets, load_preset
@@ -280,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="one HTML page with plots for one run, or several side by side")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("-o", "--output", help="the HTML file (default: RUN_DIR/report.html, or ./report.html for several)")
+    r.set_defaults(func=cmd_report)
 
     p = sub.add_parser("presets", help="list presets with J, k and parameter counts")
     p.add_argument("--json", action="store_true")

@@ -153,6 +153,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.summary = self.path / "summary.json"
         self.info = self.path / "run.json"
+        self.evals = self.path / "eval.json"
         self.last = self.checkpoints / "last.pt"
         self.final = self.checkpoints / "final.pt"
         self.lock_file = self.path / ".lock"
@@ -196,11 +197,22 @@ class RunDir:
 
     def read_info(self) -> dict[str, Any]:
         """run.json, or {} when it is missing or unreadable (it only records facts about the run)."""
+        return self._read_facts(self.info)
+
+    def read_evals(self) -> dict[str, Any]:
+        """eval.json: what `layerwise eval` found, by data path ({} when it has not run)."""
+        return self._read_facts(self.evals)
+
+    def record_eval(self, data: str, result: dict[str, Any]) -> None:
+        self.write_json(self.evals, {**self.read_evals(), data: result})
+
+    @staticmethod
+    def _read_facts(path: Path) -> dict[str, Any]:
         try:
-            info = json.loads(self.info.read_text())
+            facts = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
-        return info if isinstance(info, dict) else {}
+        return facts if isinstance(facts, dict) else {}
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every complete metrics line; a line cut short by a crash is skipped."""

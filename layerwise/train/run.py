@@ -251,6 +251,14 @@ class Run:
             summary["final"] = final_scores(summary["blocks"][self.stopped["blocks_delivered"] - 1])
             summary["adaptive_depth"] = self.stopped
         self.dir.write_json(self.dir.summary, summary)
+        try:  # a report that cannot be drawn must not fail a finished run
+            from layerwise.report import write_report
+
+            write_report([self.dir.path], self.dir.path / "report.html")
+        except Exception as e:  # noqa: BLE001
+            log.warning(
+                "could not write %s (%s); try `layerwise report %s`", self.dir.path / "report.html", e, self.dir.path
+            )
         return summary
 
     def finished_val_top1(self) -> dict[int, float]:
@@ -602,5 +610,7 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, pre
     if path == run.final:  # train.min_gain may have stopped the run early: only the delivered blocks' heads
         heads = [j for j in heads if j < meta.get("blocks_trained", cfg.model.J)]
     loader = build_eval_loader(cfg.data, data, classes, batch_size, compute.device)
-    result = evaluate(net, loader, heads, cfg.train.ensemble, compute.autocast)
-    return {**result, "checkpoint": str(path), "data": str(data)}
+    result = {**evaluate(net, loader, heads, cfg.train.ensemble, compute.autocast), "checkpoint": str(path)}
+    result = {**result, "data": str(data)}
+    run.record_eval(str(Path(data).resolve()), result)  # for `layerwise report`: the newest result per data
+    return result

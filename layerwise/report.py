@@ -1,0 +1,305 @@
+"""`layerwise report`: one self-contained HTML page (plots inlined as PNG) for one run or several side by side.
+
+It reads only the run directory: config.yaml, metrics.jsonl, summary.json (absent while a run is unfinished),
+run.json and eval.json (what `layerwise eval` found). Plots use matplotlib's Agg backend; runs are told apart
+by line style and marker as well as colour, so the page survives a greyscale print.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerwise.config import RunConfig, config_from_dict
+from layerwise.errors import LayerwiseError
+from layerwise.train.checkpoint import RunDir, write_text
+
+STYLES = [("-", "o", "#1b1b1b"), ("--", "s", "#6a6a6a"), (":", "^", "#0b5394"), ("-.", "D", "#b45f06")]
+"""(line style, marker, colour) per run: distinguishable in colour and in grey."""
+
+
+@dataclass
+class RunRecord:
+    """What a run directory holds, read once."""
+
+    path: Path
+    cfg: RunConfig
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    info: dict[str, Any]
+    evals: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.name} ({self.cfg.preset}, {self.cfg.train.mode})"
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None and RunDir(self.path).final.is_file()
+
+
+def load_run(path: str | Path) -> RunRecord:
+    run = RunDir(path)
+    if not run.is_run():
+        raise LayerwiseError(f"{run.path} is not a layerwise run (no config.yaml); give a run directory")
+    summary = None
+    if run.summary.is_file():
+        try:
+            summary = json.loads(run.summary.read_text())
+        except json.JSONDecodeError:
+            summary = None
+    evals = run.read_evals()
+    return RunRecord(
+        run.path, config_from_dict(run.saved_config()), run.read_metrics(), summary, run.read_info(), evals
+    )
+
+
+def scores_key(rows: list[dict]) -> str | None:
+    """What the runs' per-epoch scores are on: validation, else the clean training subset."""
+    return next((k for k in ("val", "train_eval") if rows and all(k in r for r in rows)), None)
+
+
+# ---- plots
+
+
+def png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def curves(records: list[RunRecord]) -> str:
+    """Top-1, loss and learning rate against the run's epochs, one segment per block, runs on shared axes."""
+    import matplotlib.pyplot as plt
+
+    fig, (acc, loss, lr) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True, height_ratios=[3, 2, 1])
+    for i, (record, (line, marker, colour)) in enumerate(zip(records, itertools.cycle(STYLES))):
+        scored = scores_key(record.rows)
+        start = 0
+        for stage, rows in itertools.groupby(record.rows, key=lambda r: r["stage"]):
+            rows = list(rows)
+            x = [start + r["epoch"] for r in rows]
+            label = stage == record.rows[0]["stage"]
+            style = {"color": colour, "marker": marker, "markersize": 4}
+            acc.plot(x, [r["train"]["top1"] for r in rows], linestyle=line, alpha=0.5, **style,
+                     label=f"{record.path.name}: train (augmented)" if label else None)  # fmt: skip
+            loss.plot(x, [r["loss"] for r in rows], linestyle=line, alpha=0.5, **style,
+                      label=f"{record.path.name}: train" if label else None)  # fmt: skip
+            if scored:
+                acc.plot(x, [r[scored]["top1"] for r in rows], linestyle=line, linewidth=2.2, **style,
+                         label=f"{record.path.name}: {scored}" if label else None)  # fmt: skip
+                loss.plot(x, [r[scored]["loss"] for r in rows], linestyle=line, linewidth=2.2, **style,
+                          label=f"{record.path.name}: {scored}" if label else None)  # fmt: skip
+            lr.plot(x, [r["lr"] for r in rows], linestyle=line, drawstyle="steps-post", color=colour)
+            acc.annotate(rows[0]["stage_name"], (x[0], 1.0 - 0.05 * i), xycoords=("data", "axes fraction"),
+                         fontsize=7, va="top", color=colour)  # fmt: skip
+            for axis in (acc, loss, lr):
+                axis.axvline(start + 0.5, color="#cccccc", linewidth=0.8, zorder=0)
+            start = x[-1]
+    acc.set_ylabel("top-1 accuracy (%)")
+    loss.set_ylabel("cross-entropy loss")
+    lr.set_ylabel("learning rate")
+    lr.set_yscale("log")
+    lr.set_xlabel("epoch, counted over the run's stages (a grey line opens each block)")
+    acc.legend(fontsize=7, loc="lower right")
+    loss.legend(fontsize=7, loc="upper right")
+    for axis in (acc, loss, lr):
+        axis.grid(alpha=0.3)
+    return png(fig)
+
+
+def final_bars(records: list[RunRecord]) -> str:
+    """Each block's own head and the ensemble after it, top-1 and top-5, with the paper's figures."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
+    width = 0.8 / (2 * len(records))
+    for i, (record, (_, _, colour)) in enumerate(zip(records, itertools.cycle(STYLES))):
+        blocks = last_rows(record)
+        scored = scores_key(record.rows)
+        if not scored:
+            continue
+        for axis, k in zip(axes, ("top1", "top5"), strict=True):
+            x = torch.arange(len(blocks)).float() + (2 * i - len(records) + 0.5) * width
+            own = [r[scored][k] for r in blocks]
+            ens = [r[scored][f"ensemble_{k}"] for r in blocks]
+            axis.bar(x, own, width, color=colour, label=f"{record.path.name}: own head")
+            axis.bar(x + width, ens, width, color="white", edgecolor=colour, hatch="//",
+                     label=f"{record.path.name}: ensemble")  # fmt: skip
+            axis.set_xticks(range(len(blocks)), [r["stage_name"] for r in blocks], fontsize=8)
+    for axis, k in zip(axes, ("top1", "top5"), strict=True):
+        paper = [(r, v) for r in records for key, v in r.cfg.paper.items() if key in (k, f"ensemble_{k}")]
+        for record, value in paper[:2]:
+            where = "original CIFAR-10 pixels" if record.cfg.data.augment == "cifar" else "ImageNet"
+            axis.axhline(value, color="#444444", linestyle=":", linewidth=1)
+            axis.annotate(f"paper {value:g} ({where})", (0, value), xycoords=("axes fraction", "data"), fontsize=7,
+                          va="bottom")  # fmt: skip
+        axis.set_ylabel(f"{'top-1' if k == 'top1' else 'top-5'} accuracy (%)")
+        axis.set_xlabel("after block")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    return png(fig)
+
+
+# ---- tables
+
+
+def last_rows(record: RunRecord) -> list[dict[str, Any]]:
+    """Each stage's last epoch."""
+    return [list(rows)[-1] for _, rows in itertools.groupby(record.rows, key=lambda r: r["stage"])]
+
+
+def table(header: list[str], rows: list[list[Any]], flags: list[bool] | None = None) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        f"<tr{' class=flag' if flags and flags[i] else ''}>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+        for i, row in enumerate(rows)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def results_table(record: RunRecord) -> str:
+    scored = scores_key(record.rows)
+    rows, flags = [], []
+    previous = None
+    for r in last_rows(record):
+        s = r.get(scored, {}) if scored else {}
+        risk = r["train_eval"]["loss"] if "train_eval" in r else r["loss"]
+        improved = None if previous is None else risk <= previous
+        flags.append(improved is False)
+        rows.append(
+            [
+                r["stage_name"],
+                s.get("top1", "-"),
+                s.get("top5", "-"),
+                s.get("ensemble_top1", "-"),
+                s.get("ensemble_top5", "-"),
+                r["train"]["top1"],
+                risk,
+                "-" if improved is None else ("yes" if improved else "NO"),
+            ]
+        )
+        previous = risk
+    what = {"val": "validation", "train_eval": "train_eval (training images, no augmentation)"}.get(scored, "none")
+    header = ["stage", "top-1", "top-5", "ensemble top-1", "ensemble top-5", "train top-1 (augmented)", "risk",
+              "risk not above the block before (Prop. 3.1)"]  # fmt: skip
+    note = (
+        "<p class=note>Scores on: " + html.escape(what) + ". Risk: the train_eval loss when there is one, else the "
+        "epoch's running training loss. Proposition 3.1: without P the best risk cannot grow from one block to the "
+        "next; flagged rows did not improve (expected only where P opens a block).</p>"
+    )
+    return table(header, rows, flags) + note
+
+
+def speed_table(record: RunRecord) -> str:
+    rows = []
+    for _, group in itertools.groupby(record.rows, key=lambda r: r["stage"]):
+        group = list(group)
+        seconds = sum(r["seconds"] for r in group)
+        rows.append([group[0]["stage_name"], len(group), seconds, sum(r["images_per_s"] for r in group) / len(group)])
+    return table(["stage", "epochs", "training seconds", "images/s (mean of epochs)"], rows)
+
+
+def parameter_table(record: RunRecord) -> str:
+    from layerwise.models import build_model
+
+    classes = len(json.loads((record.path / "classes.json").read_text()))
+    with torch.device("meta"):
+        net = build_model(record.cfg.model, classes)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    rows = [[f"block {j}", count(b), count(h)] for j, (b, h) in enumerate(zip(net.blocks, net.heads, strict=False))]
+    rows.append(["delivered network (every block + the last head)", net.final_parameters(), "-"])
+    return table(["", "block parameters", "its head's parameters"], rows)
+
+
+def eval_table(record: RunRecord) -> str:
+    if not record.evals:
+        return "<p class=note>No <code>layerwise eval</code> has been run on this run yet.</p>"
+    rows = []
+    for data, result in record.evals.items():
+        for j, b in result["blocks"].items():
+            rows.append([data, f"block {j}", result["n"], b["top1"], b["top5"], b["ensemble_top1"]])
+    return table(["data", "head", "images", "top-1", "top-5", "ensemble top-1"], rows)
+
+
+def run_section(record: RunRecord) -> str:
+    status = "finished" if record.finished else "<strong class=flag>unfinished</strong>: what it has so far"
+    info = record.info
+    parts = [
+        f"<h2>{html.escape(record.name)}</h2>",
+        f"<p>{status}. {html.escape(record.cfg.description)}. Device {html.escape(str(info.get('device')))}, "
+        f"{info.get('processes', 1)} process(es), data {html.escape(str(info.get('data_description', '')))}.</p>",
+    ]
+    if record.summary and "adaptive_depth" in record.summary:
+        parts.append(f"<p class=decision>Adaptive depth: {html.escape(record.summary['adaptive_depth']['reason'])}</p>")
+    if record.summary and "no_validation" in record.summary:
+        parts.append(f"<p class=flag>No validation: {html.escape(record.summary['no_validation'])}.</p>")
+    if not record.rows:
+        parts.append("<p class=flag>No epoch has finished yet.</p>")
+        return "\n".join(parts)
+    parts += [
+        "<h3>Per block: accuracy and Proposition 3.1</h3>",
+        results_table(record),
+        "<h3>Time per block</h3>",
+        speed_table(record),
+        "<h3>Parameters</h3>",
+        parameter_table(record),
+        "<h3>Evaluation (layerwise eval)</h3>",
+        eval_table(record),
+    ]
+    return "\n".join(parts)
+
+
+CSS = """body{font-family:sans-serif;max-width:1000px;margin:1em auto;color:#111}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;padding:2px 6px;text-align:right}
+th{background:#eee}td:first-child{text-align:left}tr.flag td,.flag{font-weight:bold;color:#8b0000}
+.note{font-size:85%;color:#444}.decision{border-left:4px solid #444;padding-left:.5em}img{max-width:100%}"""
+
+# Marks the page once every plot has loaded with a size, so a headless browser can check what a reader sees.
+SCRIPT = """window.addEventListener('load',()=>{const imgs=[...document.images];
+document.body.dataset.imagesLoaded=String(imgs.length>0&&imgs.every(i=>i.complete&&i.naturalWidth>0));});"""
+
+
+def render(records: list[RunRecord]) -> str:
+    titles = ", ".join(r.path.name for r in records)
+    with_rows = [r for r in records if r.rows]
+    plots = ""
+    if with_rows:
+        plots = (
+            "<h2>Training curves</h2>"
+            f'<img alt="top-1, loss and learning rate against epochs" src="data:image/png;base64,{curves(with_rows)}">'
+            "<h2>Final accuracy per block</h2>"
+            f'<img alt="per-block and ensemble accuracy" src="data:image/png;base64,{final_bars(with_rows)}">'
+        )
+    sections = "\n".join(run_section(r) for r in records)
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>layerwise report: {html.escape(titles)}</title>"
+        f"<style>{CSS}</style><script>{SCRIPT}</script></head><body data-report=layerwise>"
+        f"<h1>layerwise report: {html.escape(titles)}</h1>{plots}\n{sections}</body></html>\n"
+    )
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Render the runs into one HTML file at `out` (written atomically; nothing is left on an error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    records = [load_run(p) for p in run_dirs]
+    page = render(records)
+    out = Path(out)
+    write_text(out, page)
+    return out

@@ -1,0 +1,104 @@
+"""`layerwise report`: the HTML page a run leaves, checked as a reader sees it in headless Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from test_train import tiny_config
+from torchvision.io import decode_png
+
+from layerwise.cli import main
+from layerwise.train import train
+from layerwise.train.checkpoint import RunDir
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
+
+
+def chromium(tmp_path, page, *args: str) -> str:
+    """Run headless Chromium on the page (as root it needs --no-sandbox; no network, no background services)."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]  # fmt: skip
+    done = subprocess.run([CHROMIUM, *flags, *args, page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A greedy run and its end-to-end reference on the same tiny data."""
+    from conftest import write_folder
+
+    root = tmp_path_factory.mktemp("report")
+    data = write_folder(root / "data", per_class=16)
+    greedy = train(tiny_config(epochs=2), root / "greedy", data)
+    e2e = train(tiny_config(epochs=2, train={"mode": "e2e"}), root / "e2e", data)
+    return root, data, greedy, e2e
+
+
+def test_every_finished_run_writes_its_report(pair):
+    root, _, greedy, _ = pair
+    page = (root / "greedy" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2  # curves, final accuracy: inlined, self-contained
+    assert f"{greedy['final']['val_top1']:.2f}" in page and "unfinished" not in page
+
+
+@needs_chromium
+def test_a_reader_sees_both_runs_plots_and_numbers(pair, tmp_path, capsys):
+    root, _, greedy, e2e = pair
+    out = tmp_path / "both.html"
+    assert main(["report", str(root / "greedy"), str(root / "e2e"), "-o", str(out)]) == 0
+    dom = chromium(tmp_path, out, "--dump-dom", "--virtual-time-budget=5000")
+    assert 'data-images-loaded="true"' in dom  # every plot decoded with a size
+    assert "greedy (demo, greedy)" in dom and "e2e (demo, e2e)" in dom
+    for block in greedy["blocks"]:  # every block's numbers, as the summary has them
+        assert f"<td>{block['stage']}</td><td>{block['val_top1']:.2f}</td><td>{block['val_top5']:.2f}</td>" in dom
+    assert f"<td>e2e</td><td>{e2e['final']['val_top1']:.2f}</td>" in dom
+    assert re.search(r"<td>block 1</td>.*?</tr>", dom)
+
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, out, f"--screenshot={shot}", "--window-size=1000,1400")
+    pixels = decode_png(torch.frombuffer(bytearray(shot.read_bytes()), dtype=torch.uint8)).float()
+    ink = (pixels.mean(0) < 200).float().mean()  # dark pixels: plots, text and table lines
+    assert 0.02 < ink < 0.6, float(ink)  # neither blank nor a block of colour
+
+
+def test_an_unfinished_run_gets_a_report_of_what_it_has(tmp_path, pair):
+    _, data, _, _ = pair
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_config(epochs=2), tmp_path / "cut", data, on_epoch_end=stop)
+    assert main(["report", str(tmp_path / "cut")]) == 0
+    page = (tmp_path / "cut" / "report.html").read_text()
+    assert "unfinished" in page and "block 0" in page
+
+
+def test_the_report_shows_eval_results_and_the_adaptive_depth_decision(tmp_path, pair):
+    _, data, _, _ = pair
+    train(tiny_config(epochs=1, train={"min_gain": 101.0}), tmp_path / "run", data)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(data), "--device", "cpu"]) == 0
+    evals = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert list(evals) == [str(data.resolve())]
+    assert main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Adaptive depth: block 1&#x27;s head reached" in page
+    assert f"<td>{data.resolve()}</td><td>block 0</td><td>{evals[str(data.resolve())]['n']}</td>" in page
+
+
+def test_a_folder_that_is_not_a_run_is_a_one_line_error_and_no_file(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "is not a layerwise run" in err and "\n" not in err
+    assert not (tmp_path / "r.html").exists()
+    assert not RunDir(tmp_path / "empty").summary.exists()
