@@ -102,6 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise LayerwiseError(f"--batch-size must be >= 1 (got {args.batch_size})")
 
+    if args.early_exit:
+        from layerwise.early_exit import early_exit_run
+
+        return print_early_exit(early_exit_run(args.run_dir, args.data, args.device), args.json)
     result = evaluate_run(args.run_dir, args.data, args.device, args.batch_size, args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -118,6 +122,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else "report.html")
     print(f"report written to {write_report(args.run_dirs, out)}")
+    return 0
+
+
+def print_early_exit(result: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return 0
+    t, at, last = result["calibration"], result["at_threshold"], result["last_head"]
+    print(f"early exit on {result['data']}: threshold {t['threshold']:.3f}, calibrated on {result['calibrated_on']}")
+    print(f"  at the threshold: top-1 {at['top1']:.2f} %, {at['macs'] / 1e6:.1f} M multiply-adds per image")
+    print(f"  last head alone:  top-1 {last['top1']:.2f} %, {last['macs'] / 1e6:.1f} M multiply-adds per image")
+    print(f"  answers per head {dict(zip(result['heads'], at['exits_per_head'], strict=True))}")
     return 0
 
 
@@ -261,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--precision", help="auto, fp32 or bf16 (default: the run's train.precision)")
+    e.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="accuracy against compute when each image exits at the first confident head (calibrated on the run's"
+        " validation split)",
+    )
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="images/s and peak memory per block: greedy (prefix uncached, cached) and e2e")

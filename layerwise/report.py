@@ -36,6 +36,7 @@ class RunRecord:
     summary: dict[str, Any] | None
     info: dict[str, Any]
     evals: dict[str, Any]
+    early_exit: dict[str, Any]
 
     @property
     def name(self) -> str:
@@ -56,10 +57,9 @@ def load_run(path: str | Path) -> RunRecord:
             summary = json.loads(run.summary.read_text())
         except json.JSONDecodeError:
             summary = None
-    evals = run.read_evals()
-    return RunRecord(
-        run.path, config_from_dict(run.saved_config()), run.read_metrics(), summary, run.read_info(), evals
-    )
+    evals, early = run.read_evals(), run.read_facts(run.path / "early_exit.json")
+    cfg = config_from_dict(run.saved_config())
+    return RunRecord(run.path, cfg, run.read_metrics(), summary, run.read_info(), evals, early)
 
 
 def scores_key(rows: list[dict]) -> str | None:
@@ -150,6 +150,43 @@ def final_bars(records: list[RunRecord]) -> str:
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
     return png(fig)
+
+
+def early_exit_curve(result: dict[str, Any]) -> str:
+    """Top-1 against the average multiply-adds per image as the threshold moves, with the calibrated point."""
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 3.6))
+    points = sorted(result["curve"], key=lambda p: p["macs"])
+    axis.plot([p["macs"] / 1e6 for p in points], [p["top1"] for p in points], "-o", color="#1b1b1b", markersize=3,
+              label="one threshold for all heads")  # fmt: skip
+    at, last = result["at_threshold"], result["last_head"]
+    axis.plot(at["macs"] / 1e6, at["top1"], "D", color="#b45f06", markersize=8,
+              label=f"calibrated threshold {at['threshold']:.3f}")  # fmt: skip
+    axis.plot(last["macs"] / 1e6, last["top1"], "s", color="#6a6a6a", markersize=8, label="last head alone")
+    axis.set_xlabel("average multiply-adds per image (millions)")
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    return png(fig)
+
+
+def early_exit_section(record: RunRecord) -> str:
+    parts = []
+    for data, result in record.early_exit.items():
+        at, last, t = result["at_threshold"], result["last_head"], result["calibration"]
+        rows = [
+            ["calibrated threshold", at["threshold"], at["top1"], at["macs"] / 1e6, str(at["exits_per_head"])],
+            ["last head alone", "-", last["top1"], last["macs"] / 1e6, str(last["exits_per_head"])],
+        ]
+        parts += [
+            f"<p>On {html.escape(data)}; the threshold was calibrated on {html.escape(result['calibrated_on'])}, "
+            f"where it lost {t['last_head_top1'] - t['top1']:.2f} points against the last head (at most "
+            f"{result['tolerance_points']:g}).</p>",
+            table(["", "threshold", "top-1", "M multiply-adds per image", "answers per head"], rows),
+            f'<img alt="early exit: accuracy against compute" src="data:image/png;base64,{early_exit_curve(result)}">',
+        ]
+    return "\n".join(parts)
 
 
 # ---- tables
@@ -261,6 +298,8 @@ def run_section(record: RunRecord) -> str:
         "<h3>Evaluation (layerwise eval)</h3>",
         eval_table(record),
     ]
+    if record.early_exit:
+        parts += ["<h3>Early exit (layerwise eval --early-exit)</h3>", early_exit_section(record)]
     return "\n".join(parts)
 
 

@@ -197,17 +197,17 @@ class RunDir:
 
     def read_info(self) -> dict[str, Any]:
         """run.json, or {} when it is missing or unreadable (it only records facts about the run)."""
-        return self._read_facts(self.info)
+        return self.read_facts(self.info)
 
     def read_evals(self) -> dict[str, Any]:
         """eval.json: what `layerwise eval` found, by data path ({} when it has not run)."""
-        return self._read_facts(self.evals)
+        return self.read_facts(self.evals)
 
     def record_eval(self, data: str, result: dict[str, Any]) -> None:
         self.write_json(self.evals, {**self.read_evals(), data: result})
 
     @staticmethod
-    def _read_facts(path: Path) -> dict[str, Any]:
+    def read_facts(path: Path) -> dict[str, Any]:
         try:
             facts = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

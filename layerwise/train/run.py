@@ -591,11 +591,20 @@ def run_info(cfg: RunConfig, device: torch.device, data, description: str, where
     }
 
 
-def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, precision: str | None = None) -> dict:
-    """Score a run's trained heads on data no one trained on, mapping its classes by name.
+@dataclass
+class Delivered:
+    """A run's trained network as it stands: final.pt when finished, else the last epoch's checkpoint."""
 
-    Uses checkpoints/final.pt when the run finished, else the last epoch's checkpoint.
-    """
+    run: RunDir
+    cfg: RunConfig
+    classes: list[str]
+    net: StagedNet
+    heads: list[int]
+    """The heads trained so far (of the delivered blocks, when train.min_gain stopped the run early)."""
+    checkpoint: Path
+
+
+def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
     run = RunDir(run_dir)
     cfg = config_from_dict(run.saved_config())
     classes = run.read_classes()
@@ -603,14 +612,22 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, pre
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     meta, state, _ = load_checkpoint(path)
-    compute = precision_for(resolve_device(device), precision or cfg.train.precision)
     net = checked_model(cfg, len(classes), compute, state)
     stages = plan_stages(cfg.model.J, cfg.train.mode)
-    heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)  # the heads trained so far
-    if path == run.final:  # train.min_gain may have stopped the run early: only the delivered blocks' heads
+    heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)
+    if path == run.final:
         heads = [j for j in heads if j < meta.get("blocks_trained", cfg.model.J)]
-    loader = build_eval_loader(cfg.data, data, classes, batch_size, compute.device)
-    result = {**evaluate(net, loader, heads, cfg.train.ensemble, compute.autocast), "checkpoint": str(path)}
-    result = {**result, "data": str(data)}
-    run.record_eval(str(Path(data).resolve()), result)  # for `layerwise report`: the newest result per data
+    return Delivered(run, cfg, classes, net, heads, path)
+
+
+def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, precision: str | None = None) -> dict:
+    """Score a run's trained heads on data no one trained on, mapping its classes by name, and save the result
+    in the run's eval.json (by data path)."""
+    cfg = config_from_dict(RunDir(run_dir).saved_config())
+    compute = precision_for(resolve_device(device), precision or cfg.train.precision)
+    got = load_delivered(run_dir, compute)
+    loader = build_eval_loader(cfg.data, data, got.classes, batch_size, compute.device)
+    result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast)}
+    result.update(checkpoint=str(got.checkpoint), data=str(data))
+    got.run.record_eval(str(Path(data).resolve()), result)  # for `layerwise report`: the newest result per data
     return result

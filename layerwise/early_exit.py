@@ -1,0 +1,126 @@
+"""Early exit (anytime inference): each image is answered by the first head whose top softmax probability
+reaches a threshold t, one t for all heads, calibrated on the run's own validation split.
+
+Exiting at head j costs blocks 0..j and heads 0..j (every earlier head was checked and was not confident
+enough); the costs are multiply-adds counted from the network (torch.utils.flop_counter on the meta device).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from layerwise.config import RunConfig, config_from_dict
+from layerwise.data import build_data, build_eval_loader
+from layerwise.device import Precision, precision_for, resolve_device
+from layerwise.errors import LayerwiseError
+from layerwise.models.staged import StagedNet, build_model
+
+if TYPE_CHECKING:
+    from layerwise.train.run import Delivered
+
+TOLERANCE = 0.5
+"""Points of top-1 the calibrated threshold may lose against the last head, on the validation split."""
+
+
+def exit_macs(cfg: RunConfig, classes: int, heads: list[int]) -> list[float]:
+    """Multiply-adds per image of answering at each of `heads`: the blocks up to it and every head up to it."""
+    size = cfg.data.image_size
+    with torch.device("meta"):
+        net = build_model(cfg.model, classes).eval()
+        x = torch.empty(1, 3, size, size)
+        per_block, per_head = [], []
+        for block, head in zip(net.blocks, net.heads, strict=True):
+            with FlopCounterMode(display=False) as counter:
+                x = block(x)
+            per_block.append(counter.get_total_flops() / 2)
+            with FlopCounterMode(display=False) as counter:
+                head(x)
+            per_head.append(counter.get_total_flops() / 2)
+    return [sum(per_block[: j + 1]) + sum(per_head[h] for h in heads if h <= j) for j in heads]
+
+
+@torch.no_grad()
+def confidences(net: StagedNet, loader, heads: list[int], autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) top softmax probability of each head for each image, and (N, H) whether that head is right."""
+    net.eval()
+    confidence, correct = [], []
+    for x, y in loader.batches():
+        with autocast():
+            logits = net(x, upto=max(heads), heads=heads)
+        probs = torch.stack([z.float().softmax(-1) for z in logits], 1)  # (B, H, classes)
+        top, guess = probs.max(-1)
+        confidence.append(top.cpu())
+        correct.append((guess == y[:, None]).cpu())
+    return torch.cat(confidence), torch.cat(correct)
+
+
+def exits(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N,) index of the answering head: the first at or above the threshold, else the last."""
+    sure = confidence >= threshold
+    sure[:, -1] = True
+    return sure.float().argmax(1)  # the first True
+
+
+def score(confidence: torch.Tensor, correct: torch.Tensor, macs: list[float], threshold: float) -> dict[str, Any]:
+    exit_at = exits(confidence, threshold)
+    right = correct.gather(1, exit_at[:, None]).float().mean().item()
+    cost = torch.tensor(macs, dtype=torch.float64)[exit_at].mean().item()
+    counts = torch.bincount(exit_at, minlength=len(macs)).tolist()
+    return {"threshold": threshold, "top1": 100 * right, "macs": cost, "exits_per_head": counts}
+
+
+def calibrate(confidence: torch.Tensor, correct: torch.Tensor, macs: list[float]) -> dict[str, Any]:
+    """The threshold with the least average compute whose top-1 is within TOLERANCE points of the last head's."""
+    last = 100 * correct[:, -1].float().mean().item()
+    candidates = sorted({*confidence[:, :-1].flatten().tolist(), 1.0 + 1e-6})  # above 1: never exit early
+    best = None
+    for t in candidates:
+        s = score(confidence, correct, macs, t)
+        if s["top1"] >= last - TOLERANCE and (best is None or s["macs"] < best["macs"]):
+            best = s
+    return {**best, "last_head_top1": last}
+
+
+def analyse(got: Delivered, run_data: Any, data: Any, compute: Precision) -> dict[str, Any]:
+    """Calibrate t on the run's validation split, then the accuracy/compute curve and t's result on `data`."""
+    cfg, net, heads, classes = got.cfg, got.net, got.heads, got.classes
+    if len(heads) < 2:
+        raise LayerwiseError("early exit needs two heads or more; this run delivers one (end to end, or one block)")
+    bundle = build_data(cfg.data, run_data, 256, compute.device)
+    if bundle.val is None:
+        raise LayerwiseError(
+            "early exit calibrates on the run's validation split, and this run has none (data.val_size=0)"
+        )
+    macs = exit_macs(cfg, len(classes), heads)
+    chosen = calibrate(*confidences(net, bundle.val, heads, compute.autocast), macs)
+    scored = confidences(net, build_eval_loader(cfg.data, data, classes, 256, compute.device), heads, compute.autocast)
+    grid = sorted({i / 50 for i in range(51)} | {chosen["threshold"]})
+    return {
+        "data": str(data),
+        "heads": heads,
+        "macs_per_exit": macs,
+        "tolerance_points": TOLERANCE,
+        "calibrated_on": f"the run's validation split ({bundle.val_images} images)",
+        "calibration": chosen,
+        "at_threshold": score(*scored, macs, chosen["threshold"]),
+        "last_head": score(*scored, macs, 1.0 + 1e-6),
+        "curve": [score(*scored, macs, t) for t in grid],
+    }
+
+
+def early_exit_run(run_dir: str | Path, data: str | Path, device: str = "auto") -> dict[str, Any]:
+    """`layerwise eval RUN --data D --early-exit`: the analysis, saved in RUN/early_exit.json by data path."""
+    from layerwise.train.checkpoint import RunDir
+    from layerwise.train.run import load_delivered
+
+    cfg = config_from_dict(RunDir(run_dir).saved_config())
+    compute = precision_for(resolve_device(device), cfg.train.precision)
+    got = load_delivered(run_dir, compute)
+    result = analyse(got, got.run.read_info().get("data_path"), data, compute)
+    path = got.run.path / "early_exit.json"
+    got.run.write_json(path, {**got.run.read_facts(path), str(Path(data).resolve()): result})
+    return result
