@@ -13,11 +13,16 @@ $(BIN)/layerwise: pyproject.toml requirements.txt
 
 setup: $(BIN)/layerwise
 
+# The optional [export] dependencies, which the tests use (the demo does not need them).
+$(VENV)/.export: requirements-export.txt $(BIN)/layerwise
+	$(BIN)/pip install -q -r requirements-export.txt
+	touch $@
+
 # Greedy layerwise training of the demo preset on the built-in CIFAR-10 sample (CPU, about 2 minutes).
 demo: setup
 	$(BIN)/layerwise train
 
-test: setup
+test: setup $(VENV)/.export
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -137,6 +137,29 @@ def print_early_exit(result: dict, as_json: bool) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from layerwise.export import export_run
+
+    print(f"exported to {export_run(args.run_dir, args.format, args.output, args.head, args.ensemble)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from layerwise.export import predict
+
+    if args.top < 1:
+        raise LayerwiseError(f"--top must be >= 1 (got {args.top})")
+    answers, errors = predict(args.run_dir, args.images, args.top, args.early_exit, args.device)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    for a in [] if args.json else answers:
+        guesses = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in a["top"])
+        print(f"{a['image']}: {guesses}" + (f" (head {a['head']})" if args.early_exit else ""))
+    return 2 if errors else 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from layerwise.models import build_model
     from layerwise.presets import list_presets, load_preset
@@ -315,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("-o", "--output", help="the HTML file (default: RUN_DIR/report.html, or ./report.html for several)")
     r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="the trained network as a file that runs without layerwise (ONNX, torch.export)")
+    x.add_argument("run_dir")
+    x.add_argument("--format", required=True, choices=["onnx", "pt2"])
+    x.add_argument("--head", type=int, help="answer with this head (default: the last trained one)")
+    x.add_argument("--ensemble", action="store_true", help="answer with the ensemble of the trained heads")
+    x.add_argument("-o", "--output", help="the file (default: RUN_DIR/model.onnx or model.pt2)")
+    x.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("predict", help="the top classes of image files, with their probabilities")
+    q.add_argument("run_dir")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("--top", type=int, default=5)
+    q.add_argument("--early-exit", action="store_true", help="answer at the first confident head (eval calibrates)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("presets", help="list presets with J, k and parameter counts")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,172 @@
+"""`layerwise export` and `layerwise predict`: a trained run as a file that runs without layerwise, and its
+answers for image files.
+
+The exported model takes uint8 images (N, 3, H, W), H = W = the run's image size, and includes the
+normalisation; it returns class scores: one head's logits, or the running ensemble 2^-J sum_j 2^j z_j.
+`pt2` is a torch.export program (load it with `torch.export.load(path).module()`); `onnx` needs the
+optional `[export]` dependencies (onnx, onnxscript; onnxruntime to run it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from layerwise.config import RunConfig, config_from_dict
+from layerwise.device import precision_for, resolve_device
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate import add_to_ensemble
+from layerwise.models.staged import StagedNet
+from layerwise.train.checkpoint import RunDir
+
+FORMATS = ("onnx", "pt2")
+
+
+class Deployable(nn.Module):
+    """uint8 images (N, 3, H, W) -> (N, classes) scores of `heads[-1]`, or with `ensemble` (logits or softmax) the
+    running ensemble over `heads`. Holds only the blocks and heads it needs."""
+
+    def __init__(self, net: StagedNet, heads: list[int], cfg: RunConfig, ensemble: str | None = None):
+        super().__init__()
+        self.last = max(heads)
+        self.blocks = nn.ModuleList(net.blocks[: self.last + 1])
+        self.heads = nn.ModuleDict({str(j): net.heads[j] for j in (heads if ensemble else [self.last])})
+        self.ensemble = ensemble
+        scale, shift = normalization(cfg)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.float(), self.scale)
+        total = None
+        for j, block in enumerate(self.blocks):
+            x = block(x)
+            if str(j) in self.heads:
+                z = self.heads[str(j)](x)
+                total = add_to_ensemble(total, z, self.ensemble) if self.ensemble else z
+        return total
+
+
+def normalization(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, C, 1, 1): training's Normalize as x * 1/(255 std) - mean/std."""
+    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std), -torch.tensor(cfg.data.mean).view(1, -1, 1, 1) / std
+
+
+def deployable(run_dir: str | Path, head: int | None = None, ensemble: bool = False) -> tuple[Deployable, Any]:
+    """The run's delivered network as a Deployable on the CPU, in eval mode, and what load_delivered found."""
+    from layerwise.train.run import load_delivered
+
+    got = load_delivered(run_dir, precision_for(torch.device("cpu"), "fp32"))
+    if head is not None and ensemble:
+        raise LayerwiseError("--head and --ensemble exclude each other; choose one")
+    if head is not None and head not in got.heads:
+        raise LayerwiseError(f"--head {head} is not one of the run's trained heads {got.heads}")
+    heads = got.heads if head is None else [h for h in got.heads if h <= head]
+    model = Deployable(got.net, heads, got.cfg, got.cfg.train.ensemble if ensemble else None)
+    return model.eval().requires_grad_(False), got
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, head: int | None = None,
+               ensemble: bool = False) -> Path:  # fmt: skip
+    """Write the run's network in `fmt` to `out` (default RUN/model.<fmt>); nothing is left behind on an error."""
+    if fmt not in FORMATS:
+        raise LayerwiseError(f"--format must be {' or '.join(FORMATS)} (got {fmt!r})")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise LayerwiseError(
+                "--format onnx needs the onnx and onnxscript packages: pip install 'layerwise[export]'"
+            ) from None
+    model, got = deployable(run_dir, head, ensemble)
+    size = got.cfg.data.image_size
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    batch = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    out = Path(out) if out else got.run.path / f"model.{fmt}"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent)) / out.name  # beside out, then renamed into place
+    try:
+        with torch.no_grad():
+            if fmt == "pt2":
+                torch.export.save(torch.export.export(model, (example,), dynamic_shapes=batch), tmp)
+            else:
+                torch.onnx.export(model, (example,), tmp, input_names=["images"], output_names=["scores"],
+                                  dynamic_shapes=batch, dynamo=True, external_data=False)  # fmt: skip
+        os.replace(tmp, out)
+    except LayerwiseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - exporters fail in many ways
+        raise LayerwiseError(f"could not export {got.run.path} as {fmt} ({str(e).strip().splitlines()[0]})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.parent.rmdir()
+    return out
+
+
+def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
+    """(3, S, S) uint8, as evaluation sees images: resized (shorter side) and centre-cropped to the run's size."""
+    try:
+        image = decode_image(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), ImageReadMode.RGB)
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or "not an image torchvision can decode"
+        raise LayerwiseError(f"cannot read {path} ({reason}); the other images are still predicted") from None
+    size = cfg.data.image_size
+    resize = cfg.data.resize_size if cfg.data.augment == "imagenet" else size
+    if tuple(image.shape[1:]) != (size, size):
+        image = v2.CenterCrop(size)(v2.Resize(resize, antialias=True)(image))
+    return image
+
+
+def predict(run_dir: str | Path, images: list[str], top: int = 5, early_exit: bool = False,
+            device: str = "auto") -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """The top classes of each image with their probabilities (softmax of the last delivered head), or with
+    `early_exit` of the first head as confident as the run's calibrated threshold. Returns (answers, errors)."""
+    from layerwise.early_exit import exits
+    from layerwise.train.run import load_delivered
+
+    cfg = config_from_dict(RunDir(run_dir).saved_config())
+    compute = precision_for(resolve_device(device), cfg.train.precision)
+    got = load_delivered(run_dir, compute)
+    threshold = calibrated_threshold(got) if early_exit else None
+    answers, errors = [], []
+    for path in images:
+        try:
+            image = load_image(path, cfg)
+        except LayerwiseError as e:
+            errors.append(str(e))
+            continue
+        scale, shift = normalization(cfg)
+        x = torch.addcmul(shift, image[None].float(), scale).to(compute.device)
+        with torch.no_grad(), compute.autocast():
+            probs = torch.stack([z.float().softmax(-1) for z in got.net.eval()(x, max(got.heads), got.heads)], 1)
+        answer = len(got.heads) - 1
+        if threshold is not None:
+            answer = int(exits(probs.max(-1).values.cpu(), threshold)[0])
+        p, k = probs[0, answer].topk(min(top, probs.shape[-1]))
+        entry = {"image": str(path), "head": got.heads[answer]}
+        entry["top"] = [
+            {"class": got.classes[i], "probability": v} for v, i in zip(p.tolist(), k.tolist(), strict=False)
+        ]
+        answers.append(entry)
+    return answers, errors
+
+
+def calibrated_threshold(got) -> float:
+    """The early-exit threshold `layerwise eval --early-exit` calibrated (any data: it comes from the run's own
+    validation split), or a one-line error naming that command."""
+    saved = got.run.read_facts(got.run.path / "early_exit.json")
+    if len(got.heads) < 2:
+        raise LayerwiseError("early exit needs two heads or more; this run delivers one (end to end, or one block)")
+    if not saved:
+        raise LayerwiseError(
+            f"no calibrated threshold yet: run `layerwise eval {got.run.path} --data DATA --early-exit` first"
+        )
+    return next(iter(saved.values()))["calibration"]["threshold"]

@@ -1,0 +1,134 @@
+"""export and predict: the exported files run without layerwise and agree with the eager network on real images."""
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from test_train import tiny_config
+
+from layerwise.cli import main
+from layerwise.data.loaders import Normalize
+from layerwise.data.sources import sample_path
+from layerwise.device import precision_for
+from layerwise.evaluate import ensemble_scores
+from layerwise.train import train
+from layerwise.train.run import load_delivered
+
+
+@pytest.fixture(scope="module")
+def sample_images(tmp_path_factory):
+    """Eight real CIFAR-10 JPEGs from the built-in sample, as files and as a (8, 3, 32, 32) uint8 batch."""
+    from torchvision.io import decode_jpeg
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    with tarfile.open(sample_path()) as tf:
+        members = [m for m in tf.getmembers() if m.name.endswith(".jpg")][::1250][:8]
+        for i, m in enumerate(members):
+            paths.append(folder / f"{i}.jpg")
+            paths[-1].write_bytes(tf.extractfile(m).read())
+    batch = torch.stack([decode_jpeg(torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)) for p in paths])
+    return paths, batch
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import write_folder
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_folder(root / "data", per_class=16)
+    train(tiny_config(epochs=1), root / "run", data)
+    return root / "run", data
+
+
+def eager(run_dir, batch, heads=None, kind=None):
+    """The run's own network on the batch, normalised as training normalises."""
+    got = load_delivered(run_dir, precision_for(torch.device("cpu"), "fp32"))
+    x = Normalize(got.cfg.data.mean, got.cfg.data.std, torch.device("cpu"))(batch)
+    with torch.no_grad():
+        logits = got.net.eval()(x, heads=heads or got.heads)
+    return ensemble_scores(logits, kind)[-1] if kind else logits[-1]
+
+
+WITHOUT_LAYERWISE = "import sys; sys.modules['layerwise'] = None\n"  # any import of layerwise would now fail
+
+
+def test_a_pt2_export_runs_without_layerwise_and_agrees_with_the_eager_network(run, sample_images, tmp_path):
+    run_dir, _ = run
+    _, batch = sample_images
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(run_dir), "--format", "pt2", "-o", str(out)]) == 0
+    torch.save(batch, tmp_path / "batch.pt")
+    code = WITHOUT_LAYERWISE + (
+        f"import torch; m = torch.export.load({str(out)!r}).module()\n"
+        f"torch.save(m(torch.load({str(tmp_path / 'batch.pt')!r})), {str(tmp_path / 'out.pt')!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), eager(run_dir, batch), atol=1e-4, rtol=1e-4)
+
+
+def test_an_onnx_export_of_the_ensemble_agrees_in_onnxruntime(run, sample_images, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    run_dir, _ = run
+    _, batch = sample_images
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--ensemble", "-o", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {"images": batch.numpy()})
+    expected = eager(run_dir, batch, kind="logits")
+    assert torch.allclose(torch.from_numpy(scores), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, eager(run_dir, batch))  # the ensemble is not the last head alone
+
+
+def test_one_head_can_be_exported(run, sample_images, tmp_path):
+    run_dir, _ = run
+    _, batch = sample_images
+    out = tmp_path / "head0.pt2"
+    assert main(["export", str(run_dir), "--format", "pt2", "--head", "0", "-o", str(out)]) == 0
+    with torch.no_grad():
+        scores = torch.export.load(out).module()(batch)
+    assert torch.allclose(scores, eager(run_dir, batch, heads=[0]), atol=1e-5)
+
+
+def test_a_missing_export_dependency_is_a_one_line_error_and_no_file(run, tmp_path, monkeypatch, capsys):
+    run_dir, _ = run
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert main(["export", str(run_dir), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --format onnx needs the onnx and onnxscript packages: pip install 'layerwise[export]'"
+    assert list(tmp_path.iterdir()) == []
+    assert main(["export", str(run_dir), "--format", "pt2", "--head", "7"]) == 2
+    assert "--head 7 is not one of the run's trained heads [0, 1, 2]" in capsys.readouterr().err
+
+
+def test_predict_names_the_top_classes_and_reports_an_unreadable_image(run, sample_images, tmp_path, capsys):
+    run_dir, _ = run
+    paths, batch = sample_images
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    code = main(["predict", str(run_dir), str(paths[0]), str(broken), str(paths[1]), "--top", "2", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and f"cannot read {broken}" in err
+    answers = json.loads(out)
+    assert [a["image"] for a in answers] == [str(paths[0]), str(paths[1])]  # the others are still predicted
+    probs = eager(run_dir, batch[:2]).softmax(-1)
+    classes = json.loads((run_dir / "classes.json").read_text())
+    for a, p in zip(answers, probs, strict=True):
+        top = p.topk(2)
+        assert [t["class"] for t in a["top"]] == [classes[i] for i in top.indices]
+        assert [t["probability"] for t in a["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_predict_with_early_exit_names_the_head_that_answered(run, sample_images, capsys):
+    run_dir, data = run
+    paths, _ = sample_images
+    assert main(["predict", str(run_dir), str(paths[0]), "--early-exit"]) == 2
+    assert "no calibrated threshold yet" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--data", str(data), "--early-exit", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), *map(str, paths), "--early-exit", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert len(answers) == 8 and all(a["head"] in (0, 1, 2) for a in answers)
