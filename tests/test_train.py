@@ -415,3 +415,28 @@ def test_adaptive_depth_needs_validation(tmp_path, image_folder):
     assert not (tmp_path / "run").exists()
     with pytest.raises(LayerwiseError, match=r"needs train\.mode=greedy"):
         tiny_config(train={"min_gain": 1.0, "mode": "e2e"})
+
+
+def test_end_to_end_trains_every_block_and_the_last_head_and_leaves_the_other_heads_alone(image_folder):
+    from layerwise.device import Precision
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 3)
+    before = copy.deepcopy(net.state_dict())
+    data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
+    (stage,) = plan_stages(net.J, "e2e")
+    train_epoch(StageTraining(net, stage, cfg.train, Precision(torch.device("cpu"), bf16=False)), data.train, seed=0)
+    after = net.state_dict()
+
+    def moved(prefix: str, buffers: bool) -> set[bool]:
+        keys = [k for k in before if k.startswith(prefix) and ("running" in k) == buffers]
+        assert keys
+        return {not torch.equal(before[k], after[k]) for k in keys}
+
+    for j in range(net.J):  # every block's weights and BN statistics
+        assert moved(f"blocks.{j}.", buffers=False) == {True} and moved(f"blocks.{j}.", buffers=True) == {True}
+    assert moved("heads.2.", buffers=False) == {True} and moved("heads.2.", buffers=True) == {True}
+    for j in (0, 1):  # the auxiliary heads neither learn nor update their statistics
+        assert moved(f"heads.{j}.", buffers=False) == {False} and moved(f"heads.{j}.", buffers=True) == {False}
+    assert stage.eval_heads == (2,)  # only the last head is scored

@@ -1,0 +1,150 @@
+"""Known answers, worked out by hand: accuracy counts and the loss, the 2^j ensemble over three and four heads, the
+learning-rate schedule and momentum resets over a whole stage, the presets' optimiser, and the CIFAR-10 reader's
+pixel layout and labels. Tiny tensors, no training runs."""
+
+import math
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from layerwise.config import TrainConfig
+from layerwise.data.sources import open_eval, open_train
+from layerwise.evaluate import ensemble_scores, topk_correct
+from layerwise.presets import list_presets, load_preset
+from layerwise.train.loop import lr_at
+
+
+def test_top1_and_top5_counts_on_hand_made_scores():
+    scores = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 1: top-1 hit
+            [0.9, 0.1, 0.5, 0.4, 0.3, 0.2, 0.0],  # label 4: rank 4 of 7, top-5 only
+            [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0],  # label 6: last, no hit
+        ]
+    )
+    labels = torch.tensor([1, 4, 6])
+    assert [int(c) for c in topk_correct(scores, labels)] == [1, 2]
+    assert [int(c) for c in topk_correct(scores[:, :3], torch.tensor([1, 2, 2]), ks=(1, 5))] == [1, 3]  # k > classes
+
+
+def test_the_loss_is_the_mean_cross_entropy_of_the_label():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    expected = (-math.log(math.e**2 / (math.e**2 + 1)) - math.log(0.5)) / 2
+    assert F.cross_entropy(logits, torch.tensor([0, 1])).item() == pytest.approx(expected)
+
+
+def test_the_ensemble_weighs_head_j_by_2_to_the_j_over_four_heads():
+    """Z_j = sum_{i<=j} 2^i z_i, reported as 2^-j Z_j. With these heads the four weightings disagree: equal
+    weights, weights j+1, or only the last head would each pick another class somewhere."""
+    z = [torch.tensor([[3.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.0, 0.0, 2.5]])]
+    z.append(torch.tensor([[0.0, 1.0, 0.0]]))
+    out = ensemble_scores(z)
+    by_hand = [
+        [3.0, 0.0, 0.0],  # z0
+        [1.5, 2.0, 0.0],  # (z0 + 2 z1) / 2
+        [0.75, 1.0, 2.5],  # (z0 + 2 z1 + 4 z2) / 4
+        [0.375, 1.5, 1.25],  # (z0 + 2 z1 + 4 z2 + 8 z3) / 8
+    ]
+    for got, want in zip(out, by_hand, strict=True):
+        assert got[0].tolist() == pytest.approx(want)
+    assert [int(e.argmax()) for e in out] == [0, 1, 2, 1]
+    equal = sum(z)
+    assert int(equal.argmax()) == 0  # equal weights would answer class 0 after four heads
+
+
+def test_the_softmax_ensemble_adds_weighted_probabilities():
+    z = [torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([[0.0, math.log(3.0)]])]
+    (_, _, last) = ensemble_scores(z, "softmax")
+    p = [[0.5, 0.5], [0.75, 0.25], [0.25, 0.75]]
+    want = [(p[0][c] + 2 * p[1][c] + 4 * p[2][c]) / 4 for c in range(2)]
+    assert last[0].tolist() == pytest.approx(want)
+
+
+def test_the_learning_rate_over_a_whole_stage_of_the_paper_recipe():
+    """CIFAR-10: lr 0.1 divided by 5 every 15 epochs, 50 epochs, restarting for every block."""
+    cfg = load_preset("cifar10_simcnn_k3").train
+    schedule = [lr_at(cfg, e) for e in range(cfg.epochs_per_block)]
+    assert schedule == pytest.approx([0.1] * 15 + [0.02] * 15 + [0.004] * 15 + [0.0008] * 5)
+    imagenet = load_preset("imagenet_simcnn_k3").train  # lr / 10 every 20 epochs, 45 epochs
+    assert [lr_at(imagenet, e) for e in (0, 19, 20, 39, 40, 44)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_momentum_is_forgotten_at_each_decay_and_only_there():
+    from layerwise.device import Precision
+    from layerwise.models import build_model
+    from layerwise.train.loop import StageTraining
+    from layerwise.train.stage import plan_stages
+
+    cfg = TrainConfig(lr=0.1, lr_step=2, lr_gamma=0.5, epochs_per_block=5)
+    net = build_model(load_preset("demo").model, 3)
+    training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    kept = []
+    for epoch in range(cfg.epochs_per_block):
+        had_momentum = bool(training.optimizer.state)
+        lr = training.start_epoch(epoch)
+        kept.append((epoch, lr, had_momentum, bool(training.optimizer.state)))
+        training.step(x, y)
+    assert [(e, lr) for e, lr, _, _ in kept] == [(0, 0.1), (1, 0.1), (2, 0.05), (3, 0.05), (4, 0.025)]
+    assert [after for *_, after in kept] == [False, True, False, True, False]  # cleared at epochs 2 and 4
+    assert [before for _, _, before, _ in kept] == [False, True, True, True, True]
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if p != "demo"])
+def test_the_presets_optimiser_is_the_papers(preset):
+    """The fact sheet (../shared/paper/PAPER.md): SGD with momentum 0.9 and lr 0.1; CIFAR-10 weight decay 5e-4,
+    batch 128, lr / 5 every 15 epochs, 50 per block; ImageNet weight decay 1e-4, batch 256, lr / 10 every 20
+    epochs, 45 per block; momentum reset at each decay (the released code rebuilds its optimizer)."""
+    train = load_preset(preset).train
+    imagenet = preset.startswith("imagenet")
+    assert (train.lr, train.momentum, train.weight_decay) == (0.1, 0.9, 1e-4 if imagenet else 5e-4)
+    assert train.batch_size == (256 if imagenet else 128) and train.reset_momentum_at_decay
+    assert (train.lr_step, train.lr_gamma, train.epochs_per_block) == ((20, 0.1, 45) if imagenet else (15, 0.2, 50))
+
+
+# ---- the CIFAR-10 python archive: pixels, orientation, channels and labels round trip
+
+
+def pattern(label: int) -> np.ndarray:
+    """(3, 32, 32) uint8 with every channel, row and column telling itself apart, and the label in it."""
+    c, r, k = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    return ((c * 80 + r * 2 + k + label * 7) % 256).astype(np.uint8)
+
+
+def write_cifar(tmp_path, names: list[str]) -> tuple:
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    labels = [3, 0, 9, 5]
+    rows = np.stack([pattern(y).reshape(-1) for y in labels])  # CIFAR-10 rows: R plane, G plane, B plane
+    for name in [*[f"data_batch_{i}" for i in range(1, 6)], "test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": rows, b"labels": labels}))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="cifar-10-batches-py")
+    return archive, labels
+
+
+def test_the_cifar_reader_keeps_channels_rows_columns_and_labels(tmp_path):
+    names = [f"c{i}" for i in range(10)]
+    archive, labels = write_cifar(tmp_path, names)
+    source = open_train(archive, decode=True, size=32)
+    assert source.classes == names and len(source.train) == 20  # five data batches
+    images, got = source.train.images, source.train.labels
+    assert got[:4].tolist() == labels
+    for image, y in zip(images[:4], labels, strict=True):
+        assert torch.equal(image, torch.from_numpy(pattern(y)))  # (C, H, W): R first, rows top-down
+    assert image[0, 0, 1] - image[0, 0, 0] == 1 and image[0, 1, 0] - image[0, 0, 0] == 2  # columns, then rows
+
+
+def test_eval_maps_an_archives_labels_to_the_runs_classes_by_name(tmp_path):
+    """An archive whose label_names come in another order: each image keeps its class name, not its index."""
+    names = [f"c{i}" for i in range(10)]
+    archive, labels = write_cifar(tmp_path, names[::-1])  # label 3 now names c6, and so on
+    run_classes = names
+    examples = open_eval(archive, True, 32, run_classes)
+    assert examples.labels.tolist() == [run_classes.index(names[::-1][y]) for y in labels] == [6, 9, 0, 4]
