@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 
 def test_bench_quick_mode_reports_every_block(capsys):
-    code = main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--json"])
+    code = main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--json", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
     report = json.loads(out)
@@ -33,7 +33,10 @@ def test_bench_quick_mode_reports_every_block(capsys):
 
 
 def test_bench_of_block_0_alone_has_no_frozen_heads_to_reuse(capsys):
-    assert main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0"]) == 0
+    assert (
+        main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0", "--device", "cpu"])
+        == 0
+    )
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluation"))
     assert "block 0's" in line and "reusing" not in line
 
@@ -136,7 +139,7 @@ def test_bench_refuses_compile_with_recomputation(capsys):
 
 
 def test_bench_recomputing_activations_in_bf16_on_the_cpu(capsys):
-    args = ["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0,2"]
+    args = ["bench", "--preset", "demo", "--quick", "--steps", "1", "--no-input", "--blocks", "0,2", "--device", "cpu"]
     assert main([*args, "--recompute-activations", "--precision", "bf16", "--json"]) == 0
     model = json.loads(capsys.readouterr().out)["model"]
     assert model["recompute_activations"] and model["precision"] == "bf16 autocast"
@@ -196,7 +199,7 @@ def test_precision_rejects_an_unknown_name():
 
 
 def test_bench_scaling_in_one_process(capsys):
-    assert main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--scaling", "--json"]) == 0
+    assert main(["bench", "--preset", "demo", "--quick", "--steps", "1", "--scaling", "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["processes"] == 1 and [r["allreduce_ms"] for r in result["stages"]] == [0.0] * 4
     from layerwise.presets import load_preset
