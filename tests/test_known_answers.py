@@ -148,3 +148,27 @@ def test_eval_maps_an_archives_labels_to_the_runs_classes_by_name(tmp_path):
     run_classes = names
     examples = open_eval(archive, True, 32, run_classes)
     assert examples.labels.tolist() == [run_classes.index(names[::-1][y]) for y in labels] == [6, 9, 0, 4]
+
+
+def test_an_image_folder_of_pngs_and_its_tar_archive_read_back_the_same_pixels_and_labels(tmp_path):
+    """PNG is lossless: the decoded images are the written ones, channel order and orientation included, and
+    each image's label is its class folder's index in sorted order."""
+    from torchvision.io import encode_png
+
+    classes = ["bird", "airplane", "cat"]  # written out of order: labels follow the sorted names
+    root = tmp_path / "folder"
+    written = {}
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        y = sorted(classes).index(name)
+        image = torch.from_numpy(pattern(y))
+        (root / name / "0.png").write_bytes(bytes(encode_png(image).numpy()))
+        written[y] = image
+    archive = tmp_path / "folder.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(root, arcname="folder")
+    for source in (root, archive):
+        got = open_train(source, decode=True, size=32)
+        assert got.classes == sorted(classes)
+        for image, y in zip(got.train.images, got.train.labels.tolist(), strict=True):
+            assert torch.equal(image, written[y]), (source, y)
