@@ -105,7 +105,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.early_exit:
         from layerwise.early_exit import early_exit_run
 
-        return print_early_exit(early_exit_run(args.run_dir, args.data, args.device), args.json)
+        result = early_exit_run(args.run_dir, args.data, args.device, args.precision, args.batch_size)
+        return print_early_exit(result, args.json)
     result = evaluate_run(args.run_dir, args.data, args.device, args.batch_size, args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -129,11 +130,16 @@ def print_early_exit(result: dict, as_json: bool) -> int:
     if as_json:
         print(json.dumps(result, indent=2))
         return 0
-    t, at, last = result["calibration"], result["at_threshold"], result["last_head"]
-    print(f"early exit on {result['data']}: threshold {t['threshold']:.3f}, calibrated on {result['calibrated_on']}")
-    print(f"  at the threshold: top-1 {at['top1']:.2f} %, {at['macs'] / 1e6:.1f} M multiply-adds per image")
+    t, at, last = result["calibration"]["threshold"], result["at_threshold"], result["last_head"]
+    where = f"calibrated on {result['calibrated_on']}"
+    if t is None:
+        print(f"early exit on {result['data']}: no threshold within {result['tolerance_points']:g} point of the last")
+        print(f"  head costs less than the last head alone ({where}): answer with the last head")
+    else:
+        print(f"early exit on {result['data']}: threshold {t:.3f}, {where}")
+        print(f"  at the threshold: top-1 {at['top1']:.2f} %, {at['macs'] / 1e6:.1f} M multiply-adds per image")
+        print(f"  answers per head {dict(zip(result['heads'], at['exits_per_head'], strict=True))}")
     print(f"  last head alone:  top-1 {last['top1']:.2f} %, {last['macs'] / 1e6:.1f} M multiply-adds per image")
-    print(f"  answers per head {dict(zip(result['heads'], at['exits_per_head'], strict=True))}")
     return 0
 
 

@@ -20,6 +20,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from layerwise.config import RunConfig, config_from_dict
+from layerwise.data.loaders import imagenet_transform
 from layerwise.device import precision_for, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import add_to_ensemble
@@ -92,7 +93,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, hea
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     batch = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
     out = Path(out) if out else got.run.path / f"model.{fmt}"
-    tmp = Path(tempfile.mkdtemp(dir=out.parent)) / out.name  # beside out, then renamed into place
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent)) / out.name  # beside out, then renamed into place
+    except OSError as e:
+        raise LayerwiseError(f"cannot write into {out.parent} ({e.strerror}); choose another -o") from None
     try:
         with torch.no_grad():
             if fmt == "pt2":
@@ -119,9 +123,10 @@ def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
         reason = getattr(e, "strerror", None) or "not an image torchvision can decode"
         raise LayerwiseError(f"cannot read {path} ({reason}); the other images are still predicted") from None
     size = cfg.data.image_size
-    resize = cfg.data.resize_size if cfg.data.augment == "imagenet" else size
+    if cfg.data.augment == "imagenet":
+        return imagenet_transform(cfg.data, train=False)(image)
     if tuple(image.shape[1:]) != (size, size):
-        image = v2.CenterCrop(size)(v2.Resize(resize, antialias=True)(image))
+        image = v2.CenterCrop(size)(v2.Resize(size, antialias=True)(image))
     return image
 
 
@@ -148,7 +153,7 @@ def predict(run_dir: str | Path, images: list[str], top: int = 5, early_exit: bo
         with torch.no_grad(), compute.autocast():
             probs = torch.stack([z.float().softmax(-1) for z in got.net.eval()(x, max(got.heads), got.heads)], 1)
         answer = len(got.heads) - 1
-        if threshold is not None:
+        if early_exit and threshold is not None:
             answer = int(exits(probs.max(-1).values.cpu(), threshold)[0])
         p, k = probs[0, answer].topk(min(top, probs.shape[-1]))
         entry = {"image": str(path), "head": got.heads[answer]}
@@ -159,14 +164,22 @@ def predict(run_dir: str | Path, images: list[str], top: int = 5, early_exit: bo
     return answers, errors
 
 
-def calibrated_threshold(got) -> float:
-    """The early-exit threshold `layerwise eval --early-exit` calibrated (any data: it comes from the run's own
-    validation split), or a one-line error naming that command."""
-    saved = got.run.read_facts(got.run.path / "early_exit.json")
+def calibrated_threshold(got) -> float | None:
+    """The early-exit threshold `layerwise eval --early-exit` calibrated last for this checkpoint and these heads
+    (on the run's own validation split, whatever data it then scored): None means answer with the last head. A
+    one-line error naming that command when there is none."""
     if len(got.heads) < 2:
         raise LayerwiseError("early exit needs two heads or more; this run delivers one (end to end, or one block)")
+    mtime = got.checkpoint.stat().st_mtime_ns
+    saved = [
+        r
+        for r in got.run.read_facts(got.run.path / "early_exit.json").values()
+        if r.get("checkpoint") == str(got.checkpoint) and r.get("checkpoint_mtime_ns") == mtime
+        and r.get("heads") == got.heads
+    ]  # fmt: skip
     if not saved:
         raise LayerwiseError(
-            f"no calibrated threshold yet: run `layerwise eval {got.run.path} --data DATA --early-exit` first"
+            f"no threshold calibrated for this checkpoint yet: run `layerwise eval {got.run.path} --data DATA "
+            "--early-exit` first"
         )
-    return next(iter(saved.values()))["calibration"]["threshold"]
+    return saved[-1]["calibration"]["threshold"]  # the newest

@@ -71,19 +71,22 @@ def scores_key(rows: list[dict]) -> str | None:
 
 
 def png(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def figure(**options):
+    """A matplotlib Figure drawn with its own Agg canvas: no pyplot, so the caller's backend is left alone."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
 
 
 def curves(records: list[RunRecord]) -> str:
     """Top-1, loss and learning rate against the run's epochs, one segment per block, runs on shared axes."""
-    import matplotlib.pyplot as plt
-
-    fig, (acc, loss, lr) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True, height_ratios=[3, 2, 1])
+    fig = figure(figsize=(8, 7.5))
+    acc, loss, lr = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 1])
     for i, (record, (line, marker, colour)) in enumerate(zip(records, itertools.cycle(STYLES))):
         scored = scores_key(record.rows)
         start = 0
@@ -121,23 +124,24 @@ def curves(records: list[RunRecord]) -> str:
 
 def final_bars(records: list[RunRecord]) -> str:
     """Each block's own head and the ensemble after it, top-1 and top-5, with the paper's figures."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
+    fig = figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
     width = 0.8 / (2 * len(records))
+    blocks_seen = sorted({r["block"] for record in records for r in last_rows(record)})
     for i, (record, (_, _, colour)) in enumerate(zip(records, itertools.cycle(STYLES))):
-        blocks = last_rows(record)
+        rows = last_rows(record)
         scored = scores_key(record.rows)
         if not scored:
             continue
-        for axis, k in zip(axes, ("top1", "top5"), strict=True):
-            x = torch.arange(len(blocks)).float() + (2 * i - len(records) + 0.5) * width
-            own = [r[scored][k] for r in blocks]
-            ens = [r[scored][f"ensemble_{k}"] for r in blocks]
-            axis.bar(x, own, width, color=colour, label=f"{record.path.name}: own head")
-            axis.bar(x + width, ens, width, color="white", edgecolor=colour, hatch="//",
+        for axis, k in zip(axes, ("top1", "top5"), strict=True):  # each bar over the block its head follows
+            x = torch.tensor([blocks_seen.index(r["block"]) for r in rows]).float() + (2 * i - len(records)) * width
+            own = [r[scored][k] for r in rows]
+            ens = [r[scored][f"ensemble_{k}"] for r in rows]
+            axis.bar(x, own, width, align="edge", color=colour, label=f"{record.path.name}: own head")
+            axis.bar(x + width, ens, width, align="edge", color="white", edgecolor=colour, hatch="//",
                      label=f"{record.path.name}: ensemble")  # fmt: skip
-            axis.set_xticks(range(len(blocks)), [r["stage_name"] for r in blocks], fontsize=8)
+    for axis in axes:
+        axis.set_xticks(range(len(blocks_seen)), [f"block {j}" for j in blocks_seen], fontsize=8)
     for axis, k in zip(axes, ("top1", "top5"), strict=True):
         paper = [(r, v) for r in records for key, v in r.cfg.paper.items() if key in (k, f"ensemble_{k}")]
         for record, value in paper[:2]:
@@ -154,15 +158,15 @@ def final_bars(records: list[RunRecord]) -> str:
 
 def early_exit_curve(result: dict[str, Any]) -> str:
     """Top-1 against the average multiply-adds per image as the threshold moves, with the calibrated point."""
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6, 3.6))
+    fig = figure(figsize=(6, 3.6))
+    axis = fig.subplots()
     points = sorted(result["curve"], key=lambda p: p["macs"])
     axis.plot([p["macs"] / 1e6 for p in points], [p["top1"] for p in points], "-o", color="#1b1b1b", markersize=3,
               label="one threshold for all heads")  # fmt: skip
     at, last = result["at_threshold"], result["last_head"]
-    axis.plot(at["macs"] / 1e6, at["top1"], "D", color="#b45f06", markersize=8,
-              label=f"calibrated threshold {at['threshold']:.3f}")  # fmt: skip
+    if at["threshold"] is not None:
+        axis.plot(at["macs"] / 1e6, at["top1"], "D", color="#b45f06", markersize=8,
+                  label=f"calibrated threshold {at['threshold']:.3f}")  # fmt: skip
     axis.plot(last["macs"] / 1e6, last["top1"], "s", color="#6a6a6a", markersize=8, label="last head alone")
     axis.set_xlabel("average multiply-adds per image (millions)")
     axis.set_ylabel("top-1 accuracy (%)")
@@ -175,9 +179,10 @@ def early_exit_section(record: RunRecord) -> str:
     parts = []
     for data, result in record.early_exit.items():
         at, last, t = result["at_threshold"], result["last_head"], result["calibration"]
+        chosen = "none: no threshold saves compute" if at["threshold"] is None else at["threshold"]
         rows = [
-            ["calibrated threshold", at["threshold"], at["top1"], at["macs"] / 1e6, str(at["exits_per_head"])],
-            ["last head alone", "-", last["top1"], last["macs"] / 1e6, str(last["exits_per_head"])],
+            ["calibrated threshold", chosen, at["top1"], at["macs"] / 1e6, str(at["exits_per_head"])],
+            ["last head alone (no exits)", "-", last["top1"], last["macs"] / 1e6, str(last["exits_per_head"])],
         ]
         parts += [
             f"<p>On {html.escape(data)}; the threshold was calibrated on {html.escape(result['calibrated_on'])}, "
@@ -259,7 +264,9 @@ def parameter_table(record: RunRecord) -> str:
         net = build_model(record.cfg.model, classes)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     rows = [[f"block {j}", count(b), count(h)] for j, (b, h) in enumerate(zip(net.blocks, net.heads, strict=False))]
-    rows.append(["delivered network (every block + the last head)", net.final_parameters(), "-"])
+    delivered = (record.summary or {}).get("adaptive_depth", {}).get("blocks_delivered", net.J)
+    final = sum(count(b) for b in net.blocks[:delivered]) + count(net.heads[delivered - 1])
+    rows.append([f"delivered network (blocks 0-{delivered - 1} + head {delivered - 1})", final, "-"])
     return table(["", "block parameters", "its head's parameters"], rows)
 
 
@@ -334,9 +341,6 @@ def render(records: list[RunRecord]) -> str:
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Render the runs into one HTML file at `out` (written atomically; nothing is left on an error)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     records = [load_run(p) for p in run_dirs]
     page = render(records)
     out = Path(out)

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from layerwise.train.checkpoint import RunDir
+
 GOALS = {"k3-paper": ("seconds", 90.0), "memory-vgg11": ("memory_ratio", 0.5)}
 
 
@@ -36,7 +38,7 @@ def training(run: Path) -> dict:
             "seconds_train_and_eval": round(s["wall_seconds_this_session"], 1),
             "no_validation": s.get("no_validation"),
         }
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if run.exists() else []
+    rows = RunDir(run).read_metrics()  # none yet, or a line cut short by the time limit: skipped
     return {"epochs_done": len(rows), "seconds_so_far": round(sum(r["seconds"] for r in rows), 1)}
 
 

@@ -233,3 +233,14 @@ def test_the_device_check_runs_end_to_end_on_the_cpu_at_tiny_size(tmp_path, imag
     assert "validation on" in info["data_description"] and "held out" not in info["data_description"]
     assert 0 < lines[2]["memory_ratio"] < 1 and lines[2]["goal"]["memory_ratio"] == 0.5
     assert (tmp_path / "out" / "steps.jsonl").read_text().splitlines() == result.stdout.splitlines()
+
+
+def test_a_device_check_step_stopped_before_its_first_epoch_still_reports(tmp_path):
+    (tmp_path / "runs" / "k3-paper").mkdir(parents=True)  # the limit struck while the data was decoding
+    (tmp_path / "k3-paper.txt").write_text("decoding train\n")
+    script = Path(__file__).parent.parent / "recipes" / "step_report.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "k3-paper", "124", "210", "210", str(tmp_path)], capture_output=True, text=True
+    )
+    report = json.loads(done.stdout)
+    assert report["timed_out"] and report["epochs_done"] == 0 and report["goal"] == {"seconds": 90.0, "met": None}

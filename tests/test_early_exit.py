@@ -32,10 +32,16 @@ def test_score_counts_accuracy_and_average_compute():
 
 
 def test_calibration_takes_the_cheapest_threshold_within_half_a_point_of_the_last_head():
-    """0.5 would save more compute but loses a third of the answers; 0.85 loses none."""
-    chosen = calibrate(CONFIDENCE, CORRECT, MACS)
+    """0.6 would save more compute but loses a third of the answers; 0.9 loses none and costs 70/3 per image,
+    less than the 25 of the network without exits (which skips head 0's 5)."""
+    chosen = calibrate(CONFIDENCE, CORRECT, MACS, alone=25.0)
     assert chosen["threshold"] == pytest.approx(0.9) and chosen["last_head_top1"] == pytest.approx(100.0)
     assert chosen["top1"] == pytest.approx(100.0) and chosen["macs"] == pytest.approx(70 / 3)
+
+
+def test_calibration_keeps_the_last_head_when_no_threshold_saves_compute():
+    chosen = calibrate(CONFIDENCE, CORRECT, MACS, alone=20.0)  # cheaper than any exit that keeps the accuracy
+    assert chosen["threshold"] is None and chosen["macs"] == 20.0 and chosen["exits_per_head"] == [0, 3]
 
 
 def test_compute_is_counted_from_the_network():
@@ -47,7 +53,7 @@ def test_compute_is_counted_from_the_network():
     assert isinstance(cfg, RunConfig)
     block0, head0 = 8 * 8 * 4 * 3 * 9, 4 * 2 * 2 * 3  # conv 3->4 (3x3) at 8x8; linear from 4x2x2 to 3 classes
     block1, head1 = 8 * 8 * 8 * 4 * 9, 8 * 2 * 2 * 3
-    assert exit_macs(cfg, 3, [0, 1]) == [block0 + head0, block0 + block1 + head0 + head1]
+    assert exit_macs(cfg, 3, [0, 1]) == ([block0 + head0, block0 + block1 + head0 + head1], block0 + block1 + head1)
 
 
 def test_the_analysis_of_a_run_calibrates_on_its_validation_split_and_saves_its_curve(tmp_path, image_folder):
@@ -59,7 +65,8 @@ def test_the_analysis_of_a_run_calibrates_on_its_validation_split_and_saves_its_
     assert saved["calibrated_on"] == "the run's validation split (8 images)"
     assert saved["calibration"]["top1"] >= saved["calibration"]["last_head_top1"] - 0.5
     assert saved["macs_per_exit"] == sorted(saved["macs_per_exit"])
-    assert saved["last_head"]["macs"] == pytest.approx(saved["macs_per_exit"][-1])
+    assert saved["last_head"]["macs"] == saved["macs_without_exits"] < saved["macs_per_exit"][-1]
+    assert saved["calibration"]["macs"] <= saved["macs_without_exits"]  # early exit is only chosen when it pays
     assert len(saved["curve"]) >= 51 and all(0 <= p["top1"] <= 100 for p in saved["curve"])
     assert sum(saved["at_threshold"]["exits_per_head"]) == 48  # every image of the scored folder answered once
     assert main(["report", str(tmp_path / "run")]) == 0
@@ -81,3 +88,14 @@ def test_early_exit_refuses_what_it_cannot_do(tmp_path, image_folder, extra, mes
     with pytest.raises(LayerwiseError, match=message):
         early_exit_run(tmp_path / "run", image_folder, "cpu")
     assert not (tmp_path / "run" / "early_exit.json").exists()
+
+
+def test_early_exit_refuses_to_score_the_data_it_calibrates_on(tmp_path, image_folder):
+    from conftest import write_folder
+
+    from layerwise.early_exit import early_exit_run
+
+    held = write_folder(tmp_path / "held", per_class=3, seed=4)
+    train(tiny_config(epochs=1, data={"val_size": 0, "val_path": str(held)}), tmp_path / "run", image_folder)
+    with pytest.raises(LayerwiseError, match="is the run's own validation data"):
+        early_exit_run(tmp_path / "run", held, "cpu")

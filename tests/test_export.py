@@ -126,7 +126,7 @@ def test_predict_with_early_exit_names_the_head_that_answered(run, sample_images
     run_dir, data = run
     paths, _ = sample_images
     assert main(["predict", str(run_dir), str(paths[0]), "--early-exit"]) == 2
-    assert "no calibrated threshold yet" in capsys.readouterr().err
+    assert "no threshold calibrated for this checkpoint yet" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data", str(data), "--early-exit", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["predict", str(run_dir), *map(str, paths), "--early-exit", "--json"]) == 0

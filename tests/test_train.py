@@ -397,6 +397,8 @@ def test_adaptive_depth_stops_at_the_first_block_that_does_not_pay_and_delivers_
     decision = summary["adaptive_depth"]
     assert decision["blocks_delivered"] == 1 and "less than train.min_gain=101" in decision["reason"]
     assert summary["final"]["val_top1"] == rows[0]["val"]["top1"]  # block 0's head, not block 1's
+    net = build_model(cfg.model, 3)
+    assert summary["params_final"] == sum(p.numel() for m in (net.blocks[0], net.heads[0]) for p in m.parameters())
     meta, _, _ = load_checkpoint(run.final)
     assert meta["blocks_trained"] == 1 and not run.block(2).exists()
     assert list(evaluate_run(tmp_path / "run", image_folder, device="cpu")["blocks"]) == [0]

@@ -184,7 +184,11 @@ class RunDir:
     def saved_config(self) -> dict[str, Any]:
         if not self.is_run():
             raise LayerwiseError(f"{self.path} holds no layerwise run (no config.yaml); check the path")
-        return yaml.safe_load(self.config.read_text())
+        saved = yaml.safe_load(self.config.read_text())
+        model = saved.get("model") if isinstance(saved, dict) else None
+        if isinstance(model, dict) and model.get("arch") == "vgg11" and "classifier_dropout" not in model:
+            model["classifier_dropout"] = 0.5  # saved before the setting existed, when VGG's classifier had 0.5
+        return saved
 
     def read_classes(self) -> list[str]:
         try:
@@ -203,8 +207,15 @@ class RunDir:
         """eval.json: what `layerwise eval` found, by data path ({} when it has not run)."""
         return self.read_facts(self.evals)
 
-    def record_eval(self, data: str, result: dict[str, Any]) -> None:
-        self.write_json(self.evals, {**self.read_evals(), data: result})
+    def record(self, path: Path, data: str, result: dict[str, Any]) -> None:
+        """Add `result` under `data` to the JSON file at path (eval.json, early_exit.json), newest last. Best
+        effort: a run directory that cannot be written (shared, read-only) only gets a warning."""
+        facts = self.read_facts(path)
+        facts.pop(data, None)
+        try:
+            self.write_json(path, {**facts, data: result})
+        except LayerwiseError as e:
+            log.warning("the result was not saved in the run: %s", e)
 
     @staticmethod
     def read_facts(path: Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from layerwise.distributed import (
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
-from layerwise.models.staged import StagedNet, build_model
+from layerwise.models.staged import StagedNet, build_model, count
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
 from layerwise.train.loop import StageTraining, train_epoch
@@ -248,7 +248,9 @@ class Run:
         trained = self.stages[: self.stopped["blocks_delivered"] + 1] if self.stopped else self.stages
         summary = summarize(self.cfg, self.net, self.dir.read_metrics(), trained, seconds, self.device)
         if self.stopped is not None:  # the delivered network ends a block before the last one trained
-            summary["final"] = final_scores(summary["blocks"][self.stopped["blocks_delivered"] - 1])
+            delivered = self.stopped["blocks_delivered"]
+            summary["final"] = final_scores(summary["blocks"][delivered - 1])
+            summary["params_final"] = count(self.net.blocks[:delivered]) + count(self.net.heads[delivered - 1])
             summary["adaptive_depth"] = self.stopped
         self.dir.write_json(self.dir.summary, summary)
         try:  # a report that cannot be drawn must not fail a finished run
@@ -271,6 +273,11 @@ class Run:
         min_gain = self.cfg.train.min_gain
         if min_gain is None or not stage.finishes_block or stage.block == 0:
             return None
+        if not {stage.index - 1, stage.index} <= self.val_top1.keys():
+            raise LayerwiseError(
+                f"train.min_gain needs the validation top-1 of blocks {stage.block - 1} and {stage.block}, which "
+                f"metrics.jsonl lacks; the trained weights are in {self.dir.checkpoints}"
+            )
         before, after = self.val_top1[stage.index - 1], self.val_top1[stage.index]
         if after - before >= min_gain:
             return None
@@ -629,5 +636,5 @@ def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, pre
     loader = build_eval_loader(cfg.data, data, got.classes, batch_size, compute.device)
     result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast)}
     result.update(checkpoint=str(got.checkpoint), data=str(data))
-    got.run.record_eval(str(Path(data).resolve()), result)  # for `layerwise report`: the newest result per data
+    got.run.record(got.run.evals, str(Path(data).resolve()), result)  # for `layerwise report`
     return result
