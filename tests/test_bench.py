@@ -47,15 +47,20 @@ def test_bench_rejects_an_image_size_the_heads_cannot_take(capsys):
 
 
 def few_steps(channels_last: bool, bf16: bool, compile_mode: str = "none") -> list[float]:
+    return few_steps_on(CPU, bf16, channels_last, compile_mode)
+
+
+def few_steps_on(device: torch.device, bf16: bool, channels_last: bool = False, compile_mode: str = "none"):
+    """The losses of four steps of greedy block 1 of a small network, the same weights and batch on any device."""
     torch.manual_seed(0)
-    net = build_model(ModelConfig(k=2, widths=[8, 16], downsample_at=[1]), num_classes=4)
+    net = build_model(ModelConfig(k=2, widths=[8, 16], downsample_at=[1]), num_classes=4).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     stage = plan_stages(net.J, "greedy")[1]
-    training = StageTraining(net, stage, TrainConfig(lr=0.05, compile=compile_mode), Precision(CPU, bf16))
+    training = StageTraining(net, stage, TrainConfig(lr=0.05, compile=compile_mode), Precision(device, bf16))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
-    return [training.step(x, y)[0].item() for _ in range(4)]
+    return [training.step(x.to(device), y.to(device))[0].item() for _ in range(4)]
 
 
 def test_fast_path_matches_plain_path():

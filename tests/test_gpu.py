@@ -12,23 +12,62 @@ from layerwise.train.checkpoint import RunDir, load_checkpoint
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def weights(path):
+    return load_checkpoint(RunDir(path).final)[1]
+
+
+def close(a: dict, b: dict, tol: float) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=tol, rtol=tol) for k in a)
+
+
+@pytest.fixture(scope="module")
+def plain_gpu_run(tmp_path_factory):
+    """The reference: a plain fp32 GPU run (fp32, so that other paths compare within float tolerance)."""
+    from conftest import write_folder
+
+    root = tmp_path_factory.mktemp("gpu")
+    data = write_folder(root / "data", per_class=16)
+    train(tiny_config(epochs=2, train={"device": "cuda", "precision": "fp32"}), root / "plain", data)
+    return root, data
+
+
 @pytest.mark.parametrize(
     "options",
-    [
-        {"cache": "none"},
-        {"cache": "device"},
-        {"cache": "host"},
-        {"recompute_activations": True},
-    ],
-    ids=["plain", "cache-device", "cache-host", "recompute"],
+    [{"cache": "device", "cache_views": 2}, {"cache": "host", "cache_views": 2}, {"recompute_activations": True}],
+    ids=["cache-device", "cache-host", "recompute"],
 )
-def test_trains_on_the_gpu(tmp_path, image_folder, options):
-    cfg = tiny_config(epochs=2, train={"device": "cuda", **options})
-    summary = train(cfg, tmp_path / "run", image_folder)
+def test_gpu_paths_train_like_the_plain_gpu_run(tmp_path, plain_gpu_run, options):
+    """A view per epoch: the cached runs see the plain run's batches; recomputation changes memory, not results."""
+    root, data = plain_gpu_run
+    cfg = tiny_config(epochs=2, train={"device": "cuda", "precision": "fp32", **options})
+    summary = train(cfg, tmp_path / "run", data)
     assert summary["device"].startswith("cuda")
-    assert all(0 <= b["val_top1"] <= 100 for b in summary["blocks"])
-    _, state, _ = load_checkpoint(RunDir(tmp_path / "run").final)
-    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    assert close(weights(tmp_path / "run"), weights(root / "plain"), 1e-3)
+
+
+def test_a_gpu_step_matches_the_cpu_within_bf16_tolerance():
+    from test_bench import few_steps_on
+
+    cpu = few_steps_on(torch.device("cpu"), bf16=False)
+    gpu = few_steps_on(torch.device("cuda"), bf16=True)
+    assert gpu == pytest.approx(cpu, rel=3e-2)
+
+
+def test_a_resumed_gpu_run_ends_where_an_uninterrupted_one_does(tmp_path, plain_gpu_run):
+    root, data = plain_gpu_run
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_block_1(row):
+        if row["stage"] == 1:
+            raise Stop
+
+    cfg = tiny_config(epochs=2, train={"device": "cuda", "precision": "fp32"})
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "run", data, on_epoch_end=stop_in_block_1)
+    train(cfg, tmp_path / "run", data, resume=True)
+    assert close(weights(tmp_path / "run"), weights(root / "plain"), 1e-4)
 
 
 def test_gpu_run_resumes_on_the_cpu(tmp_path, image_folder):
