@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.data import build_data, build_eval_loader
 from layerwise.device import Precision, precision_for, resolve_device
 from layerwise.errors import LayerwiseError
-from layerwise.models.staged import StagedNet, build_model
+from layerwise.models.staged import StagedNet, flops_per_image
 
 if TYPE_CHECKING:
     from layerwise.train.run import Delivered
@@ -29,18 +28,8 @@ TOLERANCE = 0.5
 def exit_macs(cfg: RunConfig, classes: int, heads: list[int]) -> tuple[list[float], float]:
     """Multiply-adds per image of answering at each of `heads` (the blocks up to it and every head up to it), and
     of the network without exits (every block up to the last head, and that head alone)."""
-    size = cfg.data.image_size
-    with torch.device("meta"):
-        net = build_model(cfg.model, classes).eval()
-        x = torch.empty(1, 3, size, size)
-        per_block, per_head = [], []
-        for block, head in zip(net.blocks, net.heads, strict=True):
-            with FlopCounterMode(display=False) as counter:
-                x = block(x)
-            per_block.append(counter.get_total_flops() / 2)
-            with FlopCounterMode(display=False) as counter:
-                head(x)
-            per_head.append(counter.get_total_flops() / 2)
+    block_flops, head_flops = flops_per_image(cfg.model, classes, cfg.data.image_size)
+    per_block, per_head = [f / 2 for f in block_flops], [f / 2 for f in head_flops]  # multiply-adds
     last = heads[-1]
     exits = [sum(per_block[: j + 1]) + sum(per_head[h] for h in heads if h <= j) for j in heads]
     return exits, sum(per_block[: last + 1]) + per_head[last]

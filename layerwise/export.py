@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from layerwise.config import RunConfig, config_from_dict
-from layerwise.data.loaders import imagenet_transform
+from layerwise.data.loaders import Normalize, imagenet_transform
 from layerwise.device import precision_for, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import add_to_ensemble
@@ -40,9 +40,9 @@ class Deployable(nn.Module):
         self.blocks = nn.ModuleList(net.blocks[: self.last + 1])
         self.heads = nn.ModuleDict({str(j): net.heads[j] for j in (heads if ensemble else [self.last])})
         self.ensemble = ensemble
-        scale, shift = normalization(cfg)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
+        normalize = Normalize(cfg.data.mean, cfg.data.std, torch.device("cpu"))  # training's, as buffers
+        self.register_buffer("scale", normalize.scale)
+        self.register_buffer("shift", normalize.shift)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.addcmul(self.shift, images.float(), self.scale)
@@ -53,12 +53,6 @@ class Deployable(nn.Module):
                 z = self.heads[str(j)](x)
                 total = add_to_ensemble(total, z, self.ensemble) if self.ensemble else z
         return total
-
-
-def normalization(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), each (1, C, 1, 1): training's Normalize as x * 1/(255 std) - mean/std."""
-    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
-    return 1.0 / (255.0 * std), -torch.tensor(cfg.data.mean).view(1, -1, 1, 1) / std
 
 
 def deployable(run_dir: str | Path, head: int | None = None, ensemble: bool = False) -> tuple[Deployable, Any]:
@@ -148,8 +142,7 @@ def predict(run_dir: str | Path, images: list[str], top: int = 5, early_exit: bo
         except LayerwiseError as e:
             errors.append(str(e))
             continue
-        scale, shift = normalization(cfg)
-        x = torch.addcmul(shift, image[None].float(), scale).to(compute.device)
+        x = Normalize(cfg.data.mean, cfg.data.std, compute.device)(image[None].to(compute.device))
         with torch.no_grad(), compute.autocast():
             probs = torch.stack([z.float().softmax(-1) for z in got.net.eval()(x, max(got.heads), got.heads)], 1)
         answer = len(got.heads) - 1

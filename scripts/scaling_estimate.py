@@ -16,9 +16,9 @@ import dataclasses
 import json
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from layerwise.models import build_model
+from layerwise.models.staged import flops_per_image
 from layerwise.presets import load_preset
 from layerwise.train.stage import plan_stages
 
@@ -35,12 +35,6 @@ RECIPES = [
 ]
 
 
-def flops(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-    with FlopCounterMode(display=False) as counter:
-        y = module(x)
-    return counter.get_total_flops(), y
-
-
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -48,14 +42,9 @@ def count(module: torch.nn.Module) -> int:
 def per_image(preset: str) -> tuple[list[float], list[float], list[int], list[int]]:
     """Forward FLOPs of each block and each head for one image, and their parameter counts."""
     cfg = load_preset(preset)
+    blocks, heads = flops_per_image(cfg.model, 1000, cfg.data.image_size)
     with torch.device("meta"):
-        net = build_model(cfg.model, 1000).eval()
-        x = torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size)
-        blocks, heads = [], []
-        for block, head in zip(net.blocks, net.heads, strict=True):
-            f, x = flops(block, x)
-            blocks.append(f)
-            heads.append(flops(head, x)[0])
+        net = build_model(cfg.model, 1000)
     return blocks, heads, [count(b) for b in net.blocks], [count(h) for h in net.heads]
 
 

@@ -56,6 +56,25 @@ class StagedNet(nn.Module):
         return count(self.heads)
 
 
+def flops_per_image(cfg: ModelConfig, num_classes: int, size: int) -> tuple[list[float], list[float]]:
+    """Forward FLOPs (2 per multiply-add) of each block and each head for one size x size image, counted by
+    torch.utils.flop_counter on the meta device (nothing is allocated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build_model(cfg, num_classes).eval()
+        x = torch.empty(1, cfg.in_channels, size, size)
+        blocks, heads = [], []
+        for block, head in zip(net.blocks, net.heads, strict=True):
+            with FlopCounterMode(display=False) as counter:
+                x = block(x)
+            blocks.append(float(counter.get_total_flops()))
+            with FlopCounterMode(display=False) as counter:
+                head(x)
+            heads.append(float(counter.get_total_flops()))
+    return blocks, heads
+
+
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
