@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -12,6 +15,28 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 CLASSES = ["cat", "dog", "ship"]
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (the BINSTRING opcodes), as the cPickle that made the real CIFAR-10 files did:
+    Python 3 reads those back as bytes only when told encoding="bytes"."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def python2_pickle(obj) -> bytes:
+    """`obj` pickled as the CIFAR-10 python archive's files are (protocol 2, keys and array data as Python 2 str)."""
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
 
 
 def make_image(label: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -61,8 +86,8 @@ def cifar_archive(tmp_path: Path) -> Path:
     for name, n in [*[(f"data_batch_{i}", 12) for i in range(1, 6)], ("test_batch", 20)]:
         labels = [i % 10 for i in range(n)]
         data = torch.stack([make_image(y, 32, g) for y in labels]).reshape(n, -1).numpy()
-        (root / name).write_bytes(pickle.dumps({b"data": np.asarray(data), b"labels": labels}))
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
+        (root / name).write_bytes(python2_pickle({b"data": np.asarray(data), b"labels": labels}))
+    (root / "batches.meta").write_bytes(python2_pickle({b"label_names": [n.encode() for n in names]}))
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(root, arcname="cifar-10-batches-py")

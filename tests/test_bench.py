@@ -106,6 +106,10 @@ def test_a_resumed_optimizer_keeps_its_own_implementation():
         resumed = make_optimizer(params, TrainConfig(), fused=own_fused)
         load_optimizer_state(resumed, saved)
         assert bool(resumed.param_groups[0]["fused"]) == own_fused
+    saved = torch.optim.SGD(params, lr=0.1, foreach=True).state_dict()  # foreach: a choice of the saving machine
+    resumed = make_optimizer(params, TrainConfig())
+    load_optimizer_state(resumed, saved)
+    assert resumed.param_groups[0]["foreach"] is None and resumed.param_groups[0]["lr"] == 0.1
 
 
 def test_max_batch_needs_a_gpu(capsys):

@@ -1,5 +1,6 @@
 """Data: sources and layouts, the held-out split, vectorised augmentation and both loaders."""
 
+import re
 import tarfile
 
 import pytest
@@ -9,7 +10,7 @@ from torch.nn import functional as F
 from layerwise.config import DataConfig
 from layerwise.data import build_data, build_eval_loader, hold_out, sample_path
 from layerwise.data.loaders import Augmentation, MemoryLoader, crop, flip
-from layerwise.data.sources import Decoded, open_train
+from layerwise.data.sources import Decoded, open_eval, open_train
 from layerwise.errors import LayerwiseError
 
 CPU = torch.device("cpu")
@@ -177,3 +178,113 @@ def test_the_streamed_loader_draws_what_a_shuffling_dataloader_draws(imagenet_fo
     for (x, y), (ex, ey) in zip(ours, expected, strict=True):
         assert torch.equal(y, ey)
         assert torch.equal(x, loader.normalize(ex))
+
+
+# ---- which split eval scores, and what reading skips
+
+
+def test_eval_scores_the_test_split_else_val_and_refuses_train_only(tmp_path, imagenet_folder):
+    from conftest import write_folder
+
+    classes = ["cat", "dog", "ship"]
+    assert len(open_eval(imagenet_folder, False, 32, classes)) == 6  # val/ (2 per class), not train/
+    write_folder(imagenet_folder / "test", per_class=3, size=48, fmt="png", seed=2)
+    test = open_eval(imagenet_folder, False, 32, classes)
+    assert len(test) == 9 and all("/test/" in p for p in test.paths)
+    only_train = write_folder(tmp_path / "only" / "train", per_class=1).parent
+    with pytest.raises(LayerwiseError, match=rf"^{re.escape(str(only_train))} has only a train/ split;"):
+        open_eval(only_train, False, 32, classes)
+
+
+def test_an_unknown_eval_class_is_named_with_the_path_and_the_first_ten_classes(tmp_path):
+    from conftest import write_folder
+
+    folder = write_folder(tmp_path / "eval", per_class=1, classes=["cow"])
+    classes = [f"k{i:02d}" for i in range(12)]
+    message = f"class 'cow' in {folder} is not one the run was trained on ({', '.join(classes[:10])}...); remove it"
+    with pytest.raises(LayerwiseError, match=f"^{re.escape(message)}$"):
+        open_eval(folder, True, 32, classes)
+
+
+def test_eval_images_must_have_the_runs_size(tmp_path):
+    from conftest import write_folder
+
+    folder = write_folder(tmp_path / "eval", per_class=1, size=40)
+    with pytest.raises(LayerwiseError, match=r"is 40x40 but data\.image_size is 32"):
+        open_eval(folder, True, 32, ["cat", "dog", "ship"])
+
+
+def test_hidden_files_and_folders_are_skipped_in_folders_and_archives(tmp_path, image_folder):
+    """Finder and notebook litter (.DS_Store first in sorted order, ._ resource forks, .ipynb_checkpoints/)."""
+    (image_folder / "cat" / ".DS_Store").write_bytes(b"\x00\x01")
+    (image_folder / "cat" / "._000.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (image_folder / ".ipynb_checkpoints" / "cow").mkdir(parents=True)
+    (image_folder / ".ipynb_checkpoints" / "cow" / "x.jpg").write_bytes((image_folder / "cat" / "000.jpg").read_bytes())
+    archive = tmp_path / "litter.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(image_folder, arcname="top")
+    for source in (image_folder, archive):
+        got = open_train(source, decode=True, size=32)
+        assert got.classes == ["cat", "dog", "ship"] and len(got.train) == 48, source
+
+
+def test_an_archive_without_a_top_folder_keeps_its_splits(tmp_path, imagenet_folder):
+    archive = tmp_path / "splits.tar"
+    with tarfile.open(archive, "w") as tf:
+        for split in ("train", "val"):
+            tf.add(imagenet_folder / split, arcname=split)
+    got = open_train(archive, decode=True, size=48)
+    assert len(got.train) == 24 and len(got.val) == 6
+
+
+def test_an_archive_of_one_class_folder_scores_at_eval(tmp_path, image_folder):
+    archive = tmp_path / "dogs.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(image_folder / "dog", arcname="dog")
+    assert open_eval(archive, True, 32, ["cat", "dog", "ship"]).labels.tolist() == [1] * 16
+
+
+def test_archive_errors_name_the_archive_and_the_member(tmp_path, image_folder):
+    flat = tmp_path / "flat.tar"
+    with tarfile.open(archive := flat, "w") as tf:
+        tf.add(image_folder / "cat" / "000.jpg", arcname="000.jpg")
+    with pytest.raises(LayerwiseError, match=rf"^{re.escape(str(flat))} holds images directly"):
+        open_train(flat, decode=True, size=32)
+    (image_folder / "dog" / "001.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(image_folder, arcname="top")
+    with pytest.raises(LayerwiseError, match=rf"^cannot decode {re.escape(str(archive))}:top/dog/001\.jpg:"):
+        open_train(archive, decode=True, size=32)
+
+
+def test_decoding_progress_says_which_split_it_decodes(imagenet_folder, monkeypatch):
+    import layerwise.data.sources as sources
+
+    seen = []
+    monkeypatch.setattr(sources, "tqdm", lambda items, desc, **kw: seen.append(desc) or items)
+    open_train(imagenet_folder, decode=True, size=48)
+    open_eval(imagenet_folder, True, 48, ["cat", "dog", "ship"])
+    assert seen == ["decoding train", "decoding val", "decoding eval"]
+
+
+def test_folder_layout_errors_name_the_folder(tmp_path, image_folder):
+    (image_folder / "stray.jpg").write_bytes((image_folder / "cat" / "000.jpg").read_bytes())
+    with pytest.raises(LayerwiseError, match=rf"^{re.escape(str(image_folder))} holds images directly"):
+        open_train(image_folder, decode=True, size=32)
+
+
+def test_a_truncated_image_archive_is_one_error_naming_it(tmp_path, image_folder):
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(image_folder, arcname="top")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(LayerwiseError, match=rf"^cannot read archive {re.escape(str(cut))} "):
+        open_train(cut, decode=True, size=32)
+
+
+def test_a_cifar_class_the_run_lacks_is_named_with_the_archive(cifar_archive):
+    classes = [f"c{i}" for i in range(9)]  # no c9
+    with pytest.raises(LayerwiseError, match=rf"^class 'c9' in {re.escape(str(cifar_archive))} is not one"):
+        open_eval(cifar_archive, True, 32, classes)

@@ -3,16 +3,18 @@ learning-rate schedule and momentum resets over a whole stage, the presets' opti
 pixel layout and labels. Tiny tensors, no training runs."""
 
 import math
-import pickle
+import re
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+from conftest import python2_pickle
 from torch.nn import functional as F
 
 from layerwise.config import TrainConfig
 from layerwise.data.sources import open_eval, open_train
+from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, topk_correct
 from layerwise.presets import list_presets, load_preset
 from layerwise.train.loop import lr_at
@@ -121,8 +123,8 @@ def write_cifar(tmp_path, names: list[str]) -> tuple:
     labels = [3, 0, 9, 5]
     rows = np.stack([pattern(y).reshape(-1) for y in labels])  # CIFAR-10 rows: R plane, G plane, B plane
     for name in [*[f"data_batch_{i}" for i in range(1, 6)], "test_batch"]:
-        (root / name).write_bytes(pickle.dumps({b"data": rows, b"labels": labels}))
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
+        (root / name).write_bytes(python2_pickle({b"data": rows, b"labels": labels}))
+    (root / "batches.meta").write_bytes(python2_pickle({b"label_names": [n.encode() for n in names]}))
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(root, arcname="cifar-10-batches-py")
@@ -139,6 +141,40 @@ def test_the_cifar_reader_keeps_channels_rows_columns_and_labels(tmp_path):
     for image, y in zip(images[:4], labels, strict=True):
         assert torch.equal(image, torch.from_numpy(pattern(y)))  # (C, H, W): R first, rows top-down
     assert image[0, 0, 1] - image[0, 0, 0] == 1 and image[0, 1, 0] - image[0, 0, 0] == 2  # columns, then rows
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_an_extracted_cifar_folder_reads_as_its_archive(tmp_path, inside):
+    """The extracted archive, given as cifar-10-batches-py/ itself or as the folder holding it."""
+    names = [f"c{i}" for i in range(10)]
+    archive, _ = write_cifar(tmp_path, names)
+    folder = tmp_path / "cifar-10-batches-py" if inside else tmp_path
+    for read in (lambda p: open_train(p, decode=True, size=32).train, lambda p: open_eval(p, True, 32, names)):
+        want, got = read(archive), read(folder)
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+
+
+@pytest.mark.parametrize("form", ["folder", "archive"])
+def test_a_cifar_source_missing_a_batch_names_it(tmp_path, form):
+    archive, _ = write_cifar(tmp_path, [f"c{i}" for i in range(10)])
+    root = tmp_path / "cifar-10-batches-py"
+    (root / "data_batch_3").unlink()
+    if form == "archive":
+        archive.unlink()
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(root, arcname="cifar-10-batches-py")
+    path = root if form == "folder" else archive
+    with pytest.raises(LayerwiseError, match=rf"^CIFAR-10 {form} {re.escape(str(path))} lacks data_batch_3;"):
+        open_train(path, decode=True, size=32)
+    assert len(open_eval(path, True, 32, [f"c{i}" for i in range(10)])) == 4  # its test_batch is all there
+
+
+def test_a_truncated_cifar_archive_is_one_error_naming_it(tmp_path):
+    archive, _ = write_cifar(tmp_path, [f"c{i}" for i in range(10)])
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+    with pytest.raises(LayerwiseError, match=rf"^cannot read archive {re.escape(str(cut))} "):
+        open_train(cut, decode=True, size=32)
 
 
 def test_eval_maps_an_archives_labels_to_the_runs_classes_by_name(tmp_path):

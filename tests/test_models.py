@@ -43,6 +43,25 @@ def test_aux_head_has_k_minus_1_convs(k):
     assert head[-1].in_features == (24 if k > 1 else 16) * 4  # averaged to 2x2
 
 
+@pytest.mark.parametrize("size, half", [((7, 5), (3, 2)), ((3, 2), (1, 1)), ((2, 3), (1, 1)), ((1, 1), (1, 1))])
+def test_the_vgg_heads_first_pool_averages_to_half_size_and_never_below_one(size, half):
+    from layerwise.models.heads import HalfAvgPool
+
+    x = torch.arange(2 * 4 * size[0] * size[1], dtype=torch.float32).view(2, 4, *size)
+    y = HalfAvgPool()(x)
+    assert y.shape == (2, 4, *half)
+    if half == (1, 1):  # the mean of the whole map
+        assert torch.allclose(y[..., 0, 0], x.mean((-2, -1)))
+
+
+def test_vggs_own_classifier_defaults_to_the_released_greedy_code_without_dropout():
+    from layerwise.models.heads import VGGClassifier
+
+    head = VGGClassifier(8, 10, hidden=16)
+    assert [m.p for m in head if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0]
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [16, 16, 10]
+
+
 def test_staged_forward_returns_each_heads_logits():
     net = build_model(ModelConfig(k=2, widths=[8, 8, 16], downsample_at=[2]), num_classes=5)
     logits = net(torch.randn(3, 3, 16, 16))

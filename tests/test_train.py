@@ -11,6 +11,7 @@ from conftest import tiny_overrides
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
 from layerwise.device import Precision
+from layerwise.distributed import Dist
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, evaluate
 from layerwise.models import build_model
@@ -428,7 +429,8 @@ def test_end_to_end_trains_every_block_and_the_last_head_and_leaves_the_other_he
     before = copy.deepcopy(net.state_dict())
     data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
     (stage,) = plan_stages(net.J, "e2e")
-    train_epoch(StageTraining(net, stage, cfg.train, Precision(torch.device("cpu"), bf16=False)), data.train, seed=0)
+    training = StageTraining(net, stage, cfg.train, Precision(torch.device("cpu"), bf16=False))
+    train_epoch(training, data.train, seed=0)
     after = net.state_dict()
 
     def moved(prefix: str, buffers: bool) -> set[bool]:
@@ -442,3 +444,39 @@ def test_end_to_end_trains_every_block_and_the_last_head_and_leaves_the_other_he
     for j in (0, 1):  # the auxiliary heads neither learn nor update their statistics
         assert moved(f"heads.{j}.", buffers=False) == {False} and moved(f"heads.{j}.", buffers=True) == {False}
     assert stage.eval_heads == (2,)  # only the last head is scored
+
+
+def test_an_epochs_figures_are_means_over_its_images_worked_out_from_its_steps(image_folder, monkeypatch):
+    """train_epoch's loss, top-1 and top-5 against sums kept here in Python floats, step by step."""
+    import layerwise.train.loop as loop
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 3)
+    data = build_data(cfg.data, image_folder, 12, torch.device("cpu"))
+    training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg.train, Precision(torch.device("cpu"), False))
+    steps, step = [], training.step
+
+    def recording(x, y, *args):
+        loss, logits = step(x, y, *args)
+        steps.append((loss.item(), logits.detach().argsort(-1, descending=True), y))
+        return loss, logits
+
+    monkeypatch.setattr(training, "step", recording)
+    bars, epochs, batches = [], [], data.train.batches
+    monkeypatch.setattr(loop, "tqdm", lambda items, **kw: bars.append(kw) or items)
+    monkeypatch.setattr(data.train, "batches", lambda seed, epoch: epochs.append(epoch) or batches(seed, epoch))
+    got = train_epoch(training, data.train, seed=0, desc="block 1")
+    n = sum(len(y) for _, _, y in steps)
+    assert n == data.train.num_examples == 40 and [len(y) for _, _, y in steps] == [12, 12, 12, 4]
+    assert got["loss"] == pytest.approx(sum(loss * len(y) for loss, _, y in steps) / n, rel=1e-12, abs=0)
+    rank = [(order == y[:, None]).float().argmax(-1) for _, order, y in steps]  # where each label ranks
+    assert got["top1"] == pytest.approx(100 * sum((r == 0).sum().item() for r in rank) / n, rel=1e-12)
+    assert got["top5"] == 100.0  # three classes
+    assert got["images_per_s"] == pytest.approx(n / got["seconds"], rel=1e-12) and got["seconds"] > 0
+    # one progress bar over the epoch's batches, which disappears when done (None: shown on a terminal only)
+    assert bars == [{"total": 4, "desc": "block 1", "leave": False, "disable": None}]
+    training.where = Dist(rank=1)  # a process other than rank 0 shows none
+    train_epoch(training, data.train, seed=1)
+    assert bars[1]["disable"] is True and bars[1]["desc"] == ""
+    assert epochs == [0, 0]  # unless told, the stage's first epoch (a prefix cache's first view)

@@ -179,17 +179,21 @@ def _records_from_dir(root: Path) -> list[Record]:
     return records
 
 
+def _hidden(name: str) -> bool:
+    """A hidden file or a file in a hidden folder (.DS_Store, ._0.jpg, .ipynb_checkpoints/cat/0.jpg)."""
+    return any(part.startswith(".") for part in Path(name).parts)
+
+
 def _records_from_archive(path: Path) -> list[Record]:
     with _reading_archive(path), tarfile.open(path) as tf:
-        files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not Path(m.name).name.startswith(".")]
+        files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not _hidden(m.name)]
     names = [m.name for m, _ in files]
     # Strip one common top folder (cifar10-jpeg/train/cat/0.jpg -> train/cat/0.jpg).
     tops = {Path(n).parts[0] for n in names}
     strip = 1 if len(tops) == 1 and all(len(Path(n).parts) >= 3 for n in names) else 0
     records = []
     for member, data in files:
-        if not _check_image_name(member.name):
-            continue
+        _check_image_name(member.name)  # raises for a non-image; hidden files are already out
         parts = Path(member.name).parts[strip:]
         split, label = _classify(parts, str(path))
         records.append(Record(f"{path}:{member.name}", split, label, data))
