@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from layerwise.config import DataConfig
 from layerwise.data import build_data, build_eval_loader, hold_out, sample_path
 from layerwise.data.loaders import Augmentation, MemoryLoader, crop, flip
-from layerwise.data.sources import Decoded, open_eval, open_train
+from layerwise.data.sources import Decoded, Files, open_eval, open_train
 from layerwise.errors import LayerwiseError
 
 CPU = torch.device("cpu")
@@ -83,6 +83,14 @@ def test_hold_out_fraction_and_bounds():
     assert sorted(torch.cat([train.labels, val.labels]).tolist()) == list(range(10))
     with pytest.raises(LayerwiseError, match="val_size"):
         hold_out(data, 10, seed=0)
+
+
+def test_a_held_out_split_of_streamed_files_keeps_each_path_with_its_label():
+    files = Files([f"img{i}.png" for i in range(10)], [i % 3 for i in range(10)])
+    train, val = hold_out(files, 0.3, seed=0)
+    assert len(val) == 3 and sorted(train.paths + val.paths) == sorted(files.paths)
+    for part in (train, val):
+        assert part.labels == [int(p[3:-4]) % 3 for p in part.paths]
 
 
 def test_imagenet_layout_streams_with_its_own_val(imagenet_folder):

@@ -75,25 +75,39 @@ def test_the_learning_rate_over_a_whole_stage_of_the_paper_recipe():
     assert [lr_at(imagenet, e) for e in (0, 19, 20, 39, 40, 44)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
-def test_momentum_is_forgotten_at_each_decay_and_only_there():
+@pytest.mark.parametrize(
+    "lr_step, lrs, cleared",
+    [
+        (2, [0.1, 0.1, 0.05, 0.05, 0.025], [True, False, True, False, True]),  # decays at epochs 2 and 4
+        (1, [0.1, 0.05, 0.025, 0.0125, 0.00625], [True] * 5),  # a decay every epoch
+    ],
+)
+def test_momentum_is_forgotten_at_each_decay_and_only_there_and_each_step_uses_the_epochs_rate(lr_step, lrs, cleared):
+    """After a reset (and at the start) SGD's step is exactly -lr * (grad + weight_decay * w): it shows both the
+    rate the optimizer really used and that the momentum buffer was empty."""
     from layerwise.device import Precision
     from layerwise.models import build_model
     from layerwise.train.loop import StageTraining
     from layerwise.train.stage import plan_stages
 
-    cfg = TrainConfig(lr=0.1, lr_step=2, lr_gamma=0.5, epochs_per_block=5)
-    net = build_model(load_preset("demo").model, 3)
+    cfg = TrainConfig(lr=0.1, lr_step=lr_step, lr_gamma=0.5, epochs_per_block=5, weight_decay=5e-4)
+    net = build_model(load_preset("demo").model, 3).double()  # float64: the step's difference stays exact enough
     training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    w = net.heads[0][-1].weight  # the first head's linear layer
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     kept = []
     for epoch in range(cfg.epochs_per_block):
         had_momentum = bool(training.optimizer.state)
         lr = training.start_epoch(epoch)
-        kept.append((epoch, lr, had_momentum, bool(training.optimizer.state)))
+        empty = not training.optimizer.state
+        before = w.detach().clone()
         training.step(x, y)
-    assert [(e, lr) for e, lr, _, _ in kept] == [(0, 0.1), (1, 0.1), (2, 0.05), (3, 0.05), (4, 0.025)]
-    assert [after for *_, after in kept] == [False, True, False, True, False]  # cleared at epochs 2 and 4
-    assert [before for _, _, before, _ in kept] == [False, True, True, True, True]
+        fresh_step = -lrs[epoch] * (w.grad + cfg.weight_decay * before)
+        kept.append((lr, had_momentum, empty, torch.allclose(w.detach() - before, fresh_step, rtol=1e-9, atol=0)))
+    assert [lr for lr, *_ in kept] == pytest.approx(lrs)
+    assert [empty for _, _, empty, _ in kept] == cleared
+    assert [had for _, had, _, _ in kept] == [False, True, True, True, True]
+    assert [fresh for *_, fresh in kept] == cleared  # a step with momentum left is not a fresh one
 
 
 @pytest.mark.parametrize("preset", [p for p in list_presets() if p != "demo"])
