@@ -7,22 +7,18 @@ memory or on the GPU) or a list of files streamed by a DataLoader (ImageNet-size
 from __future__ import annotations
 
 import os
-import pickle
 import tarfile
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
+from layerwise.data.cifar import IMAGE_EXTENSIONS, is_cifar_python, read_cifar_python, reading_archive
 from layerwise.errors import LayerwiseError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 SPLITS = ("train", "val", "test")
 SAMPLE = "cifar10-sample.tar.gz"
 
@@ -82,59 +78,6 @@ def check_path(path: str | Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- CIFAR-10 python archive (data_batch_1..5, test_batch)
-
-
-@contextmanager
-def _reading_archive(path: Path):
-    """Turn the many ways a truncated or corrupt archive fails into one line."""
-    try:
-        yield
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise LayerwiseError(
-            f"cannot read archive {path} ({e or type(e).__name__}); re-download it or pass an image folder"
-        ) from None
-
-
-def _is_cifar_python(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py" / "data_batch_1").is_file()
-    if tarfile.is_tarfile(path):
-        with _reading_archive(path), tarfile.open(path) as tf:
-            for member in tf:
-                if Path(member.name).name == "data_batch_1":
-                    return True
-                if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
-                    return False
-    return False
-
-
-def _read_cifar_python(path: Path, train: bool) -> tuple[list[str], Decoded]:
-    wanted = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    blobs: dict[str, bytes] = {}
-    if path.is_dir():
-        root = path if (path / "data_batch_1").is_file() else path / "cifar-10-batches-py"
-        for name in [*wanted, "batches.meta"]:
-            if not (root / name).is_file():
-                raise LayerwiseError(f"CIFAR-10 folder {root} lacks {name}; extract the whole cifar-10-python archive")
-            blobs[name] = (root / name).read_bytes()
-    else:
-        with _reading_archive(path), tarfile.open(path) as tf:
-            for member in tf:
-                if member.isfile() and Path(member.name).name in [*wanted, "batches.meta"]:
-                    blobs[Path(member.name).name] = tf.extractfile(member).read()
-        missing = [n for n in [*wanted, "batches.meta"] if n not in blobs]
-        if missing:
-            raise LayerwiseError(f"CIFAR-10 archive {path} lacks {missing[0]}; download it again (--download)")
-    # The CIFAR-10 python format is pickled numpy arrays of plain types; this is the format's own reader.
-    batches = [pickle.loads(blobs[name], encoding="bytes") for name in wanted]
-    meta = pickle.loads(blobs["batches.meta"], encoding="bytes")
-    classes = [c.decode() for c in meta[b"label_names"]]
-    images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([b[b"labels"] for b in batches])
-    return classes, Decoded(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
-
-
 # ---------------------------------------------------------------- ImageFolder trees and archives of them
 
 
@@ -185,7 +128,7 @@ def _hidden(name: str) -> bool:
 
 
 def _records_from_archive(path: Path) -> list[Record]:
-    with _reading_archive(path), tarfile.open(path) as tf:
+    with reading_archive(path), tarfile.open(path) as tf:
         files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not _hidden(m.name)]
     names = [m.name for m, _ in files]
     # Strip one common top folder (cifar10-jpeg/train/cat/0.jpg -> train/cat/0.jpg).
@@ -235,6 +178,11 @@ def _to_examples(records: list[Record], classes: list[str], decode: bool, size: 
     return Files([r.name for r in records], labels)
 
 
+def _cifar_examples(path: Path, train: bool) -> tuple[list[str], Decoded]:
+    classes, images, labels = read_cifar_python(path, train)
+    return classes, Decoded(images, labels)
+
+
 def _records(path: Path) -> list[Record]:
     records = _records_from_dir(path) if path.is_dir() else _records_from_archive(path)
     if not records:
@@ -256,10 +204,10 @@ class TrainSource:
 def open_train(path: str | Path | None, decode: bool, size: int) -> TrainSource:
     """The training data (and validation split if the source has one) found at path, or the built-in sample."""
     path = sample_path() if path is None else check_path(path)
-    if _is_cifar_python(path):
+    if is_cifar_python(path):
         if not decode:
             raise LayerwiseError("a CIFAR-10 python archive needs data.augment=cifar")
-        classes, train = _read_cifar_python(path, train=True)
+        classes, train = _cifar_examples(path, train=True)
         return TrainSource(classes, train, None, f"CIFAR-10 python archive {path}")
     records = _records(path)
     splits = {r.split for r in records}
@@ -288,8 +236,8 @@ def open_eval(path: str | Path, decode: bool, size: int, classes: list[str]) -> 
     ImageFolder gives all its images.
     """
     path = check_path(path)
-    if _is_cifar_python(path):
-        src_classes, data = _read_cifar_python(path, train=False)
+    if is_cifar_python(path):
+        src_classes, data = _cifar_examples(path, train=False)
         remap = torch.tensor([_class_index(classes, c, path) for c in src_classes])
         return Decoded(data.images, remap[data.labels])
     records = _records(path)
