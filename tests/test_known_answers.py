@@ -191,6 +191,29 @@ def test_a_truncated_cifar_archive_is_one_error_naming_it(tmp_path):
         open_train(cut, decode=True, size=32)
 
 
+def test_an_archive_cut_before_its_first_batch_is_one_error_naming_it(tmp_path):
+    """Telling a CIFAR-10 archive from an image archive reads members until data_batch_1 or an image: a cut
+    before either is met fails there, and says which file."""
+    write_cifar(tmp_path, [f"c{i}" for i in range(10)])
+    root = tmp_path / "cifar-10-batches-py"
+    (root / "readme.html").write_bytes(np.random.default_rng(0).bytes(300_000))  # incompressible
+    archive = tmp_path / "readme-first.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name in ("readme.html", "batches.meta", "data_batch_1"):
+            tf.add(root / name, arcname=f"cifar-10-batches-py/{name}")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[:150_000])  # inside readme.html
+    with pytest.raises(LayerwiseError, match=rf"^cannot read archive {re.escape(str(cut))} "):
+        open_train(cut, decode=True, size=32)
+
+
+def test_an_empty_archive_is_no_cifar_archive(tmp_path):
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    with pytest.raises(LayerwiseError, match=rf"^no images found in {re.escape(str(empty))};"):
+        open_train(empty, decode=True, size=32)
+
+
 def test_eval_maps_an_archives_labels_to_the_runs_classes_by_name(tmp_path):
     """An archive whose label_names come in another order: each image keeps its class name, not its index."""
     names = [f"c{i}" for i in range(10)]
