@@ -221,7 +221,7 @@ def test_the_device_check_runs_end_to_end_on_the_cpu_at_tiny_size(tmp_path, imag
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # python3: this environment's
     script = Path(__file__).parent.parent / "recipes" / "device_check.sh"
     result = subprocess.run(
-        ["bash", str(script), str(test_split), "--tiny"], env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(script), str(test_split), "--tiny"], env=env, capture_output=True, text=True, timeout=1800
     )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["step"] for r in lines] == ["k3-paper", "k3-short", "memory-vgg11", "bench-k3"], result.stderr
