@@ -2,6 +2,7 @@
 learning-rate schedule and momentum resets over a whole stage, the presets' optimiser, and the CIFAR-10 reader's
 pixel layout and labels. Tiny tensors, no training runs."""
 
+import copy
 import math
 import re
 import tarfile
@@ -101,7 +102,11 @@ def test_momentum_is_forgotten_at_each_decay_and_only_there_and_each_step_uses_t
         lr = training.start_epoch(epoch)
         empty = not training.optimizer.state
         before = w.detach().clone()
+        reference = copy.deepcopy(net)  # the mean cross-entropy's gradient, by autograd on a copy
+        reference.zero_grad(set_to_none=True)  # the copy came with the last step's gradients
+        F.cross_entropy(reference.heads[0](reference.blocks[0](x)), y).backward()
         training.step(x, y)
+        assert torch.allclose(w.grad, reference.heads[0][-1].weight.grad, rtol=1e-5, atol=1e-9)  # loss in float32
         fresh_step = -lrs[epoch] * (w.grad + cfg.weight_decay * before)
         kept.append((lr, had_momentum, empty, torch.allclose(w.detach() - before, fresh_step, rtol=1e-9, atol=0)))
     assert [lr for lr, *_ in kept] == pytest.approx(lrs)
