@@ -106,7 +106,7 @@ def test_momentum_is_forgotten_at_each_decay_and_only_there_and_each_step_uses_t
         reference.zero_grad(set_to_none=True)  # the copy came with the last step's gradients
         F.cross_entropy(reference.heads[0](reference.blocks[0](x)), y).backward()
         training.step(x, y)
-        assert torch.allclose(w.grad, reference.heads[0][-1].weight.grad, rtol=1e-5, atol=1e-9)  # loss in float32
+        assert torch.allclose(w.grad, reference.heads[0][-1].weight.grad, rtol=1e-5, atol=1e-6)  # loss in float32
         fresh_step = -lrs[epoch] * (w.grad + cfg.weight_decay * before)
         kept.append((lr, had_momentum, empty, torch.allclose(w.detach() - before, fresh_step, rtol=1e-9, atol=0)))
     assert [lr for lr, *_ in kept] == pytest.approx(lrs)
