@@ -7,7 +7,7 @@
 # Runs in a throwaway worktree of HEAD, so the checkout is left alone. With TESTS_COMMIT, the tests/ folder comes
 # from that commit instead; PYTEST_ARGs (such as --deselect=tests/x.py::test_y, for an old test that no longer fits
 # the code) are added to the test selection. The summary, every mutant's status and the survivors' diffs go to
-# runs/mutation-<tests commit>/. One to two hours on a 2-core CPU.
+# runs/mutation-<tests commit>/. Several hours on a 2-core CPU (docs/testing.md).
 set -euo pipefail
 repo=$(git rev-parse --show-toplevel)
 tests_from=$(git -C "$repo" rev-parse --short "${1:-HEAD}")
