@@ -38,7 +38,6 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return [hit[:, :k].any(-1).sum() for k in ks]
 
 
-@torch.no_grad()
 def evaluate(
     net: StagedNet,
     loader: Loader,
@@ -68,7 +67,7 @@ def evaluate(
     totals = []  # the frozen heads' running ensemble, per batch
     n = 0
     for b, (x, y) in enumerate(loader.batches()):
-        with autocast():
+        with torch.no_grad(), autocast():  # not a decorator: mutmut (docs/testing.md) skips decorated functions
             logits = net(x, upto=upto, heads=[last] if reuse else blocks)
         if reuse:
             (z,) = logits
