@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from layerwise.config import TrainConfig
 from layerwise.data.sources import open_eval, open_train
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate import ensemble_scores, topk_correct
+from layerwise.evaluate import ensemble_scores, evaluate, topk_correct
 from layerwise.presets import list_presets, load_preset
 from layerwise.train.loop import lr_at
 
@@ -67,6 +67,93 @@ def test_the_softmax_ensemble_adds_weighted_probabilities():
     assert last[0].tolist() == pytest.approx(want)
 
 
+SCORES = [  # 3 heads x 5 images x 6 classes, no ties in any row, nor in any running ensemble's row
+    [[7, 2, 5, 6, 1, 4], [3, 0, 6, 1, 9, 4], [5, 3, 0, 2, 7, 6], [6, 5, 4, 9, 0, 3], [6, 9, 8, 5, 3, 4]],
+    [[8, 0, 3, 4, 7, 9], [2, 5, 1, 6, 9, 0], [9, 0, 3, 5, 2, 7], [3, 2, 6, 7, 4, 8], [1, 3, 7, 2, 8, 6]],
+    [[6, 1, 5, 8, 0, 2], [2, 4, 7, 1, 3, 9], [5, 0, 7, 6, 4, 8], [5, 6, 8, 1, 3, 9], [5, 2, 0, 1, 3, 4]],
+]
+LABELS = [0, 1, 2, 3, 5]
+
+
+class FixedHeads(torch.nn.Module):
+    """A network whose head j scores image i with the row SCORES[j][i]; the images are their own indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, upto, heads):
+        self.calls.append((upto, list(heads), torch.is_grad_enabled(), self.training))
+        rows = x[:, 0].long()
+        return [torch.tensor(SCORES[j], dtype=torch.float32, requires_grad=True)[rows] for j in heads]
+
+
+class TwoBatches:
+    """Images 0-2 then 3-4, as a validation loader hands them out."""
+
+    device = torch.device("cpu")
+
+    def batches(self):
+        yield torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor(LABELS[:3])
+        yield torch.tensor([[3.0], [4.0]]), torch.tensor(LABELS[3:])
+
+
+HEADS_BY_HAND = [  # the rank of each image's label in each head's row: top-1 hits and top-5 hits of 5 images
+    (40.0, 60.0),  # head 0: ranks 1, 6, 6, 1, 5
+    (0.0, 100.0),  # head 1: ranks 2, 3, 4, 2, 3
+    (0.0, 80.0),  # head 2: ranks 2, 3, 2, 6, 2
+]
+ENSEMBLES_BY_HAND = {  # the running ensembles' rows, 0.5 * previous + z_j, and the labels' ranks in them
+    "logits": [
+        (40.0, 60.0),  # z0 itself
+        (40.0, 100.0),  # rows (11.5 1 5.5 7 7.5 11) (3.5 5 4 6.5 13.5 2) (11.5 1.5 3 6 5.5 10) ...: ranks 1, 3, 5, 1, 3
+        (40.0, 100.0),  # rows (11.75 1.5 7.75 11.5 3.75 7.5) (3.75 6.5 9 4.25 9.75 10) ...: ranks 1, 4, 4, 5, 1
+    ],  # equal weights would give 20 % top-1 after head 2, weights j + 1 too
+    "softmax": [  # 0.5 * previous + softmax(z_j), worked out in float64
+        (40.0, 60.0),
+        (20.0, 80.0),  # ranks 2, 4, 6, 1, 4
+        (0.0, 100.0),  # ranks 2, 5, 3, 2, 3
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["logits", "softmax"])
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_scores_each_head_and_the_running_ensemble_as_worked_out_by_hand(kind, training):
+    net = FixedHeads().train(training)
+    result = evaluate(net, TwoBatches(), [0, 1, 2], kind)
+    assert result["n"] == 5
+    want = {
+        j: {"top1": h1, "top5": h5, "ensemble_top1": e1, "ensemble_top5": e5}
+        for j, ((h1, h5), (e1, e5)) in enumerate(zip(HEADS_BY_HAND, ENSEMBLES_BY_HAND[kind], strict=True))
+    }
+    assert result["blocks"] == want
+    rows = SCORES[2]  # the loss: the last head's mean cross-entropy, log sum_c e^z_c - z_label
+    by_hand = [math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(rows, LABELS, strict=True)]
+    assert result["loss"] == pytest.approx(sum(by_hand) / 5, rel=1e-6)
+    assert net.calls == [(2, [0, 1, 2], False, False)] * 2  # both batches, every head, no autograd, eval mode
+    assert net.training == training  # put back as it was
+
+    memo = {}  # within a greedy stage: heads 0 and 1 frozen, so the second call runs head 2 alone
+    assert evaluate(net, TwoBatches(), [0, 1, 2], kind, memo=memo)["blocks"] == want
+    net.calls.clear()
+    again = evaluate(net, TwoBatches(), [0, 1, 2], kind, memo=memo)
+    assert again["blocks"] == want and again["loss"] == result["loss"] and again["n"] == 5
+    assert net.calls == [(2, [2], False, False)] * 2
+
+
+def test_evaluate_keeps_the_first_heads_scores_from_two_heads_on():
+    """Greedy stage 1 scores heads 0 and 1, and head 0 is frozen: the memo keeps it after the first call."""
+    net, memo = FixedHeads(), {}
+    first = evaluate(net, TwoBatches(), [0, 1], memo=memo)
+    net.calls.clear()
+    assert evaluate(net, TwoBatches(), [0, 1], memo=memo) == first
+    assert net.calls == [(1, [1], False, False)] * 2
+    assert [(b["ensemble_top1"], b["ensemble_top5"]) for b in first["blocks"].values()] == ENSEMBLES_BY_HAND["logits"][
+        :2
+    ]
+
+
 def test_the_learning_rate_over_a_whole_stage_of_the_paper_recipe():
     """CIFAR-10: lr 0.1 divided by 5 every 15 epochs, 50 epochs, restarting for every block."""
     cfg = load_preset("cifar10_simcnn_k3").train
@@ -108,7 +195,8 @@ def test_momentum_is_forgotten_at_each_decay_and_only_there_and_each_step_uses_t
         training.step(x, y)
         assert torch.allclose(w.grad, reference.heads[0][-1].weight.grad, rtol=1e-5, atol=1e-6)  # loss in float32
         fresh_step = -lrs[epoch] * (w.grad + cfg.weight_decay * before)
-        kept.append((lr, had_momentum, empty, torch.allclose(w.detach() - before, fresh_step, rtol=1e-9, atol=0)))
+        fresh = torch.allclose(w.detach() - before, fresh_step, rtol=1e-9, atol=1e-12)  # rounding: ~1e-16 |w|
+        kept.append((lr, had_momentum, empty, fresh))
     assert [lr for lr, *_ in kept] == pytest.approx(lrs)
     assert [empty for _, _, empty, _ in kept] == cleared
     assert [had for _, had, _, _ in kept] == [False, True, True, True, True]
