@@ -88,14 +88,20 @@ class FixedHeads(torch.nn.Module):
         return [torch.tensor(SCORES[j], dtype=torch.float32, requires_grad=True)[rows] for j in heads]
 
 
-class TwoBatches:
-    """Images 0-2 then 3-4, as a validation loader hands them out."""
+class Batches:
+    """A validation loader over the images with these indices, in batches of these sizes."""
 
     device = torch.device("cpu")
 
+    def __init__(self, *batches: list[int]):
+        self.indices = batches
+
     def batches(self):
-        yield torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor(LABELS[:3])
-        yield torch.tensor([[3.0], [4.0]]), torch.tensor(LABELS[3:])
+        for rows in self.indices:
+            yield torch.tensor(rows, dtype=torch.float32)[:, None], torch.tensor([LABELS[i] for i in rows])
+
+
+TWO_BATCHES = Batches([0, 1, 2], [3, 4])
 
 
 HEADS_BY_HAND = [  # the rank of each image's label in each head's row: top-1 hits and top-5 hits of 5 images
@@ -121,7 +127,7 @@ ENSEMBLES_BY_HAND = {  # the running ensembles' rows, 0.5 * previous + z_j, and 
 @pytest.mark.parametrize("training", [True, False])
 def test_evaluate_scores_each_head_and_the_running_ensemble_as_worked_out_by_hand(kind, training):
     net = FixedHeads().train(training)
-    result = evaluate(net, TwoBatches(), [0, 1, 2], kind)
+    result = evaluate(net, TWO_BATCHES, [0, 1, 2], kind)
     assert result["n"] == 5
     want = {
         j: {"top1": h1, "top5": h5, "ensemble_top1": e1, "ensemble_top5": e5}
@@ -135,19 +141,36 @@ def test_evaluate_scores_each_head_and_the_running_ensemble_as_worked_out_by_han
     assert net.training == training  # put back as it was
 
     memo = {}  # within a greedy stage: heads 0 and 1 frozen, so the second call runs head 2 alone
-    assert evaluate(net, TwoBatches(), [0, 1, 2], kind, memo=memo)["blocks"] == want
+    assert evaluate(net, TWO_BATCHES, [0, 1, 2], kind, memo=memo)["blocks"] == want
     net.calls.clear()
-    again = evaluate(net, TwoBatches(), [0, 1, 2], kind, memo=memo)
+    again = evaluate(net, TWO_BATCHES, [0, 1, 2], kind, memo=memo)
     assert again["blocks"] == want and again["loss"] == result["loss"] and again["n"] == 5
     assert net.calls == [(2, [2], False, False)] * 2
+
+
+@pytest.mark.parametrize(
+    "images, head_0, head_1, ensemble_1",
+    [
+        ([[0, 1, 2]], (100 / 3, 100 / 3), (0.0, 100.0), (100 / 3, 100.0)),  # the ranks above, of images 0-2
+        ([[3]], (100.0, 100.0), (0.0, 100.0), (100.0, 100.0)),  # one image: every figure is 0 or 100
+    ],
+)
+def test_evaluate_divides_by_the_number_of_images(images, head_0, head_1, ensemble_1):
+    result = evaluate(FixedHeads(), Batches(*images), [0, 1])
+    figures = [(b["top1"], b["top5"]) for b in result["blocks"].values()]
+    assert figures == [head_0, head_1]
+    assert (result["blocks"][1]["ensemble_top1"], result["blocks"][1]["ensemble_top5"]) == ensemble_1
+    assert result["n"] == len(images[0])
+    by_hand = [math.log(sum(math.exp(v) for v in SCORES[1][i])) - SCORES[1][i][LABELS[i]] for i in images[0]]
+    assert result["loss"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-6)
 
 
 def test_evaluate_keeps_the_first_heads_scores_from_two_heads_on():
     """Greedy stage 1 scores heads 0 and 1, and head 0 is frozen: the memo keeps it after the first call."""
     net, memo = FixedHeads(), {}
-    first = evaluate(net, TwoBatches(), [0, 1], memo=memo)
+    first = evaluate(net, TWO_BATCHES, [0, 1], memo=memo)
     net.calls.clear()
-    assert evaluate(net, TwoBatches(), [0, 1], memo=memo) == first
+    assert evaluate(net, TWO_BATCHES, [0, 1], memo=memo) == first
     assert net.calls == [(1, [1], False, False)] * 2
     assert [(b["ensemble_top1"], b["ensemble_top5"]) for b in first["blocks"].values()] == ENSEMBLES_BY_HAND["logits"][
         :2
