@@ -43,6 +43,29 @@ def test_aux_head_has_k_minus_1_convs(k):
     assert head[-1].in_features == (24 if k > 1 else 16) * 4  # averaged to 2x2
 
 
+def test_a_block_refuses_an_unknown_downsampling_by_name():
+    with pytest.raises(ValueError, match="unknown downsample 'avgpool'"):
+        Block(3, 8, "avgpool", batchnorm=True, bias=False)
+
+
+@pytest.mark.parametrize("head_batchnorm", [True, False])
+def test_head_convs_have_a_bn_or_else_a_bias(head_batchnorm):
+    """Each head conv is conv -> BN -> ReLU with no bias, or, with head_batchnorm off, a biased conv -> ReLU (a
+    k = 2 or 3 network without BN in its heads; no preset has one)."""
+    cfg = ModelConfig(k=3, widths=[8, 8], downsample_at=[], head_batchnorm=head_batchnorm)
+    for head in build_model(cfg, 10).heads:
+        layers = [type(m).__name__ for m in head.modules() if not isinstance(m, torch.nn.Sequential)]
+        conv_unit = ["Conv2d", "BatchNorm2d", "ReLU"] if head_batchnorm else ["Conv2d", "ReLU"]
+        tail = ["AdaptiveAvgPool2d", *(["BatchNorm2d"] if head_batchnorm else []), "Flatten", "Linear"]
+        assert layers == conv_unit * 2 + tail
+        assert all((m.bias is None) == head_batchnorm for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_the_paper_head_has_bn_unless_told_otherwise():
+    head = AuxClassifier(16, 24, 2, num_classes=10)
+    assert [type(m).__name__ for m in head[0]] == ["Conv2d", "BatchNorm2d", "ReLU"] and head[0][0].bias is None
+
+
 @pytest.mark.parametrize("size, half", [((7, 5), (3, 2)), ((3, 2), (1, 1)), ((2, 3), (1, 1)), ((1, 1), (1, 1))])
 def test_the_vgg_heads_first_pool_averages_to_half_size_and_never_below_one(size, half):
     from layerwise.models.heads import HalfAvgPool
