@@ -104,6 +104,10 @@ class Batches:
 TWO_BATCHES = Batches([0, 1, 2], [3, 4])
 
 
+def cross_entropy_by_hand(row: list[int], label: int) -> float:
+    return math.log(sum(math.exp(v) for v in row)) - row[label]  # log sum_c e^z_c - z_label
+
+
 HEADS_BY_HAND = [  # the rank of each image's label in each head's row: top-1 hits and top-5 hits of 5 images
     (40.0, 60.0),  # head 0: ranks 1, 6, 6, 1, 5
     (0.0, 100.0),  # head 1: ranks 2, 3, 4, 2, 3
@@ -134,8 +138,7 @@ def test_evaluate_scores_each_head_and_the_running_ensemble_as_worked_out_by_han
         for j, ((h1, h5), (e1, e5)) in enumerate(zip(HEADS_BY_HAND, ENSEMBLES_BY_HAND[kind], strict=True))
     }
     assert result["blocks"] == want
-    rows = SCORES[2]  # the loss: the last head's mean cross-entropy, log sum_c e^z_c - z_label
-    by_hand = [math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(rows, LABELS, strict=True)]
+    by_hand = [cross_entropy_by_hand(row, y) for row, y in zip(SCORES[2], LABELS, strict=True)]  # the last head's
     assert result["loss"] == pytest.approx(sum(by_hand) / 5, rel=1e-6)
     assert net.calls == [(2, [0, 1, 2], False, False)] * 2  # both batches, every head, no autograd, eval mode
     assert net.training == training  # put back as it was
@@ -161,7 +164,7 @@ def test_evaluate_divides_by_the_number_of_images(images, head_0, head_1, ensemb
     assert figures == [head_0, head_1]
     assert (result["blocks"][1]["ensemble_top1"], result["blocks"][1]["ensemble_top5"]) == ensemble_1
     assert result["n"] == len(images[0])
-    by_hand = [math.log(sum(math.exp(v) for v in SCORES[1][i])) - SCORES[1][i][LABELS[i]] for i in images[0]]
+    by_hand = [cross_entropy_by_hand(SCORES[1][i], LABELS[i]) for i in images[0]]
     assert result["loss"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-6)
 
 
@@ -172,9 +175,8 @@ def test_evaluate_keeps_the_first_heads_scores_from_two_heads_on():
     net.calls.clear()
     assert evaluate(net, TWO_BATCHES, [0, 1], memo=memo) == first
     assert net.calls == [(1, [1], False, False)] * 2
-    assert [(b["ensemble_top1"], b["ensemble_top5"]) for b in first["blocks"].values()] == ENSEMBLES_BY_HAND["logits"][
-        :2
-    ]
+    ensembles = [(b["ensemble_top1"], b["ensemble_top5"]) for b in first["blocks"].values()]
+    assert ensembles == ENSEMBLES_BY_HAND["logits"][:2]
 
 
 def test_the_learning_rate_over_a_whole_stage_of_the_paper_recipe():
