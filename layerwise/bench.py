@@ -29,6 +29,7 @@ from layerwise.device import Precision, precision_for, resolve_device
 from layerwise.distributed import SINGLE, Dist, check_batch, device_for, from_env, process_group
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
+from layerwise.limits import Budget
 from layerwise.models.blocks import set_recompute
 from layerwise.presets import load_preset
 from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
@@ -498,7 +499,11 @@ def _extract_images(data: str | None, tmp: Path) -> Path:
     if not path.is_dir():
         try:
             with tarfile.open(path) as tf:
-                tf.extractall(tmp, filter="data")
+                budget = Budget(path)
+                for member in tf:  # each member sized before it is written, as when reading archives
+                    if member.isfile():
+                        budget.take(f"{path}:{member.name}", member.size)
+                    tf.extract(member, tmp, filter="data")
         except (tarfile.TarError, OSError, EOFError) as e:
             raise LayerwiseError(f"cannot extract {path} for the input benchmark ({e}); pass --no-input") from None
     root = path if path.is_dir() else tmp

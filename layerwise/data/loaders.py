@@ -16,18 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from layerwise.config import DataConfig
+from layerwise.data.images import read_image
 from layerwise.data.sources import Decoded, Examples, Files
 from layerwise.distributed import SINGLE, Dist
-from layerwise.errors import LayerwiseError
 from layerwise.locks import release_inherited_locks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -181,13 +179,7 @@ class FileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.files.paths[i]
-        try:
-            raw = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            img = decode_image(raw, mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
-            raise LayerwiseError(f"cannot decode {path}: not a valid image; remove or replace the file") from None
-        return self.transform(img), self.files.labels[i]
+        return self.transform(read_image(self.files.paths[i])), self.files.labels[i]
 
 
 def imagenet_transform(cfg: DataConfig, train: bool) -> v2.Transform:

@@ -13,11 +13,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
-from layerwise.data.cifar import IMAGE_EXTENSIONS, is_cifar_python, read_cifar_python, reading_archive
+from layerwise.data.cifar import is_cifar_python, read_cifar_python, reading_archive
+from layerwise.data.images import IMAGE_EXTENSIONS, decode_bytes, read_image
 from layerwise.errors import LayerwiseError
+from layerwise.limits import Budget
 
 SPLITS = ("train", "val", "test")
 SAMPLE = "cifar10-sample.tar.gz"
@@ -128,15 +129,20 @@ def _hidden(name: str) -> bool:
 
 
 def _records_from_archive(path: Path) -> list[Record]:
+    budget = Budget(path)
+    files = []
     with reading_archive(path), tarfile.open(path) as tf:
-        files = [(m, tf.extractfile(m).read()) for m in tf if m.isfile() and not _hidden(m.name)]
+        for member in tf:
+            if member.isfile() and not _hidden(member.name):
+                _check_image_name(member.name)  # raises for a non-image before its bytes are read
+                budget.take(f"{path}:{member.name}", member.size)
+                files.append((member, tf.extractfile(member).read()))
     names = [m.name for m, _ in files]
     # Strip one common top folder (cifar10-jpeg/train/cat/0.jpg -> train/cat/0.jpg).
     tops = {Path(n).parts[0] for n in names}
     strip = 1 if len(tops) == 1 and all(len(Path(n).parts) >= 3 for n in names) else 0
     records = []
     for member, data in files:
-        _check_image_name(member.name)  # raises for a non-image; hidden files are already out
         parts = Path(member.name).parts[strip:]
         split, label = _classify(parts, str(path))
         records.append(Record(f"{path}:{member.name}", split, label, data))
@@ -147,11 +153,7 @@ def _decode(records: list[Record], size: int | None, desc: str) -> torch.Tensor:
     """Decode every record into one (N, 3, H, W) uint8 tensor; all images must share one size."""
     images, first = [], None
     for r in tqdm(records, desc=desc, unit="img", leave=False, disable=None, mininterval=1.0):
-        raw = r.data if r.data is not None else Path(r.name).read_bytes()
-        try:
-            img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
-            raise LayerwiseError(f"cannot decode {r.name}: not a valid image; remove or replace the file") from None
+        img = decode_bytes(r.data, r.name) if r.data is not None else read_image(r.name)
         if first is None:
             first = (r.name, tuple(img.shape[1:]))
             if size is not None and first[1] != (size, size):
