@@ -3,39 +3,64 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from layerwise.errors import LayerwiseError
+from layerwise.safe_io import open_lock_file, reason
+
+log = logging.getLogger("layerwise")
 
 _held: set[int] = set()  # descriptors of the locks this process holds
+
+NO_LOCK = "LAYERWISE_NO_LOCK"
+"""Set to 1 to train where the filesystem cannot lock (flock fails with ENOLCK, ENOSYS or EOPNOTSUPP); the
+one-writer check is then yours to keep."""
+
+HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+"""What flock(LOCK_NB) fails with when another process holds the lock; any other errno means it cannot lock."""
+
+
+def lock_unsupported(path: Path, e: OSError) -> LayerwiseError:
+    return LayerwiseError(
+        f"cannot lock {path}: its filesystem does not support flock ({errno.errorcode.get(e.errno, e.errno)}: "
+        f"{e.strerror}); make sure no other process trains this run and set {NO_LOCK}=1 to go on without the lock"
+    )
 
 
 class RunLock:
     """An advisory lock (flock) on RUN/.lock, held while a process trains the run.
 
     The kernel releases it when the process ends, however it ends: a run killed with SIGKILL can be resumed at
-    once, with no stale lock to delete. The file holds the holder's pid and host, for the error message. flock
-    works across nodes on NFS (Linux emulates it with fcntl locks there).
+    once, with no stale lock to delete. The file holds the holder's pid and host, for the error message, which
+    names them only when the lock is held. docs/security.md says what flock gives on NFS and Lustre.
     """
 
     def __init__(self, path: Path):
         self.path, self.made_folder = path, not path.parent.exists()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = open_lock_file(path)
         except OSError as e:
-            raise LayerwiseError(f"cannot create {path} ({e.strerror}); check --out") from None
+            raise LayerwiseError(f"cannot create {path} ({reason(e)}); check --out") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise LayerwiseError(
-                f"{path.parent} is being trained by {holder}; wait for it to finish or stop it, then --resume"
-            ) from None
+        except OSError as e:
+            if e.errno in HELD:
+                holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(self.fd)
+                raise LayerwiseError(
+                    f"{path.parent} is being trained by {holder}; wait for it to finish or stop it, then --resume"
+                ) from None
+            if os.environ.get(NO_LOCK) != "1":
+                os.close(self.fd)
+                raise lock_unsupported(path, e) from None
+            log.warning("%s cannot be locked (%s); going on without the lock, as %s=1 asks", path, e.strerror, NO_LOCK)
         _held.add(self.fd)
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
@@ -52,6 +77,21 @@ class RunLock:
         _held.discard(self.fd)
         os.close(self.fd)  # closing the descriptor drops the lock
         self.fd = None
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold a blocking flock on the file at path for the duration: concurrent read-modify-writes of one file
+    (eval.json) then take turns. Where the filesystem cannot lock, they go on unlocked, with a warning."""
+    fd = open_lock_file(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.warning("%s cannot be locked (%s): concurrent writers may lose a result", path, e.strerror)
+        yield
+    finally:
+        os.close(fd)
 
 
 def release_inherited_locks(*_) -> None:

@@ -199,7 +199,10 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_it_resumes(tmp_pa
         real(obj, path)
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk_on_the_second_save)
-    with pytest.raises(LayerwiseError, match=r"could not write .*last\.pt .*free disk space and --resume") as info:
+    with pytest.raises(
+        LayerwiseError,
+        match=r"could not write .*last\.pt \(the disk is full or over quota\); free disk space.*--resume",
+    ) as info:
         train(tiny_config(epochs=3), tmp_path / "run", image_folder)
     assert "\n" not in str(info.value)
     meta, _, _ = load_checkpoint(RunDir(tmp_path / "run").last)

@@ -10,8 +10,6 @@ frame only, since torchvision would decode every frame.
 from __future__ import annotations
 
 import io
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from layerwise.errors import LayerwiseError
-from layerwise.limits import MAX_IMAGE_PIXELS, check_file_size
+from layerwise.limits import MAX_IMAGE_PIXELS
+from layerwise.safe_io import read_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
@@ -31,16 +30,6 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 DECODE_ERRORS = (UnidentifiedImageError, OSError, RuntimeError, ValueError, SyntaxError,
                  EOFError)  # fmt: skip
 """How PIL's and torchvision's decoders fail on a broken file."""
-
-
-def read_file(path: str | Path, cap: float | None = None) -> bytes:
-    """A regular file's bytes, its size checked first (a FIFO or /dev/zero never reaches read)."""
-    with open(path, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise LayerwiseError(f"{path} is not a regular file; pass image files")
-        check_file_size(path, info.st_size, cap)
-        return f.read(info.st_size)
 
 
 def open_header(raw: bytes) -> Image.Image:
@@ -87,9 +76,9 @@ def decode_bytes(raw: bytes, name: str) -> torch.Tensor:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """decode_bytes(read_file(path)), naming the path."""
+    """decode_bytes(read_bytes(path)), naming the path."""
     try:
-        raw = read_file(path)
+        raw = read_bytes(path)
     except OSError as e:
         raise LayerwiseError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
     return decode_bytes(raw, str(path))

@@ -9,6 +9,7 @@ image's crop and flip repeat every `views` epochs (the cost of caching, measured
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -20,7 +21,9 @@ import torch
 from layerwise.data.loaders import MemoryLoader, augment
 from layerwise.device import Precision
 from layerwise.errors import LayerwiseError
+from layerwise.limits import human_bytes as human
 from layerwise.models.staged import StagedNet
+from layerwise.safe_io import folder, split
 
 
 def prefix_shapes(net: StagedNet, image: torch.Tensor) -> list[tuple[int, ...]]:
@@ -57,14 +60,6 @@ def free_bytes(where: str, device: torch.device, folder: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
 def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path, what: str) -> None:
     """Refuse a cache that will not fit, before any work starts. Keeps a fifth of the memory for training."""
     available = free_bytes(where, device, folder)
@@ -94,6 +89,7 @@ class PrefixCache:
         view_seeds: list[int],
         store: str | Path,
         precision: Precision,
+        root: Path | None = None,
     ):
         self.offset = upto
         self.images, self.labels = images, images.labels
@@ -108,11 +104,8 @@ class PrefixCache:
         self.path = None
         try:
             if where == "disk":
-                self.path = Path(store)
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "wb") as f:  # reserve the blocks now: a full disk later would kill the process
-                    os.posix_fallocate(f.fileno(), 0, math.prod(full) * dtype.itemsize)
-                self.store = torch.from_file(str(self.path), shared=True, size=math.prod(full), dtype=dtype).view(full)
+                self.path, self.root = Path(store), root or Path(store).parent
+                self.store = disk_store(self.path, self.root, full, dtype)
             else:
                 on = self.device if where == "device" else torch.device("cpu")
                 pin = where == "host" and self.device.type == "cuda"
@@ -162,5 +155,23 @@ class PrefixCache:
     def close(self) -> None:
         """Free the cache (and delete its file) before the next stage builds its own."""
         self.store = None
-        if self.path is not None and self.path.exists():
-            self.path.unlink()
+        if self.path is not None:
+            root, rel, name = split(self.path, self.root)
+            with folder(root, rel) as fd, contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+
+
+def disk_store(path: Path, root: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A memory-mapped tensor in a new file at path (below the run directory `root`, through no link), its blocks
+    reserved now: a full disk later would kill the process."""
+    root, rel, name = split(path, root)
+    with folder(root, rel, create=True) as fd:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        handle = os.open(name, flags, 0o644, dir_fd=fd)
+    try:
+        os.posix_fallocate(handle, 0, math.prod(shape) * dtype.itemsize)
+        # Mapped through this descriptor: whatever the name points to later, the file is the one just made.
+        by_fd = f"/proc/self/fd/{handle}" if os.path.isdir("/proc/self/fd") else str(path)
+        return torch.from_file(by_fd, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+    finally:
+        os.close(handle)

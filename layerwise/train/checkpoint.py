@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,49 +16,28 @@ from typing import Any
 import torch
 import yaml
 
-from layerwise.errors import LayerwiseError
-from layerwise.locks import RunLock
+from layerwise.errors import LayerwiseError, one_line
+from layerwise.locks import RunLock, exclusive
+from layerwise.safe_io import atomic_write, folder, open_append, read_text, write_text
 
 log = logging.getLogger("layerwise")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write to a temporary file beside path, flush it to disk, then rename it over path.
-
-    A crash or a full disk leaves either the old file or the new one, never half a file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise LayerwiseError(f"could not write {path} ({reason}); free disk space and --resume") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def save_checkpoint(path: Path, meta: dict[str, Any], model: dict, optimizer: dict | None = None) -> None:
-    """Tensors in a torch file (loadable with weights_only=True), metadata as JSON inside it and beside it."""
+def save_checkpoint(
+    path: Path, meta: dict[str, Any], model: dict, optimizer: dict | None = None, root: Path | None = None
+) -> None:
+    """Tensors in a torch file (loadable with weights_only=True), metadata as JSON inside it and beside it; `root`
+    is the run directory the path is in (no link below it is followed)."""
     payload = {"meta": json.dumps(meta), "model": model}
     if optimizer is not None:
         payload["optimizer"] = optimizer
-    atomic_write(path, lambda p: torch.save(payload, p))
-    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write(path, lambda f: torch.save(payload, f), root)
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n", root)
 
 
-def checkpoint_job(path: Path, meta: dict, net: torch.nn.Module, optimizer=None, first=None) -> Callable[[], None]:
+def checkpoint_job(
+    path: Path, meta: dict, net: torch.nn.Module, optimizer=None, first=None, root: Path | None = None
+) -> Callable[[], None]:
     """Snapshot the weights (and optimizer state) now, before the next step changes them; the returned job runs
     `first`, if given, then saves the snapshot (for a BackgroundWriter)."""
     model_state = cpu_snapshot(net.state_dict())
@@ -65,7 +46,7 @@ def checkpoint_job(path: Path, meta: dict, net: torch.nn.Module, optimizer=None,
     def job() -> None:
         if first is not None:
             first()
-        save_checkpoint(path, meta, model_state, optimizer_state)
+        save_checkpoint(path, meta, model_state, optimizer_state, root)
 
     return job
 
@@ -127,7 +108,10 @@ class BackgroundWriter:
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
     """(meta, model state_dict, optimizer state_dict or None). Never unpickles arbitrary objects."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            payload = torch.load(f, map_location="cpu", weights_only=True)
         return json.loads(payload["meta"]), payload["model"], payload.get("optimizer")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
         raise LayerwiseError(
@@ -178,13 +162,14 @@ class RunDir:
         return RunLock(self.lock_file)
 
     def create(self, config_yaml: str) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        write_text(self.config, config_yaml)
+        with folder(self.path, "checkpoints", create=True):
+            pass
+        self.write_text(self.config, config_yaml)
 
     def saved_config(self) -> dict[str, Any]:
         if not self.is_run():
             raise LayerwiseError(f"{self.path} holds no layerwise run (no config.yaml); check the path")
-        saved = yaml.safe_load(self.config.read_text())
+        saved = load_yaml(read_text(self.config, SMALL_FILE), str(self.config))
         model = saved.get("model") if isinstance(saved, dict) else None
         if isinstance(model, dict) and model.get("arch") == "vgg11" and "classifier_dropout" not in model:
             model["classifier_dropout"] = 0.5  # saved before the setting existed, when VGG's classifier had 0.5
@@ -192,8 +177,8 @@ class RunDir:
 
     def read_classes(self) -> list[str]:
         try:
-            classes = json.loads(self.classes.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            classes = json.loads(read_text(self.classes, RUN_FILE))
+        except (OSError, LayerwiseError, RecursionError, ValueError) as e:
             raise LayerwiseError(f"{self.classes} is missing or unreadable ({type(e).__name__}); restore it") from None
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise LayerwiseError(f"{self.classes} must be a JSON list of class names; restore it")
@@ -208,20 +193,22 @@ class RunDir:
         return self.read_facts(self.evals)
 
     def record(self, path: Path, data: str, result: dict[str, Any]) -> None:
-        """Add `result` under `data` to the JSON file at path (eval.json, early_exit.json), newest last. Best
-        effort: a run directory that cannot be written (shared, read-only) only gets a warning."""
-        facts = self.read_facts(path)
-        facts.pop(data, None)
+        """Add `result` under `data` to the JSON file at path (eval.json, early_exit.json), newest last, merging
+        with what concurrent writers add (they take turns on a lock). Best effort: a run directory that cannot
+        be written (shared, read-only) only gets a warning."""
         try:
-            self.write_json(path, {**facts, data: result})
-        except LayerwiseError as e:
-            log.warning("the result was not saved in the run: %s", e)
+            with exclusive(self.path / ".record.lock"):
+                facts = self.read_facts(path)
+                facts.pop(data, None)
+                self.write_json(path, {**facts, data: result})
+        except (LayerwiseError, OSError) as e:
+            log.warning("the result was not saved in the run: %s", one_line(e))
 
     @staticmethod
     def read_facts(path: Path) -> dict[str, Any]:
         try:
-            facts = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            facts = json.loads(read_text(path, RUN_FILE))
+        except (OSError, LayerwiseError, RecursionError, ValueError):
             return {}
         return facts if isinstance(facts, dict) else {}
 
@@ -230,11 +217,13 @@ class RunDir:
         if not self.metrics.is_file():
             return []
         rows = []
-        for line in self.metrics.read_text().splitlines():
+        for line in read_text(self.metrics, METRICS_FILE).splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (RecursionError, ValueError):
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     def last_finished_block(self) -> Path | None:
@@ -245,14 +234,60 @@ class RunDir:
     def keep_metrics(self, keep) -> None:
         """Drop metric lines the last checkpoint does not cover (written just before an interruption)."""
         rows = [r for r in self.read_metrics() if keep(r)]
-        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        self.write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append and flush to disk before the epoch's checkpoint, so no checkpoint is ahead of its metrics."""
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open_append(self.metrics, self.path) as f:
+            f.write((json.dumps(row) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
+    def write_text(self, path: Path, text: str) -> None:
+        """Write a file of the run atomically, following no link below the run directory."""
+        write_text(path, text, self.path)
+
     def write_json(self, path: Path, value: Any) -> None:
-        write_text(path, json.dumps(value, indent=2) + "\n")
+        self.write_text(path, json.dumps(value, indent=2) + "\n")
+
+    def log_handler(self) -> logging.Handler:
+        """A handler appending to train.log, which is never a link."""
+        return RunLogHandler(self.path / "train.log", self.path)
+
+    def remove_cache_files(self) -> None:
+        """Delete the prefix cache files an interrupted run left in RUN/cache (never through a link)."""
+        if not (self.path / "cache").is_dir():
+            return
+        with folder(self.path, "cache") as fd:
+            for name in os.listdir(fd):
+                if name.startswith("prefix") and name.endswith(".bin"):
+                    os.unlink(name, dir_fd=fd)
+
+
+class RunLogHandler(logging.FileHandler):
+    """logging.FileHandler over safe_io.open_append: train.log planted as a link is refused, not followed."""
+
+    def __init__(self, path: Path, root: Path):
+        self.root = root
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self):
+        return io.TextIOWrapper(open_append(Path(self.baseFilename), self.root), encoding="utf-8")
+
+
+SMALL_FILE = 2**20
+"""config.yaml and other files a person writes: 1 MiB is far more than any needs."""
+RUN_FILE = 64 * 2**20
+"""classes.json, run.json, eval.json, early_exit.json, summary.json."""
+METRICS_FILE = 256 * 2**20
+"""metrics.jsonl: about 500 bytes an epoch."""
+
+
+def load_yaml(text: str, name: str) -> Any:
+    """yaml.safe_load, every failure (a nesting deep enough to exhaust the stack included) one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LayerwiseError(f"{name} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    except RecursionError:
+        raise LayerwiseError(f"{name} is nested too deeply to be a config; fix it") from None

@@ -192,7 +192,7 @@ class Run:
             old = self.dir.read_info()
             info = {**info, "started": old.get("started"), "resumed": [*old.get("resumed", []), info["started"]]}
         self.dir.write_json(self.dir.info, info)
-        self.log_handler = logging.FileHandler(self.dir.path / "train.log")
+        self.log_handler = self.dir.log_handler()
         self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(self.log_handler)
 
@@ -311,7 +311,8 @@ class Run:
             if epoch < self.cfg.train.epochs_per_block:
                 return Resume(stage.index, epoch, optimizer_state)
             if main and stage.finishes_block and not run.block(stage.block).is_file():  # stopped before saving it
-                save_checkpoint(run.block(stage.block), {"block": stage.block, "stage": stage.index}, model_state)
+                meta = {"block": stage.block, "stage": stage.index}
+                save_checkpoint(run.block(stage.block), meta, model_state, root=run.path)
             return Resume(stage.index + 1)
         block = run.last_finished_block()
         if block is not None:  # last.pt was lost: continue after the last finished block
@@ -376,7 +377,7 @@ class Run:
         """Rank 0: snapshot the weights (and optimizer state) now; the writer runs `first`, if given, then saves
         them while training goes on."""
         if self.where.is_main:
-            self.writer.submit(checkpoint_job(path, meta, self.net, optimizer, first))
+            self.writer.submit(checkpoint_job(path, meta, self.net, optimizer, first, self.dir.path))
 
     def epoch_row(self, stage: Stage, epoch: int, lr: float, stats: dict, memos: dict) -> dict[str, Any]:
         """One metrics line: the trained head's numbers and the ensemble over the stage's heads (the frozen heads'
@@ -413,7 +414,8 @@ class Run:
     def prefix_cache(self, stage: Stage) -> PrefixCache:
         t0 = time.perf_counter()
         seeds = [epoch_seed(self.cfg.train.seed, stage.index, v) for v in range(cache_views(self.cfg))]
-        cache = PrefixCache(self.net, stage.first, self.data.train, seeds, self.cache_store(stage), self.precision)
+        store = self.cache_store(stage)
+        cache = PrefixCache(self.net, stage.first, self.data.train, seeds, store, self.precision, self.dir.path)
         seconds = time.perf_counter() - t0
         log.info("%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), seconds)
         return cache
@@ -421,8 +423,7 @@ class Run:
     def remove_stale_cache(self) -> None:
         """Rank 0: delete cache files an interrupted run left; they would count as used space."""
         if self.where.is_main:
-            for stale in (self.dir.path / "cache").glob("prefix*.bin"):
-                stale.unlink()
+            self.dir.remove_cache_files()
 
     def check_cache(self) -> None:
         """Size the largest prefix cache of the run and refuse it now if it cannot fit (every process of this node
