@@ -169,6 +169,11 @@ class TrainConfig:
     """Under torchrun on GPUs, compute the trained module's BN statistics over the global batch (SyncBatchNorm).
     Off by default, as the paper's DataParallel kept per-GPU statistics: each process then normalises with
     its own share's statistics, and rank 0's running statistics are kept. SyncBatchNorm does not run on the CPU."""
+    divergence_factor: float = 10.0
+    """Stop a stage whose training loss diverges: its running mean over the last 50 steps (train.loop's
+    DIVERGENCE_WINDOW) above this many times ln(classes), the loss of a uniform guess, where a fresh head
+    starts; a non-finite loss stops it too. Checked on the device, read every 50 steps. 0 turns the check off
+    (the non-finite check stays)."""
     seed: int = 0
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
@@ -184,6 +189,7 @@ class TrainConfig:
         _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")
         _check(self.ensemble in ("logits", "softmax"), "train.ensemble must be 'logits' or 'softmax'")
         _check(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
+        _check(self.divergence_factor >= 0, "train.divergence_factor must be >= 0 (0 turns the check off)")
         _check(0 <= self.seed < 2**31, "train.seed must be in [0, 2^31)")
         _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from layerwise.errors import LayerwiseError, one_line
+from layerwise.limits import DIST_TIMEOUT
 
 T = TypeVar("T")
 
@@ -155,7 +156,7 @@ def process_group(where: Dist, device: torch.device) -> Iterator[None]:
         return
     backend = backend_for(device)
     # Collectives give up after this long, so a process whose peer hangs (rather than dies) stops too.
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LAYERWISE_DIST_TIMEOUT", 600)))
+    timeout = datetime.timedelta(seconds=DIST_TIMEOUT.get())  # LAYERWISE_DIST_TIMEOUT, default 1800 s
     options = {"device_id": device} if device.type == "cuda" else {}
     try:
         dist.init_process_group(backend, timeout=timeout, **options)

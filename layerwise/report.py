@@ -8,10 +8,10 @@ by line style and marker as well as colour, so the page survives a greyscale pri
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ import torch
 
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.errors import LayerwiseError
-from layerwise.train.checkpoint import RunDir, write_text
+from layerwise.safe_io import write_text
+from layerwise.train.checkpoint import RunDir
 
 STYLES = [("-", "o", "#1b1b1b"), ("--", "s", "#6a6a6a"), (":", "^", "#0b5394"), ("-.", "D", "#b45f06")]
 """(line style, marker, colour) per run: distinguishable in colour and in grey."""
@@ -43,20 +44,25 @@ class RunRecord:
         return f"{self.path.name} ({self.cfg.preset}, {self.cfg.train.mode})"
 
     @property
+    def label(self) -> str:
+        """The run's name as plot text, shown literally (matplotlib would read $...$ as math)."""
+        return literal(self.path.name)
+
+    @property
     def finished(self) -> bool:
         return self.summary is not None and RunDir(self.path).final.is_file()
+
+
+def literal(text: str) -> str:
+    """Text that matplotlib draws as it is: a `$` would open mathtext."""
+    return text.replace("$", r"\$")
 
 
 def load_run(path: str | Path) -> RunRecord:
     run = RunDir(path)
     if not run.is_run():
         raise LayerwiseError(f"{run.path} is not a layerwise run (no config.yaml); give a run directory")
-    summary = None
-    if run.summary.is_file():
-        try:
-            summary = json.loads(run.summary.read_text())
-        except json.JSONDecodeError:
-            summary = None
+    summary = run.read_facts(run.summary) or None  # None while the run is unfinished
     evals, early = run.read_evals(), run.read_facts(run.path / "early_exit.json")
     cfg = config_from_dict(run.saved_config())
     return RunRecord(run.path, cfg, run.read_metrics(), summary, run.read_info(), evals, early)
@@ -96,17 +102,18 @@ def curves(records: list[RunRecord]) -> str:
             label = stage == record.rows[0]["stage"]
             style = {"color": colour, "marker": marker, "markersize": 4}
             acc.plot(x, [r["train"]["top1"] for r in rows], linestyle=line, alpha=0.5, **style,
-                     label=f"{record.path.name}: train (augmented)" if label else None)  # fmt: skip
+                     label=f"{record.label}: train (augmented)" if label else None)  # fmt: skip
             loss.plot(x, [r["loss"] for r in rows], linestyle=line, alpha=0.5, **style,
-                      label=f"{record.path.name}: train" if label else None)  # fmt: skip
+                      label=f"{record.label}: train" if label else None)  # fmt: skip
             if scored:
                 acc.plot(x, [r[scored]["top1"] for r in rows], linestyle=line, linewidth=2.2, **style,
-                         label=f"{record.path.name}: {scored}" if label else None)  # fmt: skip
+                         label=f"{record.label}: {scored}" if label else None)  # fmt: skip
                 loss.plot(x, [r[scored]["loss"] for r in rows], linestyle=line, linewidth=2.2, **style,
-                          label=f"{record.path.name}: {scored}" if label else None)  # fmt: skip
+                          label=f"{record.label}: {scored}" if label else None)  # fmt: skip
             lr.plot(x, [r["lr"] for r in rows], linestyle=line, drawstyle="steps-post", color=colour)
-            acc.annotate(rows[0]["stage_name"], (x[0], 1.0 - 0.05 * i), xycoords=("data", "axes fraction"),
-                         fontsize=7, va="top", color=colour)  # fmt: skip
+            stage_name = literal(str(rows[0]["stage_name"]))
+            acc.annotate(stage_name, (x[0], 1.0 - 0.05 * i), xycoords=("data", "axes fraction"), fontsize=7,
+                         va="top", color=colour)  # fmt: skip
             for axis in (acc, loss, lr):
                 axis.axvline(start + 0.5, color="#cccccc", linewidth=0.8, zorder=0)
             start = x[-1]
@@ -137,9 +144,9 @@ def final_bars(records: list[RunRecord]) -> str:
             x = torch.tensor([blocks_seen.index(r["block"]) for r in rows]).float() + (2 * i - len(records)) * width
             own = [r[scored][k] for r in rows]
             ens = [r[scored][f"ensemble_{k}"] for r in rows]
-            axis.bar(x, own, width, align="edge", color=colour, label=f"{record.path.name}: own head")
+            axis.bar(x, own, width, align="edge", color=colour, label=f"{record.label}: own head")
             axis.bar(x + width, ens, width, align="edge", color="white", edgecolor=colour, hatch="//",
-                     label=f"{record.path.name}: ensemble")  # fmt: skip
+                     label=f"{record.label}: ensemble")  # fmt: skip
     for axis in axes:
         axis.set_xticks(range(len(blocks_seen)), [f"block {j}" for j in blocks_seen], fontsize=8)
     for axis, k in zip(axes, ("top1", "top5"), strict=True):
@@ -259,7 +266,7 @@ def speed_table(record: RunRecord) -> str:
 def parameter_table(record: RunRecord) -> str:
     from layerwise.models import build_model
 
-    classes = len(json.loads((record.path / "classes.json").read_text()))
+    classes = len(RunDir(record.path).read_classes())
     with torch.device("meta"):
         net = build_model(record.cfg.model, classes)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -286,7 +293,8 @@ def run_section(record: RunRecord) -> str:
     parts = [
         f"<h2>{html.escape(record.name)}</h2>",
         f"<p>{status}. {html.escape(record.cfg.description)}. Device {html.escape(str(info.get('device')))}, "
-        f"{info.get('processes', 1)} process(es), data {html.escape(str(info.get('data_description', '')))}.</p>",
+        f"{html.escape(str(info.get('processes', 1)))} process(es), "
+        f"data {html.escape(str(info.get('data_description', '')))}.</p>",
     ]
     if record.summary and "adaptive_depth" in record.summary:
         parts.append(f"<p class=decision>Adaptive depth: {html.escape(record.summary['adaptive_depth']['reason'])}</p>")
@@ -320,6 +328,15 @@ SCRIPT = """window.addEventListener('load',()=>{const imgs=[...document.images];
 document.body.dataset.imagesLoaded=String(imgs.length>0&&imgs.every(i=>i.complete&&i.naturalWidth>0));});"""
 
 
+def sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+POLICY = f"default-src 'none'; img-src data:; style-src {sha256(CSS)}; script-src {sha256(SCRIPT)}; base-uri 'none'"
+"""The page's Content-Security-Policy: its own inline style and script (by hash) and data: images, nothing else.
+Every value from the run directory is escaped as well; this stops what an escape might miss."""
+
+
 def render(records: list[RunRecord]) -> str:
     titles = ", ".join(r.path.name for r in records)
     with_rows = [r for r in records if r.rows]
@@ -333,7 +350,9 @@ def render(records: list[RunRecord]) -> str:
         )
     sections = "\n".join(run_section(r) for r in records)
     return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>layerwise report: {html.escape(titles)}</title>"
+        f"<!doctype html><html><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">'
+        f"<title>layerwise report: {html.escape(titles)}</title>"
         f"<style>{CSS}</style><script>{SCRIPT}</script></head><body data-report=layerwise>"
         f"<h1>layerwise report: {html.escape(titles)}</h1>{plots}\n{sections}</body></html>\n"
     )
@@ -342,7 +361,14 @@ def render(records: list[RunRecord]) -> str:
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Render the runs into one HTML file at `out` (written atomically; nothing is left on an error)."""
     records = [load_run(p) for p in run_dirs]
-    page = render(records)
+    try:
+        page = render(records)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a hand-edited or foreign file
+        names = ", ".join(str(r.path) for r in records)
+        raise LayerwiseError(
+            f"cannot draw the report of {names}: metrics.jsonl, summary.json, eval.json or early_exit.json holds "
+            f"something layerwise did not write ({type(e).__name__}: {str(e)[:80]})"
+        ) from None
     out = Path(out)
     write_text(out, page)
     return out

@@ -102,3 +102,33 @@ def test_a_folder_that_is_not_a_run_is_a_one_line_error_and_no_file(tmp_path, ca
     assert err.startswith("error: ") and "is not a layerwise run" in err and "\n" not in err
     assert not (tmp_path / "r.html").exists()
     assert not RunDir(tmp_path / "empty").summary.exists()
+
+
+def test_hostile_values_and_names_are_shown_literally_under_a_strict_policy(tmp_path, pair):
+    root, *_ = pair
+    run = tmp_path / "run $x^2$ <b>"
+    shutil.copytree(root / "greedy", run)
+    info = json.loads((run / "run.json").read_text())
+    info.update(processes="<img src=x onerror=alert(1)>", device="<script>alert(2)</script>")
+    (run / "run.json").write_text(json.dumps(info))
+    assert main(["report", str(run), "-o", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text()
+    assert "<img src=x" not in page and "<script>alert" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "run $x^2$ &lt;b&gt;" in page
+    policy = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page).group(1)
+    assert "default-src 'none'" in policy and "img-src data:" in policy and "unsafe-inline" not in policy
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert len(scripts) == 1 and "script-src 'sha256-" in policy
+    if CHROMIUM is not None:  # the page's own script still runs under its policy, and the plots still load
+        dom = chromium(tmp_path, tmp_path / "page.html", "--dump-dom", "--virtual-time-budget=5000")
+        assert 'data-images-loaded="true"' in dom
+
+
+def test_a_malformed_metrics_file_is_a_one_line_error(tmp_path, pair, capsys):
+    root, *_ = pair
+    run = tmp_path / "run"
+    shutil.copytree(root / "greedy", run)
+    (run / "metrics.jsonl").write_text('{"stage": 0, "epoch": "one"}\n')
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds something layerwise did not write" in err[0]

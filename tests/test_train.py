@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import time
 from unittest.mock import ANY
 
@@ -178,11 +179,89 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatc
             return loss * float("nan") if poisoned["on"] else loss
 
     monkeypatch.setattr(stage, "F", FakeF)
-    with pytest.raises(LayerwiseError, match="loss became nan in block 0, epoch 2") as info:
+    with pytest.raises(
+        LayerwiseError, match=r"block 0.s training loss became non-finite at step \d+ of epoch 2"
+    ) as info:
         train(tiny_config(epochs=3), tmp_path / "run", image_folder, on_epoch_end=lambda row: poisoned.update(on=True))
     assert "\n" not in str(info.value)
     meta, _, _ = load_checkpoint(RunDir(tmp_path / "run").last)
     assert (meta["stage"], meta["epoch"]) == (0, 1)
+
+
+def test_a_diverging_loss_stops_at_its_epoch_and_the_last_good_checkpoint_loads(tmp_path, image_folder, monkeypatch):
+    """Fine for an epoch, then the loss reads 1000x what it is (the gradient unchanged): the running mean passes
+    divergence_factor x ln(3 classes), the stage stops in epoch 2, and epoch 1's checkpoint is the last."""
+    from layerwise.train import stage
+
+    inflated = {"on": False}
+    real = stage.F.cross_entropy
+
+    class FakeF:
+        @staticmethod
+        def cross_entropy(logits, y):
+            loss = real(logits, y)
+            return loss + 999 * loss.detach() if inflated["on"] else loss
+
+    monkeypatch.setattr(stage, "F", FakeF)
+    with pytest.raises(
+        LayerwiseError, match=r"block 0.s training loss diverged: its mean .* of epoch 2 .*limit"
+    ) as info:
+        train(tiny_config(epochs=3), tmp_path / "run", image_folder, on_epoch_end=lambda row: inflated.update(on=True))
+    assert "\n" not in str(info.value) and "lower --lr or raise --batch-size" in str(info.value)
+    meta, state, _ = load_checkpoint(RunDir(tmp_path / "run").last)
+    assert (meta["stage"], meta["epoch"]) == (0, 1) and all(torch.isfinite(v).all() for v in state.values())
+    inflated["on"] = False
+    train(
+        tiny_config(epochs=3, train={"divergence_factor": 0.0}),
+        tmp_path / "off",
+        image_folder,
+        on_epoch_end=lambda row: inflated.update(on=True),
+    )  # fmt: skip - the check off: the run goes on
+
+
+def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_last_checkpoint(tmp_path, image_folder, monkeypatch):
+    from layerwise.train import loop
+
+    real, short = loop.StageTraining.step, {"on": False}
+
+    def step(self, *args, **kwargs):
+        if short["on"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.StageTraining, "step", step)
+    with pytest.raises(LayerwiseError, match=r"out of memory on cpu in block 0, epoch 2, at 16 images per step") as e:
+        train(tiny_config(epochs=3), tmp_path / "run", image_folder, on_epoch_end=lambda row: short.update(on=True))
+    assert "recompute_activations" in str(e.value) and "\n" not in str(e.value)
+    meta, _, _ = load_checkpoint(RunDir(tmp_path / "run").last)
+    assert (meta["stage"], meta["epoch"]) == (0, 1)
+
+
+def test_the_loss_watch_flags_a_running_mean_above_its_limit_and_non_finite_losses():
+    from layerwise.train.loop import DIVERGENCE_WINDOW, Diverged, LossWatch
+
+    limit = 10 * math.log(10)  # 23.03 for 10 classes
+    watch = LossWatch(10.0, torch.device("cpu"))
+    for value in [2.3, 2.3, 60.0]:  # one spike: a mean of 21.5, below the limit
+        watch.add(torch.tensor(value), 10)
+    watch.check()
+    watch.add(torch.tensor(40.0), 10)  # the mean of the four: 26.15
+    with pytest.raises(Diverged) as info:
+        watch.check()
+    assert info.value.mean == pytest.approx(26.15) and info.value.limit == pytest.approx(limit)
+    watch = LossWatch(10.0, torch.device("cpu"))
+    for _ in range(DIVERGENCE_WINDOW):
+        watch.add(torch.tensor(40.0), 10)
+    for _ in range(DIVERGENCE_WINDOW):  # the old values leave the window
+        watch.add(torch.tensor(1.0), 10)
+    watch.check()
+    watch.add(torch.tensor(float("inf")), 10)
+    watch.add(torch.tensor(1.0), 10)
+    with pytest.raises(Diverged):  # a non-finite loss counts even after it leaves the mean
+        watch.check()
+    off = LossWatch(0.0, torch.device("cpu"))
+    off.add(torch.tensor(1e30), 10)
+    off.check()
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_it_resumes(tmp_path, image_folder, monkeypatch):

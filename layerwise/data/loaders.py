@@ -14,6 +14,8 @@ Evaluation loaders hold every world_size-th image (`shard`), so each image is sc
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ from layerwise.distributed import SINGLE, Dist
 from layerwise.locks import release_inherited_locks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger("layerwise")
 
 
 class Normalize:
@@ -188,6 +191,19 @@ def imagenet_transform(cfg: DataConfig, train: bool) -> v2.Transform:
     return v2.Compose([v2.Resize(cfg.resize_size, antialias=True), v2.CenterCrop(cfg.image_size)])
 
 
+def usable_workers(asked: int) -> int:
+    """data.workers, lowered (with a warning) to the CPUs this process may run on: more workers than CPUs only
+    cost memory. The random crops of streamed data depend on the worker count, so say so."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked <= cpus:
+        return asked
+    log.warning(
+        "data.workers=%d is more than the %d CPUs here: using %d (streamed crops differ from a run with %d workers)",
+        asked, cpus, cpus, asked,
+    )  # fmt: skip
+    return cpus
+
+
 class StreamLoader:
     """A DataLoader over files with worker processes and pinned memory, normalising on the device.
 
@@ -200,7 +216,7 @@ class StreamLoader:
         self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
     ):
         self.dataset = FileDataset(files, imagenet_transform(cfg, train))
-        self.batch_size, self.device, self.train, self.workers = batch_size, device, train, cfg.workers
+        self.batch_size, self.device, self.train, self.workers = batch_size, device, train, usable_workers(cfg.workers)
         self.batching = Batching(len(files), batch_size, where if train else SINGLE)
         self.rank = where.rank
         self.normalize = Normalize(cfg.mean, cfg.std, device)

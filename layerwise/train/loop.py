@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -117,6 +118,48 @@ class StageTraining:
         self.where.broadcast_buffers(self.module)
 
 
+DIVERGENCE_WINDOW = 50
+"""Steps in the running mean that train.divergence_factor checks, and how often the check is read."""
+
+
+class Diverged(Exception):
+    """The stage's training loss diverged at `step` of the epoch: non-finite, or a running mean of `mean`."""
+
+    def __init__(self, step: int, mean: float, limit: float):
+        super().__init__(f"running mean {mean:.4g} at step {step}, limit {limit:.4g}")
+        self.step, self.mean, self.limit = step, mean, limit
+
+
+class LossWatch:
+    """The last DIVERGENCE_WINDOW step losses on the device, with a flag for a non-finite one: no host sync per
+    step. `check` reads them (one sync, and under DDP one all-reduce so that every process stops together) and
+    raises Diverged when the mean over the window (over the steps so far, early in an epoch) exceeds
+    factor x ln(classes), or a loss was not finite."""
+
+    def __init__(self, factor: float, device: torch.device, where: Dist = SINGLE):
+        self.factor, self.where = factor, where
+        self.window = torch.zeros(DIVERGENCE_WINDOW, dtype=torch.float64, device=device)
+        self.bad = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps, self.classes = 0, 0
+
+    def add(self, loss: torch.Tensor, classes: int) -> None:
+        loss = loss.detach().double()
+        self.window[self.steps % DIVERGENCE_WINDOW] = loss
+        self.bad += (~torch.isfinite(loss)).double()
+        self.steps, self.classes = self.steps + 1, classes
+
+    def due(self, i: int, n: int) -> bool:
+        return (i + 1) % DIVERGENCE_WINDOW == 0 or i + 1 == n
+
+    def check(self) -> None:
+        kept = min(self.steps, DIVERGENCE_WINDOW)
+        bad, mean = self.where.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
+        mean /= self.where.world_size
+        limit = self.factor * math.log(max(self.classes, 2)) if self.factor > 0 else math.inf
+        if bad > 0 or not math.isfinite(mean) or mean > limit:
+            raise Diverged(self.steps, mean if not bad else math.nan, limit)
+
+
 def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int = 0, desc: str = "") -> dict:
     """One pass over the training data. Sums stay on the device; the only host sync is at the end.
 
@@ -131,12 +174,16 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     batches = tqdm(
         loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None if where.is_main else True
     )
+    watch = LossWatch(training.cfg.divergence_factor, loader.device, where)
     for i, (x, y) in enumerate(batches):
         weight = len(y) * where.world_size / loader.global_batch(i) if where.active else 1.0
         loss, logits = training.step(x, y, offset, weight)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])
+            watch.add(loss, logits.shape[-1])
         n += len(y)
+        if watch.due(i, len(loader)):
+            watch.check()
     loss_sum, top1, top5, n = where.sum(torch.cat([sums, sums.new_tensor([n])])).tolist()
     seconds = time.perf_counter() - t0
     return {

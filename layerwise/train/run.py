@@ -40,7 +40,7 @@ from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import StagedNet, build_model, count
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
-from layerwise.train.loop import StageTraining, train_epoch
+from layerwise.train.loop import Diverged, StageTraining, train_epoch
 from layerwise.train.stage import Stage, module_bytes, place_for, plan_stages, resident_modules
 
 log = logging.getLogger("layerwise")
@@ -51,7 +51,7 @@ def epoch_seed(seed: int, stage: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
 
 
-RESUMABLE_CHANGES = ("device", "precision", "recompute_activations", "compile")
+RESUMABLE_CHANGES = ("device", "precision", "recompute_activations", "compile", "divergence_factor")
 """Settings a resumed run may change: they decide how the same training is computed, not what it is."""
 
 
@@ -355,7 +355,26 @@ class Run:
         seed = epoch_seed(cfg.seed, stage.index, epoch)
         torch.manual_seed((seed + 7_919 * self.where.rank) % 2**63)  # dropout masks differ between processes
         lr = training.start_epoch(epoch)
-        stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{cfg.epochs_per_block}")
+        fail = LayerwiseError if self.where.is_main else QuietError  # one process says it, every process stops
+        kept = f"checkpoints up to the previous epoch are kept in {self.dir.checkpoints}"
+        try:
+            stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{cfg.epochs_per_block}")
+        except Diverged as e:
+            what = (
+                "became non-finite" if math.isnan(e.mean) else f"diverged: its mean over the last steps is {e.mean:.3g}"
+            )
+            raise fail(
+                f"{stage.name}'s training loss {what} at step {e.step} of epoch {epoch + 1} (lr {lr:g}; limit "
+                f"train.divergence_factor x ln(classes) = {e.limit:.3g}); {kept}; lower --lr or raise --batch-size, "
+                "then --resume"
+            ) from None
+        except torch.OutOfMemoryError:
+            per_process = cfg.batch_size // self.where.world_size
+            raise LayerwiseError(
+                f"out of memory on {self.device} in {stage.name}, epoch {epoch + 1}, at {per_process} images per "
+                f"step; {kept}; lower --batch-size, or --set train.recompute_activations=true, train.precision=bf16 "
+                "or train.cache=host, then --resume"
+            ) from None
         if not math.isfinite(stats["loss"]):  # the same all-reduced loss on every process
             raise (LayerwiseError if self.where.is_main else QuietError)(
                 f"training loss became {stats['loss']} in {stage.name}, epoch {epoch + 1} (lr {lr:g}); "
