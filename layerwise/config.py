@@ -170,10 +170,10 @@ class TrainConfig:
     Off by default, as the paper's DataParallel kept per-GPU statistics: each process then normalises with
     its own share's statistics, and rank 0's running statistics are kept. SyncBatchNorm does not run on the CPU."""
     divergence_factor: float = 10.0
-    """Stop a stage whose training loss diverges: its running mean over the last 50 steps (train.loop's
-    DIVERGENCE_WINDOW) above this many times ln(classes), the loss of a uniform guess, where a fresh head
-    starts; a non-finite loss stops it too. Checked on the device, read every 50 steps. 0 turns the check off
-    (the non-finite check stays)."""
+    """Stop a stage whose training loss diverges: a running mean over 50 steps (train.loop's DIVERGENCE_WINDOW)
+    above this many times the stage's starting level (the mean of its first 50 steps, at least ln(classes), the
+    loss of a uniform guess); a non-finite loss stops it too. Read on the device every 50 steps and at the end
+    of each epoch. 0 turns the mean check off (the non-finite check stays)."""
     seed: int = 0
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
@@ -247,6 +247,11 @@ def _check(ok: bool, message: str) -> None:
         raise LayerwiseError(f"bad config: {message}")
 
 
+def _shown(key: Any) -> str:
+    """A key as an error message shows it: as written, or quoted when it holds a line break or other control."""
+    return key if isinstance(key, str) and key.isprintable() else repr(key)
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Return value converted to hint (int -> float only), or raise a one-line error naming the key."""
     origin = typing.get_origin(hint)
@@ -263,7 +268,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise LayerwiseError(f"bad config: {where} must be a mapping (got {value!r})")
-        return {str(k): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _check_type(v, args[1], f"{where}.{_shown(k)}") for k, v in value.items()}
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -291,11 +296,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - names, key=str)
     if unknown:
         raise LayerwiseError(
-            f"bad config: unknown key {where + '.' if where else ''}{unknown[0]}; valid: {sorted(names)}"
+            f"bad config: unknown key {where + '.' if where else ''}{_shown(unknown[0])}; valid: {sorted(names)}"
         )
     kwargs = {}
     for name, value in values.items():
-        key = f"{where}.{name}" if where else name
+        key = f"{where}.{_shown(name)}" if where else _shown(name)
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], value, key)
         else:
@@ -324,15 +329,24 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def load_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, its every failure one line naming `what`: a syntax error, or nesting deep enough to exhaust
+    the stack (a RecursionError, which is not a YAMLError)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LayerwiseError(f"{what} is not valid YAML ({first}); fix its syntax") from None
+    except RecursionError:
+        raise LayerwiseError(f"{what} is nested too deeply to be a config; fix it") from None
+
+
 def parse_assignment(text: str) -> dict[str, Any]:
     """`train.lr_step=4` -> {'train': {'lr_step': 4}}; the value is read as YAML."""
     if "=" not in text:
         raise LayerwiseError(f"bad --set {text!r}: write SECTION.KEY=VALUE, for example train.lr_step=4")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise LayerwiseError(f"bad --set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    value = load_yaml(raw, f"bad --set {text[:60]!r}: the value") if raw.strip() else ""
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

@@ -56,6 +56,14 @@ DIST_TIMEOUT = Limit("LAYERWISE_DIST_TIMEOUT", 1800, "seconds")
 """How long a collective waits for a peer process before giving up (PyTorch's own default: 30 minutes)."""
 
 
+SMALL_FILE = MiB
+"""config.yaml and other files a person writes: far more than any needs."""
+RUN_FILE = 64 * MiB
+"""classes.json, run.json, eval.json, early_exit.json, summary.json."""
+METRICS_FILE = 256 * MiB
+"""metrics.jsonl: about 500 bytes an epoch."""
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

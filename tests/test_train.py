@@ -204,7 +204,7 @@ def test_a_diverging_loss_stops_at_its_epoch_and_the_last_good_checkpoint_loads(
 
     monkeypatch.setattr(stage, "F", FakeF)
     with pytest.raises(
-        LayerwiseError, match=r"block 0.s training loss diverged: its mean .* of epoch 2 .*limit"
+        LayerwiseError, match=r"block 0.s training loss diverged: its mean .* above .* at step \d+ of epoch 2"
     ) as info:
         train(tiny_config(epochs=3), tmp_path / "run", image_folder, on_epoch_end=lambda row: inflated.update(on=True))
     assert "\n" not in str(info.value) and "lower --lr or raise --batch-size" in str(info.value)
@@ -237,29 +237,37 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_last_checkpoint(tmp_p
     assert (meta["stage"], meta["epoch"]) == (0, 1)
 
 
-def test_the_loss_watch_flags_a_running_mean_above_its_limit_and_non_finite_losses():
+def test_the_loss_watch_flags_a_mean_far_above_the_starting_level_and_non_finite_losses():
     from layerwise.train.loop import DIVERGENCE_WINDOW, Diverged, LossWatch
 
-    limit = 10 * math.log(10)  # 23.03 for 10 classes
-    watch = LossWatch(10.0, torch.device("cpu"))
-    for value in [2.3, 2.3, 60.0]:  # one spike: a mean of 21.5, below the limit
+    cpu = torch.device("cpu")
+    watch = LossWatch(10.0, cpu)
+    for value in [1.0, 2.0, 3.0]:  # the first window sets the level, never below ln(10) = 2.303
         watch.add(torch.tensor(value), 10)
     watch.check()
-    watch.add(torch.tensor(40.0), 10)  # the mean of the four: 26.15
+    assert watch.level == pytest.approx(math.log(10))
+    spiky = LossWatch(10.0, cpu)
+    for value in [2.0, 400.0, 6.0]:  # early spikes raise the level instead of stopping the run
+        spiky.add(torch.tensor(value), 10)
+    spiky.check()
+    assert spiky.level == pytest.approx(136.0)
+    later = LossWatch(10.0, cpu, level=2.0)  # a later epoch of the stage, or a resumed one
+    for value in [19.0, 21.0]:  # a mean of 20: at the limit, not above it
+        later.add(torch.tensor(value), 10)
+    later.check()
+    later.add(torch.tensor(23.0), 10)  # the mean of the three: 21
     with pytest.raises(Diverged) as info:
-        watch.check()
-    assert info.value.mean == pytest.approx(26.15) and info.value.limit == pytest.approx(limit)
-    watch = LossWatch(10.0, torch.device("cpu"))
-    for _ in range(DIVERGENCE_WINDOW):
-        watch.add(torch.tensor(40.0), 10)
-    for _ in range(DIVERGENCE_WINDOW):  # the old values leave the window
-        watch.add(torch.tensor(1.0), 10)
-    watch.check()
-    watch.add(torch.tensor(float("inf")), 10)
-    watch.add(torch.tensor(1.0), 10)
-    with pytest.raises(Diverged):  # a non-finite loss counts even after it leaves the mean
-        watch.check()
-    off = LossWatch(0.0, torch.device("cpu"))
+        later.check()
+    assert info.value.mean == pytest.approx(21.0) and info.value.limit == pytest.approx(20.0)
+    window = LossWatch(10.0, cpu, level=2.0)
+    for value in [40.0] * DIVERGENCE_WINDOW + [1.0] * DIVERGENCE_WINDOW:  # the old values leave the window
+        window.add(torch.tensor(value), 10)
+    window.check()
+    window.add(torch.tensor(float("inf")), 10)
+    window.add(torch.tensor(1.0), 10)
+    with pytest.raises(Diverged):  # a non-finite loss counts even once it has left the mean
+        window.check()
+    off = LossWatch(0.0, cpu, level=2.0)
     off.add(torch.tensor(1e30), 10)
     off.check()
 

@@ -177,3 +177,32 @@ def test_grey_palette_rgba_and_16_bit_images_become_rgb():
 def test_a_file_that_is_no_image_is_named():
     with pytest.raises(LayerwiseError, match=r"cannot decode notes\.png: not a valid image"):
         decode_bytes(b"hello, this is text", "notes.png")
+
+
+def test_a_config_asking_for_any_size_is_refused_before_anything_is_allocated(tmp_path, image_folder, capsys):
+    huge = ["--set", "model.widths=[1000000, 1000000]", "--set", "model.downsample_at=[]", "--val-size", "8"]
+    assert main(["-q", "train", "--data", str(image_folder), "--out", str(tmp_path / "a"), "--device", "cpu", *huge]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parameters" in err[0] and "more than this machine's" in err[0], err
+    wide = ["--set", "data.image_size=32", "--batch-size", "100000000", "--val-size", "8"]
+    assert main(["-q", "train", "--data", str(image_folder), "--out", str(tmp_path / "b"), "--device", "cpu", *wide]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least" in err[0] and "activations for a step of 100000000 images" in err[0]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_activation_bound_counts_each_trained_module_output():
+    from layerwise.presets import load_preset
+    from layerwise.sizing import trained_activations
+    from layerwise.train.stage import plan_stages
+
+    cfg = load_preset("demo")
+    with torch.device("meta"):
+        from layerwise.models import build_model
+
+        net = build_model(cfg.model, 10)
+    per_stage = trained_activations(net, plan_stages(net.J, "greedy"), 2, 3, 32, 4)
+    # Block 0 of the demo: conv, BN, ReLU, each (2, w0, 32, 32) floats, before its head's modules.
+    w0 = cfg.model.widths[0]
+    assert per_stage[0] > 3 * 2 * w0 * 32 * 32 * 4
+    assert per_stage[0] < 20 * 2 * w0 * 32 * 32 * 4

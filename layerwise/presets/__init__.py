@@ -8,8 +8,10 @@ from typing import Any
 
 import yaml
 
-from layerwise.config import RunConfig, config_from_dict, merge
+from layerwise.config import RunConfig, config_from_dict, load_yaml, merge
 from layerwise.errors import LayerwiseError
+from layerwise.limits import SMALL_FILE
+from layerwise.safe_io import read_text
 
 
 def list_presets() -> list[str]:
@@ -37,12 +39,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise LayerwiseError(f"config file {path} not found; pass an existing YAML file to --config")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise LayerwiseError(
-            f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax"
-        ) from None
+    values = load_yaml(read_text(path, SMALL_FILE), f"config file {path}")
     if not isinstance(values, dict):
         raise LayerwiseError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
     if "preset" in values:

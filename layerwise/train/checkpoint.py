@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from layerwise.config import load_yaml
 from layerwise.errors import LayerwiseError, one_line
+from layerwise.limits import METRICS_FILE, RUN_FILE, SMALL_FILE
 from layerwise.locks import RunLock, exclusive
 from layerwise.safe_io import atomic_write, folder, open_append, read_text, write_text
 
@@ -273,21 +274,3 @@ class RunLogHandler(logging.FileHandler):
 
     def _open(self):
         return io.TextIOWrapper(open_append(Path(self.baseFilename), self.root), encoding="utf-8")
-
-
-SMALL_FILE = 2**20
-"""config.yaml and other files a person writes: 1 MiB is far more than any needs."""
-RUN_FILE = 64 * 2**20
-"""classes.json, run.json, eval.json, early_exit.json, summary.json."""
-METRICS_FILE = 256 * 2**20
-"""metrics.jsonl: about 500 bytes an epoch."""
-
-
-def load_yaml(text: str, name: str) -> Any:
-    """yaml.safe_load, every failure (a nesting deep enough to exhaust the stack included) one line."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise LayerwiseError(f"{name} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
-    except RecursionError:
-        raise LayerwiseError(f"{name} is nested too deeply to be a config; fix it") from None

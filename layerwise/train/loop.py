@@ -66,8 +66,12 @@ class StageTraining:
         precision: Precision,
         where: Dist = SINGLE,
         optimizer_state: dict | None = None,
+        loss_level: float | None = None,
     ):
         self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
+        self.loss_level = loss_level
+        """The stage's starting loss level, which the divergence check compares with (LossWatch); None until the
+        stage's first window is measured, and kept in the epoch checkpoints for resume."""
         device = precision.device
         place_for(net, stage, device)
         self.module = freeze_for(net, stage)
@@ -131,13 +135,16 @@ class Diverged(Exception):
 
 
 class LossWatch:
-    """The last DIVERGENCE_WINDOW step losses on the device, with a flag for a non-finite one: no host sync per
-    step. `check` reads them (one sync, and under DDP one all-reduce so that every process stops together) and
-    raises Diverged when the mean over the window (over the steps so far, early in an epoch) exceeds
-    factor x ln(classes), or a loss was not finite."""
+    """The epoch's last DIVERGENCE_WINDOW step losses on the device, with a flag for a non-finite one: no host
+    sync per step. `check` reads them (one sync, and under DDP one all-reduce, so every process stops together).
 
-    def __init__(self, factor: float, device: torch.device, where: Dist = SINGLE):
-        self.factor, self.where = factor, where
+    The stage's starting level is the mean of its first window (or of its first epoch, when shorter), and never
+    below ln(classes), the loss of a uniform guess: early spikes raise the level instead of stopping the run.
+    After that, a window whose mean exceeds factor x the level, or any non-finite loss, raises Diverged.
+    """
+
+    def __init__(self, factor: float, device: torch.device, where: Dist = SINGLE, level: float | None = None):
+        self.factor, self.where, self.level = factor, where, level
         self.window = torch.zeros(DIVERGENCE_WINDOW, dtype=torch.float64, device=device)
         self.bad = torch.zeros((), dtype=torch.float64, device=device)
         self.steps, self.classes = 0, 0
@@ -155,9 +162,14 @@ class LossWatch:
         kept = min(self.steps, DIVERGENCE_WINDOW)
         bad, mean = self.where.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
         mean /= self.where.world_size
-        limit = self.factor * math.log(max(self.classes, 2)) if self.factor > 0 else math.inf
-        if bad > 0 or not math.isfinite(mean) or mean > limit:
-            raise Diverged(self.steps, mean if not bad else math.nan, limit)
+        if bad > 0 or not math.isfinite(mean):
+            raise Diverged(self.steps, math.nan, math.nan)
+        if self.factor <= 0:
+            return
+        if self.level is None:  # the stage's first window: its starting level
+            self.level = max(mean, math.log(max(self.classes, 2)))
+        elif mean > self.factor * self.level:
+            raise Diverged(self.steps, mean, self.factor * self.level)
 
 
 def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int = 0, desc: str = "") -> dict:
@@ -174,7 +186,7 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     batches = tqdm(
         loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None if where.is_main else True
     )
-    watch = LossWatch(training.cfg.divergence_factor, loader.device, where)
+    watch = LossWatch(training.cfg.divergence_factor, loader.device, where, training.loss_level)
     for i, (x, y) in enumerate(batches):
         weight = len(y) * where.world_size / loader.global_batch(i) if where.active else 1.0
         loss, logits = training.step(x, y, offset, weight)
@@ -184,6 +196,7 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
         n += len(y)
         if watch.due(i, len(loader)):
             watch.check()
+    training.loss_level = watch.level
     loss_sum, top1, top5, n = where.sum(torch.cat([sums, sums.new_tensor([n])])).tolist()
     seconds = time.perf_counter() - t0
     return {

@@ -38,6 +38,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.blocks import set_recompute
 from layerwise.models.staged import StagedNet, build_model, count
+from layerwise.sizing import check_size
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
 from layerwise.train.loop import Diverged, StageTraining, train_epoch
@@ -101,6 +102,8 @@ class Resume:
     stage: int = 0
     epoch: int = 0
     optimizer_state: dict | None = None
+    loss_level: float | None = None
+    """The stage's starting loss level for the divergence check (train.loop.LossWatch)."""
 
 
 class Run:
@@ -161,7 +164,8 @@ class Run:
                     "train.min_gain compares the blocks' validation top-1, and this run has none: "
                     "give --val-data, or a data.val_size above 0"
                 )
-            net = where.agree(lambda: checked_model(cfg, len(bundle.classes), precision, stage=first))
+            classes, processes = len(bundle.classes), where.world_size
+            net = where.agree(lambda: checked_model(cfg, classes, precision, stage=first, processes=processes))
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
             if cfg.train.cache != "none" and any(s.cacheable for s in run.stages):
@@ -309,7 +313,7 @@ class Run:
                 run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= (stage.index, epoch))
             log.info("resuming %s after stage %d epoch %d", run.path, stage.index, epoch)
             if epoch < self.cfg.train.epochs_per_block:
-                return Resume(stage.index, epoch, optimizer_state)
+                return Resume(stage.index, epoch, optimizer_state, meta.get("loss_level"))
             if main and stage.finishes_block and not run.block(stage.block).is_file():  # stopped before saving it
                 meta = {"block": stage.block, "stage": stage.index}
                 save_checkpoint(run.block(stage.block), meta, model_state, root=run.path)
@@ -331,7 +335,9 @@ class Run:
         """The stage from `start.epoch` on (with the optimizer state of a resumed epoch), on the prefix cache when
         train.cache asks for one."""
         cfg = self.cfg.train
-        training = StageTraining(self.net, stage, cfg, self.precision, self.where, start.optimizer_state)
+        training = StageTraining(
+            self.net, stage, cfg, self.precision, self.where, start.optimizer_state, start.loss_level
+        )
         loader = self.prefix_cache(stage) if cfg.cache != "none" and stage.cacheable else self.data.train
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile != "none" else ()
         memos = {"val": {}, "train_eval": {}}  # the frozen heads' scores, kept through the stage's evaluations
@@ -361,12 +367,14 @@ class Run:
             stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{cfg.epochs_per_block}")
         except Diverged as e:
             what = (
-                "became non-finite" if math.isnan(e.mean) else f"diverged: its mean over the last steps is {e.mean:.3g}"
+                "became non-finite"
+                if math.isnan(e.mean)
+                else f"diverged: its mean over the last steps is {e.mean:.3g}, above {e.limit:.3g} "
+                f"(train.divergence_factor x the stage's starting level)"
             )
             raise fail(
-                f"{stage.name}'s training loss {what} at step {e.step} of epoch {epoch + 1} (lr {lr:g}; limit "
-                f"train.divergence_factor x ln(classes) = {e.limit:.3g}); {kept}; lower --lr or raise --batch-size, "
-                "then --resume"
+                f"{stage.name}'s training loss {what} at step {e.step} of epoch {epoch + 1} (lr {lr:g}); {kept}; "
+                "lower --lr or raise --batch-size, then --resume"
             ) from None
         except torch.OutOfMemoryError:
             per_process = cfg.batch_size // self.where.world_size
@@ -385,7 +393,8 @@ class Run:
         row = self.epoch_row(stage, epoch, lr, stats, memos)
         if "val" in row:
             self.val_top1[stage.index] = row["val"]["top1"]
-        meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr}
+        meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr,
+                "loss_level": training.loss_level}  # fmt: skip
         line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
         self.save(self.dir.last, meta, training.optimizer, first=lambda: self.dir.append_metrics(line))
         log.info(format_row(row))
@@ -473,14 +482,22 @@ class Run:
 
 
 def checked_model(
-    cfg: RunConfig, num_classes: int, precision: Precision, state: dict | None = None, stage: Stage | None = None
+    cfg: RunConfig,
+    num_classes: int,
+    precision: Precision,
+    state: dict | None = None,
+    stage: Stage | None = None,
+    processes: int = 1,
 ) -> StagedNet:
-    """Build the network (channels_last where the precision says), load `state` if given, and run one blank RGB
-    image through every block and head on the CPU, all before anything is written: problems become one line.
+    """Size the network on the meta device (sizing.check_size; with a `stage`, also a training step's activations
+    for the batch share of each of `processes`), then build it (channels_last where the precision says), load
+    `state` if given, and run one blank image through every block and head on the CPU, all before anything is
+    written: problems become one line.
 
     Then the whole network goes to the device, or with a `stage` only what that stage runs (place_for).
     """
     size, device = cfg.data.image_size, precision.device
+    check_size(cfg, num_classes, device, None if stage is None else cfg.train.batch_size // max(1, processes))
     try:
         net = build_model(cfg.model, num_classes)
         set_recompute(net, cfg.train.recompute_activations)
