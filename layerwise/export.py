@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from layerwise.config import RunConfig, config_from_dict
+from layerwise.data.images import read_image
 from layerwise.data.loaders import Normalize, imagenet_transform
 from layerwise.device import precision_for, resolve_device
 from layerwise.errors import LayerwiseError
@@ -111,11 +111,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, hea
 
 def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
     """(3, S, S) uint8, as evaluation sees images: resized (shorter side) and centre-cropped to the run's size."""
-    try:
-        image = decode_image(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), ImageReadMode.RGB)
-    except (OSError, RuntimeError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or "not an image torchvision can decode"
-        raise LayerwiseError(f"cannot read {path} ({reason}); the other images are still predicted") from None
+    image = read_image(path)  # sized from its header first; the first frame of an animated image
     size = cfg.data.image_size
     if cfg.data.augment == "imagenet":
         return imagenet_transform(cfg.data, train=False)(image)

@@ -7,7 +7,9 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 from test_train import tiny_config
+from test_untrusted import png_header
 
 from layerwise.cli import main
 from layerwise.data.loaders import Normalize
@@ -109,11 +111,19 @@ def test_predict_names_the_top_classes_and_reports_an_unreadable_image(run, samp
     paths, batch = sample_images
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    code = main(["predict", str(run_dir), str(paths[0]), str(broken), str(paths[1]), "--top", "2", "--json"])
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(60_000, 60_000))
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (32, 32), c) for c in ((200, 0, 0), (0, 200, 0))]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    images = [paths[0], broken, bomb, gif, paths[1]]
+    code = main(["predict", str(run_dir), *map(str, images), "--top", "2", "--json"])
     out, err = capsys.readouterr()
-    assert code == 2 and err.count("\n") == 1 and f"cannot read {broken}" in err
+    assert code == 2 and err.count("\n") == 2, err
+    assert f"cannot decode {broken}: not a valid image" in err and f"{bomb} is 60000x60000" in err
     answers = json.loads(out)
-    assert [a["image"] for a in answers] == [str(paths[0]), str(paths[1])]  # the others are still predicted
+    assert [a["image"] for a in answers] == [str(paths[0]), str(gif), str(paths[1])]  # the others are answered
+    answers = [answers[0], answers[2]]
     probs = eager(run_dir, batch[:2]).softmax(-1)
     classes = json.loads((run_dir / "classes.json").read_text())
     for a, p in zip(answers, probs, strict=True):
