@@ -76,8 +76,8 @@ def folder(root: Path, rel: Path | str = "", create: bool = False) -> Iterator[i
 
 def split(path: Path, root: Path | None) -> tuple[Path, Path, str]:
     """(root, folder below root, file name) of path; root defaults to path's own folder."""
-    path = Path(path)
-    root = path.parent if root is None else Path(root)
+    path = Path(os.path.abspath(path))  # absolute (logging makes its file names so), links left as they are
+    root = path.parent if root is None else Path(os.path.abspath(root))
     return root, path.parent.relative_to(root), path.name
 
 

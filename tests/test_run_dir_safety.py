@@ -182,3 +182,11 @@ def test_a_held_lock_names_its_holder_and_only_then(tmp_path, monkeypatch):
     monkeypatch.setattr(locks.fcntl, "flock", refuse_with(errno.EWOULDBLOCK))
     with pytest.raises(LayerwiseError, match="being trained by"):
         locks.RunLock(tmp_path / "run" / ".lock")
+
+
+def test_relative_and_absolute_names_of_one_run_directory_agree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    write_text(Path("run/checkpoints/a.json"), "{}", Path("run"))
+    write_text(tmp_path / "run" / "b.json", "{}", Path("run"))
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*.json")) == ["a.json", "b.json"]
