@@ -15,7 +15,8 @@ from layerwise.presets import read_config_file, resolve_config
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 KEYS = ["model.widths", "model.k", "model.downsample_at", "data.val_size", "data.mean", "train.lr", "train.mode",
-        "train.batch_size", "train.divergence_factor", "train", "model", "preset", "paper", "train.lr.x", "a..b", ""]  # fmt: skip
+        "train.batch_size", "train.divergence_factor", "train", "model", "preset", "paper", "train.lr.x", "a..b",
+        ""]  # fmt: skip
 YAMLISH = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=string.printable, max_size=40),

@@ -181,11 +181,12 @@ def test_a_file_that_is_no_image_is_named():
 
 def test_a_config_asking_for_any_size_is_refused_before_anything_is_allocated(tmp_path, image_folder, capsys):
     huge = ["--set", "model.widths=[1000000, 1000000]", "--set", "model.downsample_at=[]", "--val-size", "8"]
-    assert main(["-q", "train", "--data", str(image_folder), "--out", str(tmp_path / "a"), "--device", "cpu", *huge]) == 2
+    base = ["-q", "train", "--data", str(image_folder), "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "a"), *huge]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parameters" in err[0] and "more than this machine's" in err[0], err
     wide = ["--set", "data.image_size=32", "--batch-size", "100000000", "--val-size", "8"]
-    assert main(["-q", "train", "--data", str(image_folder), "--out", str(tmp_path / "b"), "--device", "cpu", *wide]) == 2
+    assert main([*base, "--out", str(tmp_path / "b"), *wide]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs at least" in err[0] and "activations for a step of 100000000 images" in err[0]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
