@@ -166,19 +166,25 @@ def test_e2e_trains_every_block_and_the_last_head(tmp_path, image_folder):
     assert not RunDir(tmp_path / "e2e").block(0).exists()
 
 
-def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatch):
+def spoil_loss_after_first_epoch(monkeypatch, spoil) -> dict:
+    """Make the stages' loss spoil(loss) once the returned switch's "on" is set (by on_epoch_end)."""
     from layerwise.train import stage
 
-    poisoned = {"on": False}
+    switch = {"on": False}
     real = stage.F.cross_entropy
 
     class FakeF:
         @staticmethod
         def cross_entropy(logits, y):
             loss = real(logits, y)
-            return loss * float("nan") if poisoned["on"] else loss
+            return spoil(loss) if switch["on"] else loss
 
     monkeypatch.setattr(stage, "F", FakeF)
+    return switch
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatch):
+    poisoned = spoil_loss_after_first_epoch(monkeypatch, lambda loss: loss * float("nan"))
     with pytest.raises(
         LayerwiseError, match=r"block 0.s training loss became non-finite at step \d+ of epoch 2"
     ) as info:
@@ -191,18 +197,7 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, image_folder, monkeypatc
 def test_a_diverging_loss_stops_at_its_epoch_and_the_last_good_checkpoint_loads(tmp_path, image_folder, monkeypatch):
     """Fine for an epoch, then the loss reads 1000x what it is (the gradient unchanged): the running mean passes
     divergence_factor x ln(3 classes), the stage stops in epoch 2, and epoch 1's checkpoint is the last."""
-    from layerwise.train import stage
-
-    inflated = {"on": False}
-    real = stage.F.cross_entropy
-
-    class FakeF:
-        @staticmethod
-        def cross_entropy(logits, y):
-            loss = real(logits, y)
-            return loss + 999 * loss.detach() if inflated["on"] else loss
-
-    monkeypatch.setattr(stage, "F", FakeF)
+    inflated = spoil_loss_after_first_epoch(monkeypatch, lambda loss: loss + 999 * loss.detach())
     with pytest.raises(
         LayerwiseError, match=r"block 0.s training loss diverged: its mean .* above .* at step \d+ of epoch 2"
     ) as info:

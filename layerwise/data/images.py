@@ -61,8 +61,7 @@ def decode_bytes(raw: bytes, name: str) -> torch.Tensor:
             f"{MAX_IMAGE_PIXELS.env}={int(limit):,}; raise it if you trust the image"
         )
     try:
-        if image.format == "GIF" or getattr(image, "is_animated", False):  # frame 0 alone, by PIL
-            image.seek(0)
+        if image.format == "GIF" or getattr(image, "is_animated", False):  # frame 0 (PIL opens there) alone
             pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
         else:
             pixels = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
