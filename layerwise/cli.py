@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -151,19 +152,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from layerwise.export import predict
+    from layerwise.predict import predict
 
-    if args.top < 1:
-        raise LayerwiseError(f"--top must be >= 1 (got {args.top})")
-    answers, errors = predict(args.run_dir, args.images, args.top, args.early_exit, args.device)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(answers, indent=2))
-    for a in [] if args.json else answers:
-        guesses = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in a["top"])
-        print(f"{a['image']}: {guesses}" + (f" (head {a['head']})" if args.early_exit else ""))
-    return 2 if errors else 0
+    failed = 0
+    for entry in predict(args.run_dir, args.images, args.top, args.early_exit, args.device, args.batch_size,
+                         args.workers):  # fmt: skip
+        if "error" in entry:
+            failed += 1
+            print(f"error: {entry['error']}", file=sys.stderr, flush=True)
+            if not args.json:
+                continue
+        if args.json:
+            print(json.dumps(entry), flush=True)  # one JSON object per line, errors included
+            continue
+        guesses = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in entry["top"])
+        print(f"{entry['image']}: {guesses}" + (f" (head {entry['head']})" if args.early_exit else ""), flush=True)
+    return 2 if failed else 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -355,11 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="the top classes of image files, with their probabilities")
     q.add_argument("run_dir")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (every image below), @LIST (one per line) or - (stdin)")  # fmt: skip
     q.add_argument("--top", type=int, default=5)
+    q.add_argument("--batch-size", type=int, default=64, help="images the network scores at once")
+    q.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode images")
     q.add_argument("--early-exit", action="store_true", help="answer at the first confident head (eval calibrates)")
     q.add_argument("--device", default="auto")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="JSON lines: one object per image, errors included")
     q.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("presets", help="list presets with J, k and parameter counts")
@@ -385,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
 
 
 if __name__ == "__main__":

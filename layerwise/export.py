@@ -1,5 +1,4 @@
-"""`layerwise export` and `layerwise predict`: a trained run as a file that runs without layerwise, and its
-answers for image files.
+"""`layerwise export`: a trained run as a file that runs without layerwise (`layerwise predict` is in predict.py).
 
 The exported model takes uint8 images (N, 3, H, W), H = W = the run's image size, and includes the
 normalisation; it returns class scores: one head's logits, or the running ensemble 2^-J sum_j 2^j z_j.
@@ -16,16 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
-from layerwise.config import RunConfig, config_from_dict
-from layerwise.data.images import read_image
-from layerwise.data.loaders import Normalize, imagenet_transform
-from layerwise.device import precision_for, resolve_device
+from layerwise.config import RunConfig
+from layerwise.data.loaders import Normalize
+from layerwise.device import precision_for
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import add_to_ensemble
 from layerwise.models.staged import StagedNet
-from layerwise.train.checkpoint import RunDir
 
 FORMATS = ("onnx", "pt2")
 
@@ -107,68 +103,3 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, hea
         tmp.unlink(missing_ok=True)
         tmp.parent.rmdir()
     return out
-
-
-def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
-    """(3, S, S) uint8, as evaluation sees images: resized (shorter side) and centre-cropped to the run's size."""
-    image = read_image(path)  # sized from its header first; the first frame of an animated image
-    size = cfg.data.image_size
-    if cfg.data.augment == "imagenet":
-        return imagenet_transform(cfg.data, train=False)(image)
-    if tuple(image.shape[1:]) != (size, size):
-        image = v2.CenterCrop(size)(v2.Resize(size, antialias=True)(image))
-    return image
-
-
-def predict(run_dir: str | Path, images: list[str], top: int = 5, early_exit: bool = False,
-            device: str = "auto") -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
-    """The top classes of each image with their probabilities (softmax of the last delivered head), or with
-    `early_exit` of the first head as confident as the run's calibrated threshold. Returns (answers, errors)."""
-    from layerwise.early_exit import exits
-    from layerwise.train.run import load_delivered
-
-    cfg = config_from_dict(RunDir(run_dir).saved_config())
-    compute = precision_for(resolve_device(device), cfg.train.precision)
-    got = load_delivered(run_dir, compute)
-    threshold = calibrated_threshold(got) if early_exit else None
-    answers, errors = [], []
-    for path in images:
-        try:
-            image = load_image(path, cfg)
-        except LayerwiseError as e:
-            errors.append(str(e))
-            continue
-        x = Normalize(cfg.data.mean, cfg.data.std, compute.device)(image[None].to(compute.device))
-        with torch.no_grad(), compute.autocast():
-            probs = torch.stack([z.float().softmax(-1) for z in got.net.eval()(x, max(got.heads), got.heads)], 1)
-        answer = len(got.heads) - 1
-        if early_exit and threshold is not None:
-            answer = int(exits(probs.max(-1).values.cpu(), threshold)[0])
-        p, k = probs[0, answer].topk(min(top, probs.shape[-1]))
-        entry = {"image": str(path), "head": got.heads[answer]}
-        entry["top"] = [
-            {"class": got.classes[i], "probability": v} for v, i in zip(p.tolist(), k.tolist(), strict=False)
-        ]
-        answers.append(entry)
-    return answers, errors
-
-
-def calibrated_threshold(got) -> float | None:
-    """The early-exit threshold `layerwise eval --early-exit` calibrated last for this checkpoint and these heads
-    (on the run's own validation split, whatever data it then scored): None means answer with the last head. A
-    one-line error naming that command when there is none."""
-    if len(got.heads) < 2:
-        raise LayerwiseError("early exit needs two heads or more; this run delivers one (end to end, or one block)")
-    mtime = got.checkpoint.stat().st_mtime_ns
-    saved = [
-        r
-        for r in got.run.read_facts(got.run.path / "early_exit.json").values()
-        if r.get("checkpoint") == str(got.checkpoint) and r.get("checkpoint_mtime_ns") == mtime
-        and r.get("heads") == got.heads
-    ]  # fmt: skip
-    if not saved:
-        raise LayerwiseError(
-            f"no threshold calibrated for this checkpoint yet: run `layerwise eval {got.run.path} --data DATA "
-            "--early-exit` first"
-        )
-    return saved[-1]["calibration"]["threshold"]  # the newest

@@ -1,6 +1,8 @@
 """export and predict: the exported files run without layerwise and agree with the eager network on real images."""
 
+import io
 import json
+import select
 import subprocess
 import sys
 import tarfile
@@ -121,9 +123,10 @@ def test_predict_names_the_top_classes_and_reports_an_unreadable_image(run, samp
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 2, err
     assert f"cannot decode {broken}: not a valid image" in err and f"{bomb} is 60000x60000" in err
-    answers = json.loads(out)
-    assert [a["image"] for a in answers] == [str(paths[0]), str(gif), str(paths[1])]  # the others are answered
-    answers = [answers[0], answers[2]]
+    lines = [json.loads(line) for line in out.splitlines()]  # JSON lines, in input order, errors included
+    assert [a["image"] for a in lines] == list(map(str, images))
+    assert ["error" in a for a in lines] == [False, True, True, False, False]  # the others are answered
+    answers = [lines[0], lines[4]]
     probs = eager(run_dir, batch[:2]).softmax(-1)
     classes = json.loads((run_dir / "classes.json").read_text())
     for a, p in zip(answers, probs, strict=True):
@@ -140,5 +143,72 @@ def test_predict_with_early_exit_names_the_head_that_answered(run, sample_images
     assert main(["eval", str(run_dir), "--data", str(data), "--early-exit", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["predict", str(run_dir), *map(str, paths), "--early-exit", "--json"]) == 0
-    answers = json.loads(capsys.readouterr().out)
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(answers) == 8 and all(a["head"] in (0, 1, 2) for a in answers)
+    # batches of 3 mix images that exit at different heads: each answers at the first head whose top probability
+    # reaches the calibrated threshold, with that head's top classes
+    (saved,) = json.loads((run_dir / "early_exit.json").read_text()).values()
+    threshold = saved["calibration"]["threshold"]
+    _, batch = sample_images
+    got = load_delivered(run_dir, precision_for(torch.device("cpu"), "fp32"))
+    x = Normalize(got.cfg.data.mean, got.cfg.data.std, torch.device("cpu"))(batch)
+    with torch.no_grad():
+        probs = [z.softmax(-1) for z in got.net.eval()(x, heads=got.heads)]
+    assert main(["predict", str(run_dir), *map(str, paths), "--early-exit", "--json", "--batch-size", "3"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for i, a in enumerate(answers):
+        head = next((j for j, p in zip(got.heads, probs, strict=True) if p[i].max() >= threshold), got.heads[-1])
+        assert a["head"] == head
+        assert a["top"][0]["probability"] == pytest.approx(probs[got.heads.index(head)][i].max().item(), abs=1e-5)
+
+
+def test_predict_reads_folders_lists_and_stdin_in_order(sample_images, tmp_path, monkeypatch):
+    from layerwise.predict import MAX_LINE, expand
+
+    jpg = sample_images[0][0].read_bytes()
+    root = tmp_path / "photos"
+    for name in ("b/2.jpg", "a/c/3.PNG", "a/1.webp", "0.jpeg", ".hidden.jpg", "._0.jpeg", "notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(jpg)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jpg").write_bytes(jpg)
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a linked folder is not followed
+    (tmp_path / "empty").mkdir()
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{root / 'b'}\r\n\n{tmp_path / 'missing.jpg'}\n{'x' * (MAX_LINE + 5)}\n@{listed}\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{root / '0.jpeg'}\n"))
+    got = [(i.name, i.error) for i in expand([str(root), f"@{listed}", "-", str(tmp_path / "empty"), "@nope"])]
+    names = [n for n, e in got if e is None]
+    assert names == [str(root / n) for n in ("0.jpeg", "a/1.webp", "a/c/3.PNG", "b/2.jpg")] + [
+        str(root / "b" / "2.jpg"), str(tmp_path / "missing.jpg"), f"@{listed}", str(root / "0.jpeg")
+    ]  # fmt: skip
+    errors = [e for _, e in got if e]
+    assert len(errors) == 3 and f"line 4 of {listed} is longer than {MAX_LINE:,} characters" in errors[0]
+    assert "no image files" in errors[1] and "cannot read the list nope" in errors[2]
+
+
+def test_predict_answers_each_stdin_line_as_it_comes_and_stops_quietly_on_a_closed_pipe(run, sample_images):
+    """A line written to stdin is answered while stdin stays open; a reader that goes away ends the command
+    without a traceback."""
+    run_dir, _ = run
+    paths, _ = sample_images
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerwise", "predict", str(run_dir), "-", "--json", "--device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for path in paths[:2]:
+            proc.stdin.write(f"{path}\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready, "no answer within 60 s while stdin stays open"
+            assert json.loads(proc.stdout.readline())["image"] == str(path)
+        proc.stdin.write(f"{paths[0].parent}\n" * 50)  # 400 answers, more than a pipe holds
+        proc.stdin.close()
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 1
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Error" not in err, err
+    finally:
+        proc.kill()
