@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from layerwise.config import parse_assignment
-from layerwise.distributed import QuietError, from_env
+from layerwise.distributed import QuietError, from_env, stop_quietly
 from layerwise.errors import LayerwiseError, one_line
 
 log = logging.getLogger("layerwise")
@@ -63,6 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, out, data=args.data, resume=args.resume)
     except Terminated:
+        if where.active and stop_quietly(where):  # torchrun stops the others when one fails; that one has said why
+            return 143
         print(f"error: stopped by SIGTERM; the checkpoints in {out} are intact; go on with {resume}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:

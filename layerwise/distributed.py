@@ -8,10 +8,13 @@ LOCAL_RANK and LOCAL_WORLD_SIZE through the environment. Without those variables
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -158,6 +161,9 @@ def process_group(where: Dist, device: torch.device) -> Iterator[None]:
     # Collectives give up after this long, so a process whose peer hangs (rather than dies) stops too.
     timeout = datetime.timedelta(seconds=DIST_TIMEOUT.get())  # LAYERWISE_DIST_TIMEOUT, default 1800 s
     options = {"device_id": device} if device.type == "cuda" else {}
+    store = job_store(timeout)
+    if store is not None:  # under torchrun, each attempt in its own keys (see attempt_store)
+        options.update(store=attempt_store(store), rank=where.rank, world_size=where.world_size)
     try:
         dist.init_process_group(backend, timeout=timeout, **options)
     except ValueError as e:  # the environment lacks what torchrun sets (MASTER_ADDR, ...)
@@ -166,8 +172,92 @@ def process_group(where: Dist, device: torch.device) -> Iterator[None]:
         ) from None
     try:
         yield
+    except (QuietError, KeyboardInterrupt):  # another process failed first; or the user or torchrun stopped it
+        raise
+    except BaseException as e:
+        report_failure(where, one_line(e))  # before leaving the group: the others see its connections close
+        raise
     finally:
         dist.destroy_process_group()
+
+
+# ---- when one process of a torchrun job fails
+#
+# Its error is the job's error: the others stop quietly. They learn that it has reported its error from torchrun's
+# agent store, which every worker of the job can reach and which outlives the workers; a process that dies
+# without reporting (SIGKILL, the OOM killer) leaves no note, so the others then say why they stopped.
+
+FAILED_KEY = "layerwise/failed/attempt{}"
+
+
+def elastic_attempt() -> int:
+    """torchrun's restart count: 0 on the job's first attempt, n on its n-th restart (--max-restarts)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def job_store(timeout: datetime.timedelta = datetime.timedelta(seconds=5)) -> dist.TCPStore | None:
+    """A client of the torchrun job's agent store, or None outside torchrun or when it cannot be reached."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    try:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout,
+            wait_for_workers=False,
+        )  # fmt: skip
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def attempt_store(store: dist.Store) -> dist.Store:
+    """The job's store seen through a prefix of torchrun's attempt. torchrun's agent keeps one store for all the
+    job's attempts (torch 2.14), and the process group's keys carry no attempt: a restarted gloo process read a
+    dead peer's address from the attempt before ("Connection refused") in 3 of 7 tries here; with the prefix,
+    in none of 8."""
+    return dist.PrefixStore(f"layerwise/attempt{elastic_attempt()}/", store)
+
+
+def report_failure(where: Dist, line: str) -> None:
+    """Note in the job's store that this process failed with `line` (which the CLI prints), and give torchrun's
+    failure summary the line (its error file), rounded down to the second so that it reads as the first."""
+    if not where.active:
+        return
+    store = job_store()
+    if store is not None:
+        with suppress(RuntimeError):
+            store.set(FAILED_KEY.format(elastic_attempt()), f"process {where.rank}: {line}")
+    write_error_file(line, math.floor(time.time()))
+
+
+def reported_failure(where: Dist) -> str | None:
+    """ "process R: its line" when another process of this attempt has reported its failure, else None."""
+    store = job_store() if where.active else None
+    key = FAILED_KEY.format(elastic_attempt())
+    try:
+        return store.get(key).decode(errors="replace") if store is not None and store.check([key]) else None
+    except RuntimeError:
+        return None
+
+
+def stop_quietly(where: Dist) -> bool:
+    """Whether this process, stopping because another failed (its connection closed, or torchrun's SIGTERM),
+    should say nothing: the failed one has said why. torchrun's summary then names it as the root cause."""
+    reported = reported_failure(where)
+    if reported is None:
+        return False
+    write_error_file(f"stopped because {reported.split(':', 1)[0]} failed", math.ceil(time.time()))
+    return True
+
+
+def write_error_file(message: str, timestamp: int) -> None:
+    """torchrun's per-process error file (TORCHELASTIC_ERROR_FILE), in the form its failure summary reads:
+    the earliest timestamp is the root cause it names."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with suppress(OSError), open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(timestamp)}}}, f)
 
 
 def is_peer_failure(error: BaseException) -> bool:

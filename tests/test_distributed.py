@@ -243,6 +243,55 @@ def test_when_one_process_dies_the_other_stops_with_one_line_and_the_run_resumes
     assert main(["-q", "train", "--out", str(out), "--resume"]) == 0
 
 
+def test_when_one_process_raises_the_job_ends_with_its_line_and_torchrun_restarts_it_where_it_stopped(
+    tmp_path, data, two_processes
+):
+    """Rank 1 raises a LayerwiseError in block 0's second epoch (step 5) of the first attempt. Its line is the
+    job's only error: rank 0 stops quietly. torchrun's restart (--max-restarts 1) resumes from the checkpoints by
+    itself and ends where the uninterrupted run does, every epoch counted once."""
+    out = tmp_path / "restarted"
+    job = subprocess.run(
+        [*standalone("--max-restarts", "1"), str(TESTS / "ddp_fault.py"), *layerwise_train(out, data,
+         settings(2, *NO_BN))[2:]],
+        capture_output=True, text=True, timeout=240, cwd=TESTS.parent, env={**os.environ, "FAIL_AT_STEP": "5"},
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr[-3000:]
+    ours = [line for line in job.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: rank 1 failed on purpose at step 5"], job.stderr[-3000:]
+    assert "torchrun restarted the job (restart 1): resuming" in job.stderr
+    assert "resuming" in job.stderr and "after stage 0 epoch 1" in job.stderr  # the failure was in epoch 2
+    a, b = weights(out), weights(two_processes)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(r["stage"], r["epoch"]) for r in RunDir(out).read_metrics()] == [(s, e) for s in range(3) for e in (1, 2)]
+    info = RunDir(out).read_info()
+    assert info["torchelastic_run_id"] and len(info["resumed"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("attempt", "job", "saved", "resumes"),
+    [("1", "job-7", "job-7", True), ("0", "job-7", "job-7", False), ("1", "job-8", "job-7", False),
+     ("1", "none", "none", False), (None, None, None, False)],
+)  # fmt: skip
+def test_only_a_restart_of_the_job_that_started_a_run_resumes_it_by_itself(
+    tmp_path, monkeypatch, attempt, job, saved, resumes
+):
+    """torchrun's restart count above 0, and run.json naming this job's id; torchrun's default id "none" (no
+    --standalone, no --rdzv-id) names no job in particular."""
+    from layerwise.train.run import elastic_restart_of
+
+    for key, value in {"TORCHELASTIC_RESTART_COUNT": attempt, "TORCHELASTIC_RUN_ID": job}.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    run = RunDir(tmp_path / "run")
+    assert not elastic_restart_of(run.path)  # no run there yet
+    run.path.mkdir()
+    run.create("model: {}\n")
+    run.write_json(run.info, {"torchelastic_run_id": saved})
+    assert elastic_restart_of(run.path) == resumes
+
+
 # ---- one writer per run directory (in-process and one plain subprocess)
 
 

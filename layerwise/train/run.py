@@ -10,6 +10,7 @@ import copy
 import itertools
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -29,10 +30,12 @@ from layerwise.distributed import (
     QuietError,
     check_batch,
     device_for,
+    elastic_attempt,
     from_env,
     is_peer_failure,
     peer_failure,
     process_group,
+    stop_quietly,
 )
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
@@ -88,6 +91,9 @@ def train(
     if cfg.train.sync_bn and where.active and device.type != "cuda":
         raise LayerwiseError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU (gloo)")
     with process_group(where, device):
+        if not resume and where.from_main(elastic_restart_of(out) if where.is_main else None):
+            log.info("torchrun restarted the job (restart %d): resuming %s", elastic_attempt(), out)
+            resume = True
         run = Run.open(cfg, out, data, resume, where, device)
         try:
             return run.train(on_epoch_end)
@@ -238,6 +244,8 @@ class Run:
         except RuntimeError as e:
             if not (self.where.active and is_peer_failure(e)):
                 raise
+            if stop_quietly(self.where):  # the process that failed first has said why
+                raise QuietError(f"process {self.where.rank} stopped: another process of the run failed") from None
             raise LayerwiseError(
                 f"process {self.where.rank} stopped: another process of the run failed ({peer_failure(e)}); the "
                 f"checkpoints in {self.dir.checkpoints} are intact: start the same command again with --resume"
@@ -632,7 +640,21 @@ def run_info(cfg: RunConfig, device: torch.device, data, description: str, where
         "data_path": str(Path(data).resolve()) if data is not None else None,
         "data_description": description,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),  # torchrun's job; its restarts resume
     }
+
+
+def elastic_restart_of(out: str | Path) -> bool:
+    """Whether this process is one of torchrun's restarts (--max-restarts) of the job that started the run in
+    `out`: its run.json names this job's TORCHELASTIC_RUN_ID. torchrun's default id without --standalone,
+    "none", names no job in particular, so such a run resumes only when asked (--resume)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if elastic_attempt() == 0 or run_id in (None, "", "none") or not RunDir(out).is_run():
+        return False
+    try:
+        return RunDir(out).read_info().get("torchelastic_run_id") == run_id
+    except LayerwiseError:  # an unreadable run.json: Run.open says so
+        return False
 
 
 @dataclass
