@@ -25,6 +25,7 @@ import torch
 
 from layerwise.config import COMPILE_MODES, PRECISIONS, RunConfig
 from layerwise.data.sources import sample_path
+from layerwise.delivered import checked_model
 from layerwise.device import Precision, precision_for, resolve_device
 from layerwise.distributed import SINGLE, Dist, check_batch, device_for, from_env, process_group
 from layerwise.errors import LayerwiseError
@@ -34,7 +35,6 @@ from layerwise.models.blocks import set_recompute
 from layerwise.presets import load_preset
 from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
 from layerwise.train.loop import StageTraining, make_optimizer
-from layerwise.train.run import checked_model
 from layerwise.train.stage import StageModule, frozen_prefix, module_bytes, place_for, plan_stages, resident_modules
 
 
@@ -166,7 +166,7 @@ def bench_config(preset: str, batch_size: int | None, image_size: int | None, pr
 def bench_network(cfg: RunConfig, preset: str, precision: Precision, classes: int):
     """The network `train` would build (checked_model), with greedy block 0's modules on the device."""
     try:
-        return checked_model(cfg, classes, precision, stage=plan_stages(cfg.model.J, "greedy")[0])
+        return checked_model(cfg, classes, precision, mode="greedy")
     except LayerwiseError:
         raise LayerwiseError(f"{preset} cannot run at {cfg.data.image_size} px; use a larger --image-size") from None
 
@@ -190,7 +190,7 @@ def bench_model(
         warmup = max(warmup, 3)
     compute = precision_for(resolve_device(device), precision)
     dev = compute.device
-    classes = 1000 if cfg.data.augment == "imagenet" else 10
+    classes = cfg.model.num_classes
     batch, size = cfg.train.batch_size, cfg.data.image_size
     torch.manual_seed(0)
     net = bench_network(cfg, preset, compute, classes)  # each measurement places what its stage runs
@@ -342,7 +342,7 @@ def max_batch(
         raise LayerwiseError("--max-batch measures GPU memory; run it with a CUDA device")
     cfg = bench_config(preset, None, image_size, precision, "none")
     compute = precision_for(dev, precision)
-    classes = 1000 if cfg.data.augment == "imagenet" else 10
+    classes = cfg.model.num_classes
     net = bench_network(cfg, preset, compute, classes)  # time_steps places each stage
     set_recompute(net, recompute_activations)
     timing = Timing(cfg, compute, warmup=1, steps=1)
@@ -387,7 +387,7 @@ def bench_processes(
     compute = precision_for(resolve_device(device_for(device, where)), precision)
     dev = compute.device
     with process_group(where, dev):
-        classes = 1000 if cfg.data.augment == "imagenet" else 10
+        classes = cfg.model.num_classes
         batch, size = cfg.train.batch_size, cfg.data.image_size
         torch.manual_seed(0)  # the same network and batch in every process
         net = bench_network(cfg, preset, compute, classes)

@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if from_env().active:
             raise LayerwiseError("--download once without torchrun first: every process would write the same files")
         download_cifar10(args.data)
-    log.info("run %s: preset %s, mode %s, J=%d, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.J, cfg.model.k)
+    log.info("run %s: preset %s, mode %s, arch %s, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.arch, cfg.model.k)
     where = from_env()
     resume = f"{'torchrun ... -m layerwise' if where.active else 'layerwise'} train --out {out} --resume"
     signal.signal(signal.SIGTERM, _terminated)  # torchrun stops every process this way when one fails
@@ -74,6 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:  # a SIGTERM while the process exits just ends it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if where.is_main:
+        from layerwise.report import report_finished_run
+
+        report_finished_run(out)
         print(summary_table(summary))
         print(f"run saved in {out}")
     return 0
@@ -100,7 +103,7 @@ def download_cifar10(root: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from layerwise.train.run import evaluate_run
+    from layerwise.delivered import evaluate_run
 
     if args.batch_size < 1:
         raise LayerwiseError(f"--batch-size must be >= 1 (got {args.batch_size})")
@@ -180,11 +183,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         cfg = load_preset(name)
         with torch.device("meta"):  # sizes ImageNet models without allocating them
-            net = build_model(cfg.model, 1000 if cfg.data.augment == "imagenet" else 10)
+            net = build_model(cfg.model, cfg.model.num_classes, cfg.data.image_size)
         rows.append(
             {
                 "name": name,
-                "J": cfg.model.J,
+                "arch": cfg.model.arch,
+                "J": net.J,
                 "k": cfg.model.k,
                 "mode": cfg.train.mode,
                 "params_final_m": round(net.final_parameters() / 1e6, 2),

@@ -21,12 +21,13 @@ class ModelConfig:
     """The staged network: J blocks, each followed by its own auxiliary head."""
 
     arch: str = "simcnn"
-    """`simcnn` (the paper's SimCNN: P is space-to-depth) or `vgg11` (VGG-11-BN cut into blocks: P is a
-    max-pool, heads use the paper's VGG auxiliary design and the last head is VGG's own classifier)."""
+    """A registered architecture (`layerwise presets --architectures` lists them; layerwise.models.register_model
+    adds one): `simcnn` (the paper's SimCNN: P is space-to-depth) or `vgg11` (VGG-11-BN cut into blocks: P is a
+    max-pool, heads use the paper's VGG auxiliary design and the last head is VGG's own classifier), and more."""
     k: int = 3
     """The paper's k: hidden layers of each auxiliary problem, the block included. Heads have k-1 convs."""
     widths: list[int] = field(default_factory=lambda: [128, 128, 256, 256])
-    """Output channels of each block. J = len(widths)."""
+    """Output channels of each block (simcnn, vgg11: J = len(widths))."""
     downsample_at: list[int] = field(default_factory=lambda: [2])
     """Indices of the blocks that open with P. Index 0 downsamples the input itself (ImageNet SimCNN)."""
     batchnorm: bool = True
@@ -50,9 +51,16 @@ class ModelConfig:
     head_pool: int = 2
     """Heads average the map to head_pool x head_pool before BN and the linear layer."""
     in_channels: int = 3
+    """Channels of the images: 1 decodes them as grayscale, 3 as RGB (data.mean and data.std give one value per
+    channel)."""
+    num_classes: int = 10
+    """Classes the network is sized for where there is no data to count them (`layerwise presets`, `bench`). A
+    run takes the number of classes from its data."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in ("simcnn", "vgg11"), "model.arch must be 'simcnn' or 'vgg11'")
+        from layerwise.models.registry import architectures
+
+        _check(self.arch in architectures(), f"model.arch must be one of {', '.join(architectures())}")
         _check(1 <= self.k <= 3, f"model.k must be 1, 2 or 3 (got {self.k})")
         _check(len(self.widths) >= 1, "model.widths needs at least one block")
         _check(all(w >= 1 for w in self.widths), "model.widths must all be positive")
@@ -63,7 +71,8 @@ class ModelConfig:
         _check(self.aux_width >= 0, "model.aux_width must be >= 0 (0 = relative to the block width)")
         _check(self.aux_width_factor > 0, "model.aux_width_factor must be > 0")
         _check(self.head_pool >= 1, "model.head_pool must be >= 1")
-        _check(self.in_channels >= 1, "model.in_channels must be >= 1")
+        _check(self.in_channels in (1, 3), "model.in_channels must be 1 (grayscale) or 3 (RGB)")
+        _check(self.num_classes >= 2, "model.num_classes must be >= 2")
         _check(0 <= self.classifier_dropout < 1, "model.classifier_dropout must be in [0, 1)")
         _check(
             self.classifier_dropout == 0 or self.arch == "vgg11",
@@ -74,10 +83,6 @@ class ModelConfig:
             self.bn_weight_init == "ones" or self.arch == "simcnn",
             "model.bn_weight_init=uniform is for SimCNN; VGG-11 keeps torchvision's initialisation",
         )
-
-    @property
-    def J(self) -> int:
-        return len(self.widths)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,10 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError, one_line
 from layerwise.limits import DIST_TIMEOUT
+
+if TYPE_CHECKING:
+    from layerwise.config import TrainConfig
+    from layerwise.device import Precision
 
 T = TypeVar("T")
 
@@ -140,6 +144,18 @@ def check_batch(batch_size: int, where: Dist) -> None:
             f"train.batch_size={batch_size} is the global batch and must divide by the {where.world_size} "
             "processes; change --batch-size or --nproc-per-node"
         )
+
+
+def compute_for(cfg: TrainConfig, where: Dist) -> Precision:
+    """The device and precision this process trains with (under torchrun, its local GPU), refusing first what
+    cannot run there. `train` and `bench` both start here."""
+    from layerwise.device import precision_for, resolve_device
+
+    check_batch(cfg.batch_size, where)
+    device = resolve_device(device_for(cfg.device, where))
+    if cfg.sync_bn and where.active and device.type != "cuda":
+        raise LayerwiseError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU (gloo)")
+    return precision_for(device, cfg.precision)
 
 
 def backend_for(device: torch.device) -> str:

@@ -19,7 +19,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.staged import StagedNet, flops_per_image
 
 if TYPE_CHECKING:
-    from layerwise.train.run import Delivered
+    from layerwise.delivered import Delivered
 
 TOLERANCE = 0.5
 """Points of top-1 the calibrated threshold may lose against the last head, on the validation split."""
@@ -132,8 +132,8 @@ def early_exit_run(
 ) -> dict[str, Any]:
     """`layerwise eval RUN --data D --early-exit`: the analysis, saved in RUN/early_exit.json by data path
     (best effort: a run directory that cannot be written still gets its result)."""
+    from layerwise.delivered import load_delivered
     from layerwise.train.checkpoint import RunDir
-    from layerwise.train.run import load_delivered
 
     cfg = config_from_dict(RunDir(run_dir).saved_config())
     compute = precision_for(resolve_device(device), precision or cfg.train.precision)

@@ -53,7 +53,7 @@ class Deployable(nn.Module):
 
 def deployable(run_dir: str | Path, head: int | None = None, ensemble: bool = False) -> tuple[Deployable, Any]:
     """The run's delivered network as a Deployable on the CPU, in eval mode, and what load_delivered found."""
-    from layerwise.train.run import load_delivered
+    from layerwise.delivered import load_delivered
 
     got = load_delivered(run_dir, precision_for(torch.device("cpu"), "fp32"))
     if head is not None and ensemble:

@@ -181,8 +181,8 @@ def predict(run_dir: str | Path, images: Iterable[str], top: int = 5, early_exit
     """For each input (see `expand`), in order: {"image", "head", "top": [{"class", "probability"}, ...]} with the
     top classes of the last delivered head (softmax), or with `early_exit` of the first head as confident as the
     run's calibrated threshold; or {"image", "error"} for an input that gave no image."""
+    from layerwise.delivered import load_delivered
     from layerwise.early_exit import exits
-    from layerwise.train.run import load_delivered
 
     if top < 1:
         raise LayerwiseError(f"--top must be >= 1 (got {top})")

@@ -12,6 +12,7 @@ import hashlib
 import html
 import io
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from layerwise.config import RunConfig, config_from_dict
 from layerwise.errors import LayerwiseError
 from layerwise.safe_io import write_text
 from layerwise.train.checkpoint import RunDir
+
+log = logging.getLogger("layerwise")
 
 STYLES = [("-", "o", "#1b1b1b"), ("--", "s", "#6a6a6a"), (":", "^", "#0b5394"), ("-.", "D", "#b45f06")]
 """(line style, marker, colour) per run: distinguishable in colour and in grey."""
@@ -264,15 +267,15 @@ def speed_table(record: RunRecord) -> str:
 
 
 def parameter_table(record: RunRecord) -> str:
-    from layerwise.models import build_model
-
-    classes = len(RunDir(record.path).read_classes())
-    with torch.device("meta"):
-        net = build_model(record.cfg.model, classes)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    rows = [[f"block {j}", count(b), count(h)] for j, (b, h) in enumerate(zip(net.blocks, net.heads, strict=False))]
-    delivered = (record.summary or {}).get("adaptive_depth", {}).get("blocks_delivered", net.J)
-    final = sum(count(b) for b in net.blocks[:delivered]) + count(net.heads[delivered - 1])
+    """From summary.json, which the run wrote: the report never builds (or imports) the run's network."""
+    summary = record.summary or {}
+    counts = summary.get("parameters")
+    numbers = lambda v: isinstance(v, list) and v and all(isinstance(n, int) for n in v)  # noqa: E731
+    if not (isinstance(counts, dict) and numbers(counts.get("blocks")) and numbers(counts.get("heads"))):
+        return "<p class=note>No parameter counts: the run has no summary.json yet, or one without them.</p>"
+    rows = [[f"block {j}", b, h] for j, (b, h) in enumerate(zip(counts["blocks"], counts["heads"], strict=False))]
+    delivered = summary.get("adaptive_depth", {}).get("blocks_delivered", len(counts["blocks"]))
+    final = summary.get("params_final", "-")
     rows.append([f"delivered network (blocks 0-{delivered - 1} + head {delivered - 1})", final, "-"])
     return table(["", "block parameters", "its head's parameters"], rows)
 
@@ -356,6 +359,15 @@ def render(records: list[RunRecord]) -> str:
         f"<style>{CSS}</style><script>{SCRIPT}</script></head><body data-report=layerwise>"
         f"<h1>layerwise report: {html.escape(titles)}</h1>{plots}\n{sections}</body></html>\n"
     )
+
+
+def report_finished_run(run_dir: str | Path) -> None:
+    """RUN/report.html after training; a report that cannot be drawn must not fail a finished run."""
+    out = Path(run_dir) / "report.html"
+    try:
+        write_report([run_dir], out)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write %s (%s); try `layerwise report %s`", out, e, run_dir)
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:

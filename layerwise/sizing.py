@@ -14,7 +14,8 @@ from torch import nn
 from layerwise.config import RunConfig
 from layerwise.errors import LayerwiseError
 from layerwise.limits import human_bytes
-from layerwise.models.staged import build_model, count
+from layerwise.models import build_model
+from layerwise.models.staged import count
 
 
 def machine_memory() -> int:
@@ -69,7 +70,7 @@ def check_size(cfg: RunConfig, num_classes: int, device: torch.device, batch: in
 
     try:
         with torch.device("meta"):
-            net = build_model(cfg.model, num_classes)
+            net = build_model(cfg.model, num_classes, cfg.data.image_size)
     except (RuntimeError, ValueError) as e:
         raise LayerwiseError(
             f"the model cannot be built ({str(e).splitlines()[0][:200]}); check model.widths and model.downsample_at"

@@ -6,6 +6,7 @@ import sys
 import torch
 
 from layerwise.config import parse_assignment
+from layerwise.device import precision_for
 from layerwise.distributed import from_env, process_group
 from layerwise.presets import resolve_config
 from layerwise.train.run import Run
@@ -16,7 +17,7 @@ def main(out: str, data: str, settings: list[str]) -> None:
     where = from_env()
     device = torch.device("cpu")
     with process_group(where, device):
-        run = Run.open(cfg, out, data, False, where, device)
+        run = Run.open(cfg, out, data, False, where, precision_for(device, cfg.train.precision))
         try:
             run.train()
         finally:

@@ -49,7 +49,8 @@ def test_small_presets_train_through_the_cli(preset, tmp_path, image_folder, cap
     assert code == 0, err
     assert "block 0" in out or "e2e" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert len(summary["blocks"]) == load_preset(preset).model.J
+    assert (tmp_path / "run" / "report.html").is_file()  # `layerwise train` writes the report, not train()
+    assert len(summary["blocks"]) == len(summary["parameters"]["blocks"]) == len(load_preset(preset).model.widths)
 
 
 def test_imagenet_preset_streams_at_tiny_size(tmp_path, imagenet_folder, capsys):

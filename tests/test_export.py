@@ -16,10 +16,10 @@ from test_untrusted import png_header
 from layerwise.cli import main
 from layerwise.data.loaders import Normalize
 from layerwise.data.sources import sample_path
+from layerwise.delivered import load_delivered
 from layerwise.device import precision_for
 from layerwise.evaluate import ensemble_scores
 from layerwise.train import train
-from layerwise.train.run import load_delivered
 
 
 @pytest.fixture(scope="module")

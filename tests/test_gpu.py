@@ -103,16 +103,16 @@ def test_a_greedy_stage_holds_only_its_own_weights_on_the_gpu():
     """Training places each stage's modules on the GPU and keeps later blocks and heads on the CPU."""
     from test_train import devices
 
+    from layerwise.delivered import checked_model
     from layerwise.device import precision_for
-    from layerwise.train.run import checked_model
     from layerwise.train.stage import place_for, plan_stages, resident_modules
 
     cfg = tiny_config(train={"device": "cuda"})
-    stages = plan_stages(cfg.model.J, "greedy")
+    stages = plan_stages(len(cfg.model.widths), "greedy")
     gc.collect()  # so that no earlier test's tensors are freed during the measurement
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    net = checked_model(cfg, 3, precision_for(torch.device("cuda")), stage=stages[0])
+    net = checked_model(cfg, 3, precision_for(torch.device("cuda")), mode="greedy")
     held = torch.cuda.memory_allocated() - before
     assert allocated(resident_modules(net, stages[0])) <= held < allocated(net)
     assert [devices(h) for h in net.heads] == [{"cuda"}, {"cpu"}, {"cpu"}]

@@ -100,12 +100,12 @@ def test_staged_forward_returns_each_heads_logits():
 @pytest.mark.parametrize("name", list_presets())
 def test_every_preset_builds(name):
     cfg = load_preset(name)
-    classes = 1000 if cfg.data.augment == "imagenet" else 10
+    classes = cfg.model.num_classes
     with torch.device("meta"):
-        net = build_model(cfg.model, classes)
+        net = build_model(cfg.model, classes, cfg.data.image_size)
         size = cfg.data.image_size
         logits = net(torch.empty(2, 3, size, size))
-    assert len(net.blocks) == len(net.heads) == cfg.model.J
+    assert len(net.blocks) == len(net.heads) == net.J
     assert all(z.shape == (2, classes) for z in logits)
 
 

@@ -58,7 +58,7 @@ def plant(run: Path, name: str, target: Path) -> None:
     path.symlink_to(target)
 
 
-ATOMIC = ["run.json", "metrics.jsonl", "summary.json", "report.html"]
+ATOMIC = ["run.json", "metrics.jsonl", "summary.json"]
 """Files a resumed run reads, then rewrites whole: a link there is replaced by the new file, never written through."""
 NEW = ["checkpoints/last.json", "checkpoints/block1.json", "checkpoints/block2.json", "checkpoints/final.json"]
 """Files the resumed run makes afresh and never reads (a link at a .pt name would be read as the checkpoint; its

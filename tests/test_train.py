@@ -414,8 +414,8 @@ def test_a_failing_compile_is_a_one_line_error_and_the_run_can_go_on_without_it(
 
 @pytest.mark.parametrize("precision, expected", [("auto", False), ("fp32", False), ("bf16", True)])
 def test_the_cpu_runs_channels_last_under_bf16_only(precision, expected):
+    from layerwise.delivered import checked_model
     from layerwise.device import precision_for
-    from layerwise.train.run import checked_model
 
     net = checked_model(tiny_config(train={"precision": precision}), 4, precision_for(torch.device("cpu"), precision))
     weight = net.blocks[0][0].weight
@@ -433,7 +433,7 @@ def test_without_validation_the_run_trains_on_every_image_and_says_its_figures_a
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
     assert summary["final"] == {f"train_eval_{k}": rows[-1]["train_eval"][k] for k in names}
     assert "train_eval" in summary["no_validation"]
-    from layerwise.train.run import summary_table
+    from layerwise.train.summary import summary_table
 
     assert "no validation" in summary_table(summary)
 
@@ -443,7 +443,7 @@ def test_val_data_replaces_the_held_out_split_and_maps_classes_by_name(tmp_path,
     the run's three classes, in another order, so its labels must be mapped by name."""
     from conftest import write_folder
 
-    from layerwise.train.run import evaluate_run
+    from layerwise.delivered import evaluate_run
 
     other = write_folder(tmp_path / "other", per_class=3, classes=["ship", "cat"], seed=5)
     cfg = tiny_config(epochs=1, data={"val_size": 0, "val_path": str(other)})
@@ -474,7 +474,7 @@ def test_adaptive_depth_stops_at_the_first_block_that_does_not_pay_and_delivers_
     """train.min_gain: with a gain no block can reach, the run stops after block 1 and delivers block 0 alone;
     block 2 never trains, the summary and final.pt say why and what, eval scores head 0 only, and a resumed
     run keeps the decision."""
-    from layerwise.train.run import evaluate_run
+    from layerwise.delivered import evaluate_run
 
     cfg = tiny_config(epochs=1, train={"min_gain": 101.0})
     summary = train(cfg, tmp_path / "run", image_folder)

@@ -1,8 +1,19 @@
-"""Models: invertible downsampling, blocks, auxiliary heads and the staged network."""
+"""Models: invertible downsampling, blocks, auxiliary heads, the staged network and the architecture registry."""
 
+from layerwise.models import paper  # noqa: F401  (registers the paper's architectures)
 from layerwise.models.blocks import Block
 from layerwise.models.downsample import SpaceToDepth
 from layerwise.models.heads import AuxClassifier, VGGClassifier
-from layerwise.models.staged import StagedNet, build_model
+from layerwise.models.registry import architectures, build_model, register_model
+from layerwise.models.staged import StagedNet
 
-__all__ = ["AuxClassifier", "Block", "SpaceToDepth", "StagedNet", "VGGClassifier", "build_model"]
+__all__ = [
+    "AuxClassifier",
+    "Block",
+    "SpaceToDepth",
+    "StagedNet",
+    "VGGClassifier",
+    "architectures",
+    "build_model",
+    "register_model",
+]

@@ -6,8 +6,6 @@ import torch
 from torch import nn
 
 from layerwise.config import ModelConfig
-from layerwise.models.blocks import Block
-from layerwise.models.heads import AuxClassifier, VGGClassifier
 
 
 class StagedNet(nn.Module):
@@ -61,8 +59,10 @@ def flops_per_image(cfg: ModelConfig, num_classes: int, size: int) -> tuple[list
     torch.utils.flop_counter on the meta device (nothing is allocated)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from layerwise.models.registry import build_model
+
     with torch.device("meta"):
-        net = build_model(cfg, num_classes).eval()
+        net = build_model(cfg, num_classes, size).eval()
         x = torch.empty(1, cfg.in_channels, size, size)
         blocks, heads = [], []
         for block, head in zip(net.blocks, net.heads, strict=True):
@@ -77,47 +77,3 @@ def flops_per_image(cfg: ModelConfig, num_classes: int, size: int) -> tuple[list
 
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def build_model(cfg: ModelConfig, num_classes: int) -> StagedNet:
-    """Build the staged network a ModelConfig describes. Use `with torch.device("meta")` to size it for free."""
-    bias = (not cfg.batchnorm) if cfg.conv_bias is None else cfg.conv_bias
-    pool = "s2d" if cfg.arch == "simcnn" else "maxpool"
-    blocks, heads = [], []
-    channels = cfg.in_channels
-    for j, width in enumerate(cfg.widths):
-        blocks.append(Block(channels, width, pool if j in cfg.downsample_at else None, cfg.batchnorm, bias))
-        channels = width
-        if cfg.arch == "vgg11" and j == cfg.J - 1:
-            heads.append(VGGClassifier(width, num_classes, dropout=cfg.classifier_dropout))
-        elif cfg.arch == "vgg11":
-            # The paper's VGG heads: average to half size, then k-1 unpadded convs at twice the width.
-            aux = AuxClassifier(width, 2 * width, cfg.k, num_classes, cfg.head_pool, prepool=True, padding=0,
-                                batchnorm=cfg.head_batchnorm)  # fmt: skip
-            heads.append(aux)
-        else:
-            aux = cfg.aux_width or max(1, round(cfg.aux_width_factor * width))
-            heads.append(AuxClassifier(width, aux, cfg.k, num_classes, cfg.head_pool, batchnorm=cfg.head_batchnorm))
-    net = StagedNet(blocks, heads)
-    if cfg.arch == "vgg11":
-        init_vgg(net)
-    elif cfg.bn_weight_init == "uniform":  # PyTorch 0.4's BatchNorm: weight ~ U[0, 1), bias 0
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                nn.init.uniform_(m.weight)
-    return net
-
-
-def init_vgg(net: nn.Module) -> None:
-    """torchvision's VGG initialisation: Kaiming fan-out for convs, N(0, 0.01) for linear layers."""
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)

@@ -1,7 +1,25 @@
-"""Training: strategies and their stages, the shared loop, checkpoints and whole runs."""
+"""Training: strategies and their stages, the shared loop, checkpoints and whole runs.
 
-from layerwise.train.loop import StageTraining, train_epoch
-from layerwise.train.run import Run, summary_table, train
-from layerwise.train.stage import Stage, StageModule, plan_stages
+The names below load on first use, so that serving code importing `layerwise.train.checkpoint` or
+`layerwise.train.stage` does not load the run orchestrator (layerwise.train.run).
+"""
 
-__all__ = ["Run", "Stage", "StageModule", "StageTraining", "plan_stages", "summary_table", "train", "train_epoch"]
+from importlib import import_module
+
+_WHERE = {
+    "Run": "run",
+    "train": "run",
+    "Stage": "stage",
+    "StageModule": "stage",
+    "plan_stages": "stage",
+    "StageTraining": "loop",
+    "train_epoch": "loop",
+    "summary_table": "summary",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -7,7 +7,6 @@ metrics, checkpoints, summary), and every process reads its checkpoints when res
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 import os
@@ -22,14 +21,15 @@ import torch
 
 from layerwise import __version__
 from layerwise.config import RunConfig, config_from_dict
-from layerwise.data import DataBundle, build_data, build_eval_loader
+from layerwise.data import DataBundle, build_data
 from layerwise.data.loaders import MemoryLoader
-from layerwise.device import Precision, precision_for, resolve_device
+from layerwise.delivered import checked_model
+from layerwise.device import Precision
 from layerwise.distributed import (
     Dist,
     QuietError,
     check_batch,
-    device_for,
+    compute_for,
     elastic_attempt,
     from_env,
     is_peer_failure,
@@ -39,13 +39,12 @@ from layerwise.distributed import (
 )
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
-from layerwise.models.blocks import set_recompute
-from layerwise.models.staged import StagedNet, build_model, count
-from layerwise.sizing import check_size
+from layerwise.models.staged import StagedNet, count
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
 from layerwise.train.loop import Diverged, StageTraining, train_epoch
-from layerwise.train.stage import Stage, module_bytes, place_for, plan_stages, resident_modules
+from layerwise.train.stage import Stage, module_bytes, plan_stages, resident_modules
+from layerwise.train.summary import final_scores, format_row, summarize
 
 log = logging.getLogger("layerwise")
 
@@ -55,7 +54,7 @@ def epoch_seed(seed: int, stage: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
 
 
-RESUMABLE_CHANGES = ("device", "precision", "recompute_activations", "compile", "divergence_factor")
+RESUMABLE_CHANGES = ("device", "precision", "recompute_activations", "compile", "divergence_factor", "num_classes")
 """Settings a resumed run may change: they decide how the same training is computed, not what it is."""
 
 
@@ -86,15 +85,12 @@ def train(
     joins the run's process group (NCCL on GPUs, gloo on the CPU) for the duration, unless it already has.
     """
     where = from_env()
-    check_batch(cfg.train.batch_size, where)
-    device = resolve_device(device_for(cfg.train.device, where))
-    if cfg.train.sync_bn and where.active and device.type != "cuda":
-        raise LayerwiseError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU (gloo)")
-    with process_group(where, device):
+    compute = compute_for(cfg.train, where)
+    with process_group(where, compute.device):
         if not resume and where.from_main(elastic_restart_of(out) if where.is_main else None):
             log.info("torchrun restarted the job (restart %d): resuming %s", elastic_attempt(), out)
             resume = True
-        run = Run.open(cfg, out, data, resume, where, device)
+        run = Run.open(cfg, out, data, resume, where, compute)
         try:
             return run.train(on_epoch_end)
         finally:
@@ -120,7 +116,7 @@ class Run:
         self, cfg: RunConfig, run_dir: RunDir, net: StagedNet, data: DataBundle, precision: Precision, where: Dist
     ):
         self.cfg, self.dir, self.net, self.data, self.precision, self.where = cfg, run_dir, net, data, precision, where
-        self.stages = plan_stages(cfg.model.J, cfg.train.mode)
+        self.stages = plan_stages(net.J, cfg.train.mode)
         self.resuming = False
         self.writer: BackgroundWriter | None = None
         self.lock = None
@@ -135,7 +131,7 @@ class Run:
 
     @classmethod
     def open(
-        cls, cfg: RunConfig, out: str | Path, data: str | Path | None, resume: bool, where: Dist, device: torch.device
+        cls, cfg: RunConfig, out: str | Path, data: str | Path | None, resume: bool, where: Dist, precision: Precision
     ) -> Run:
         """Check everything that can fail before anything is written (on every process: none goes on alone),
         then, on rank 0, take the run directory's lock and write the config, classes and run.json."""
@@ -157,21 +153,19 @@ class Run:
             where.agree(check_dir)
             if resume and data is None:  # continue on the data the run started with
                 data = run_dir.read_info().get("data_path")
-            precision = precision_for(device, cfg.train.precision)
             torch.manual_seed(cfg.train.seed)
             batch, eval_size = cfg.train.batch_size, cfg.train.train_eval_size
-            bundle = where.agree(lambda: build_data(cfg.data, data, batch, device, eval_size, where))
+            bundle = where.agree(lambda: build_data(cfg.data, data, batch, precision.device, eval_size, where))
             log.info(
                 "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val_images
             )
-            first = plan_stages(cfg.model.J, cfg.train.mode)[0]
             if cfg.train.min_gain is not None and bundle.val is None:
                 raise LayerwiseError(
                     "train.min_gain compares the blocks' validation top-1, and this run has none: "
                     "give --val-data, or a data.val_size above 0"
                 )
             classes, processes = len(bundle.classes), where.world_size
-            net = where.agree(lambda: checked_model(cfg, classes, precision, stage=first, processes=processes))
+            net = where.agree(lambda: checked_model(cfg, classes, precision, mode=cfg.train.mode, processes=processes))
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
             if cfg.train.cache != "none" and any(s.cacheable for s in run.stages):
@@ -237,7 +231,7 @@ class Run:
                         log.info("adaptive depth: %s", self.stopped["reason"])
                         break
                 if start.stage < len(self.stages) or not self.dir.final.is_file():
-                    delivered = self.cfg.model.J if self.stopped is None else self.stopped["blocks_delivered"]
+                    delivered = self.net.J if self.stopped is None else self.stopped["blocks_delivered"]
                     self.save(self.dir.final, {"mode": self.cfg.train.mode, "blocks_trained": delivered})
             # Rank 0 alone writes the summary; every process returns it, or stops with its error.
             return self.where.from_main(self.where.agree(lambda: self.write_summary(t_start)))
@@ -265,14 +259,6 @@ class Run:
             summary["params_final"] = count(self.net.blocks[:delivered]) + count(self.net.heads[delivered - 1])
             summary["adaptive_depth"] = self.stopped
         self.dir.write_json(self.dir.summary, summary)
-        try:  # a report that cannot be drawn must not fail a finished run
-            from layerwise.report import write_report
-
-            write_report([self.dir.path], self.dir.path / "report.html")
-        except Exception as e:  # noqa: BLE001
-            log.warning(
-                "could not write %s (%s); try `layerwise report %s`", self.dir.path / "report.html", e, self.dir.path
-            )
         return summary
 
     def finished_val_top1(self) -> dict[int, float]:
@@ -477,7 +463,7 @@ class Run:
         def weights(stage: Stage) -> int:  # a GPU cache must leave room for the weights the stage brings there
             return module_bytes(resident_modules(self.net, stage), off=self.device) if on_gpu else 0
 
-        cached = [s for s in plan_stages(self.cfg.model.J, "greedy") if s.cacheable]
+        cached = [s for s in plan_stages(self.net.J, "greedy") if s.cacheable]
         stage = max(cached, key=lambda s: cache_bytes(n, views, shapes[s.first], dtype) + weights(s))
         needed = cache_bytes(n, views, shapes[stage.first], dtype)
         shape = "x".join(map(str, shapes[stage.first]))
@@ -489,143 +475,9 @@ class Run:
         log.info("prefix cache: at most %.2f GiB (%s)", copies * needed / 2**30, what)
 
 
-def checked_model(
-    cfg: RunConfig,
-    num_classes: int,
-    precision: Precision,
-    state: dict | None = None,
-    stage: Stage | None = None,
-    processes: int = 1,
-) -> StagedNet:
-    """Size the network on the meta device (sizing.check_size; with a `stage`, also a training step's activations
-    for the batch share of each of `processes`), then build it (channels_last where the precision says), load
-    `state` if given, and run one blank image through every block and head on the CPU, all before anything is
-    written: problems become one line.
-
-    Then the whole network goes to the device, or with a `stage` only what that stage runs (place_for).
-    """
-    size, device = cfg.data.image_size, precision.device
-    check_size(cfg, num_classes, device, None if stage is None else cfg.train.batch_size // max(1, processes))
-    try:
-        net = build_model(cfg.model, num_classes)
-        set_recompute(net, cfg.train.recompute_activations)
-        if state is not None:
-            net.load_state_dict(state)
-        if precision.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, 3, size, size))
-    except (RuntimeError, ValueError) as e:
-        raise LayerwiseError(
-            f"the model cannot be built or run on 3x{size}x{size} inputs ({str(e).splitlines()[0][:200]}); "
-            "check model.widths, model.downsample_at, model.in_channels and data.image_size"
-        ) from None
-    try:
-        if stage is None:
-            return net.to(device)
-        place_for(net, stage, device)
-    except torch.OutOfMemoryError:
-        raise LayerwiseError(f"the network's weights do not fit in the memory of {device}") from None
-    return net
-
-
 def cache_views(cfg: RunConfig) -> int:
     """Views beyond the number of epochs would never be read."""
     return min(cfg.train.cache_views, cfg.train.epochs_per_block)
-
-
-def format_row(row: dict[str, Any]) -> str:
-    scored, v = next(((name, row[key]) for name, key in SCORED if key in row), ("", None))
-    scores = f"{scored} top-1 {v['top1']:.2f} top-5 {v['top5']:.2f} ensemble {v['ensemble_top1']:.2f} " if v else ""
-    return (
-        f"{row['stage_name']} epoch {row['epoch']}: loss {row['loss']:.3f} train top-1 {row['train']['top1']:.1f} "
-        f"{scores}({row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s)"
-    )
-
-
-TRAIN_EVAL = "train_eval (t_ev), the fixed subset of training images scored without augmentation"
-SCORED = (("val", "val"), ("train-eval", "train_eval"))
-"""What a run's per-epoch scores are on, best first: validation, else the clean training subset (train_eval)."""
-
-
-def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds: float, device) -> dict[str, Any]:
-    """Per-block results (each stage's last epoch), the final network's numbers and the paper's targets."""
-    per_stage = []
-    for stage in stages:
-        mine = [r for r in rows if r["stage"] == stage.index]
-        if not mine:
-            raise LayerwiseError(
-                f"metrics.jsonl has no line for {stage.name}, which the checkpoints cover; the summary cannot be "
-                "written (the trained weights are in checkpoints/)"
-            )
-        last = mine[-1]
-        entry = {
-            "stage": stage.name,
-            "block": stage.block,
-            "downsample": stage.block in cfg.model.downsample_at,
-            **{f"val_{k}": v for k, v in last.get("val", {}).items()},
-            "train_top1": last["train"]["top1"],
-            "train_loss": last["loss"],
-            "seconds": sum(r["seconds"] for r in mine),
-        }
-        if "train_eval" in last:
-            entry.update({f"train_eval_{k}": v for k, v in last["train_eval"].items()})
-        per_stage.append(entry)
-    # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next. Compared on the
-    # clean training subset (eval mode, final weights) when there is one, else on the epoch's running loss.
-    risk = "train_eval_loss" if all("train_eval_loss" in e for e in per_stage) else "train_loss"
-    for prev, cur in itertools.pairwise(per_stage):
-        if not cur["downsample"]:
-            cur["improves_on_previous"] = cur[risk] <= prev[risk]
-    final = per_stage[-1]
-    scored = next((key for _, key in SCORED if f"{key}_top1" in final), None)
-    summary = {
-        "preset": cfg.preset,
-        "mode": cfg.train.mode,
-        "device": str(device),
-        "blocks": per_stage,
-        "final": final_scores(final),
-        "params_final": net.final_parameters(),
-        "params_heads": net.head_parameters(),
-        "train_seconds": sum(r["seconds"] for r in rows),
-        "wall_seconds_this_session": seconds,
-        "paper": cfg.paper,
-    }
-    if scored != "val":  # say so: these are not validation figures
-        what = TRAIN_EVAL if scored else "the augmented training batches"
-        summary["no_validation"] = f"data.val_size=0 and no data.val_path; the figures are on {what}"
-    return summary
-
-
-def final_scores(entry: dict[str, Any]) -> dict[str, float]:
-    """A summary block entry's scores: validation, else train_eval, else the running training top-1."""
-    scored = next((key for _, key in SCORED if f"{key}_top1" in entry), None)
-    if scored is None:
-        return {"train_top1": entry["train_top1"]}
-    return {f"{scored}_{k}": entry[f"{scored}_{k}"] for k in ("top1", "top5", "ensemble_top1", "ensemble_top5")}
-
-
-def summary_table(summary: dict[str, Any]) -> str:
-    scored = next((key for _, key in SCORED if f"{key}_top1" in summary["blocks"][-1]), None)
-    first = {"val": "val top-1", "train_eval": "t_ev top-1"}.get(scored)
-    columns = (*((first, "top-5", "ens top-1", "ens top-5") if scored else ()), "train top-1", "time s")
-    header = f"{'stage':<10} " + " ".join(f"{c:>{max(len(c), 7)}}" for c in columns)
-    lines = [header, "-" * len(header)]
-    for b in summary["blocks"]:
-        cells = ""
-        if scored:
-            cells = (
-                f"{b[f'{scored}_top1']:>9.2f} {b[f'{scored}_top5']:>7.2f} {b[f'{scored}_ensemble_top1']:>9.2f} "
-                f"{b[f'{scored}_ensemble_top5']:>9.2f} "
-            )
-        lines.append(f"{b['stage']:<10} {cells}{b['train_top1']:>11.2f} {b['seconds']:>7.1f}")
-    if "no_validation" in summary:
-        lines.append(f"no validation: {summary['no_validation']}")
-    if "adaptive_depth" in summary:
-        lines.append(f"adaptive depth: {summary['adaptive_depth']['reason']}")
-    if summary.get("paper"):
-        lines.append("paper: " + ", ".join(f"{k} {v:g}" for k, v in summary["paper"].items()))
-    return "\n".join(lines)
 
 
 def run_info(cfg: RunConfig, device: torch.device, data, description: str, where: Dist) -> dict[str, Any]:
@@ -655,45 +507,3 @@ def elastic_restart_of(out: str | Path) -> bool:
         return RunDir(out).read_info().get("torchelastic_run_id") == run_id
     except LayerwiseError:  # an unreadable run.json: Run.open says so
         return False
-
-
-@dataclass
-class Delivered:
-    """A run's trained network as it stands: final.pt when finished, else the last epoch's checkpoint."""
-
-    run: RunDir
-    cfg: RunConfig
-    classes: list[str]
-    net: StagedNet
-    heads: list[int]
-    """The heads trained so far (of the delivered blocks, when train.min_gain stopped the run early)."""
-    checkpoint: Path
-
-
-def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
-    run = RunDir(run_dir)
-    cfg = config_from_dict(run.saved_config())
-    classes = run.read_classes()
-    path = run.final if run.final.is_file() else run.last
-    if not path.is_file():
-        raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
-    meta, state, _ = load_checkpoint(path)
-    net = checked_model(cfg, len(classes), compute, state)
-    stages = plan_stages(cfg.model.J, cfg.train.mode)
-    heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)
-    if path == run.final:
-        heads = [j for j in heads if j < meta.get("blocks_trained", cfg.model.J)]
-    return Delivered(run, cfg, classes, net, heads, path)
-
-
-def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, precision: str | None = None) -> dict:
-    """Score a run's trained heads on data no one trained on, mapping its classes by name, and save the result
-    in the run's eval.json (by data path)."""
-    cfg = config_from_dict(RunDir(run_dir).saved_config())
-    compute = precision_for(resolve_device(device), precision or cfg.train.precision)
-    got = load_delivered(run_dir, compute)
-    loader = build_eval_loader(cfg.data, data, got.classes, batch_size, compute.device)
-    result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast)}
-    result.update(checkpoint=str(got.checkpoint), data=str(data))
-    got.run.record(got.run.evals, str(Path(data).resolve()), result)  # for `layerwise report`
-    return result
