@@ -16,6 +16,7 @@ import torch
 from layerwise.config import parse_assignment
 from layerwise.distributed import QuietError, from_env, stop_quietly
 from layerwise.errors import LayerwiseError, one_line
+from layerwise.models.custom import check_trusted, trusting
 
 log = logging.getLogger("layerwise")
 
@@ -47,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LayerwiseError("--resume needs --out RUN_DIR, the run to continue")
     if args.resume and args.preset is None and args.config is None:  # the run's own config, plus overrides
         cfg = resolve_config(None, None, overrides, base=RunDir(args.out).saved_config())
+        check_trusted(cfg.model, args.out)  # the run directory's config names the code to import
     else:
         cfg = resolve_config(args.preset or (None if args.config else "demo"), args.config, overrides)
     out = (
@@ -189,7 +191,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
                 "name": name,
                 "arch": cfg.model.arch,
                 "J": net.J,
-                "k": cfg.model.k,
+                "k": cfg.model.k if cfg.model.arch in ("simcnn", "vgg11") or cfg.model.head == "paper" else None,
                 "mode": cfg.train.mode,
                 "params_final_m": round(net.final_parameters() / 1e6, 2),
                 "params_heads_m": round(net.head_parameters() / 1e6, 2),
@@ -200,12 +202,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'preset':<26} {'J':>2} {'k':>2} {'mode':<7} {'final (M)':>9} {'heads (M)':>9}  paper")
+    print(f"{'preset':<26} {'arch':<12} {'J':>2} {'k':>2} {'mode':<7} {'final (M)':>9} {'heads (M)':>9}  paper")
     for r in rows:
         paper = ", ".join(f"{k} {v:g}" for k, v in r["paper"].items())
         print(
-            f"{r['name']:<26} {r['J']:>2} {r['k']:>2} {r['mode']:<7} {r['params_final_m']:>9.2f} "
-            f"{r['params_heads_m']:>9.2f}  {paper}"
+            f"{r['name']:<26} {r['arch']:<12} {r['J']:>2} {r['k'] or '-':>2} {r['mode']:<7} "
+            f"{r['params_final_m']:>9.2f} {r['params_heads_m']:>9.2f}  {paper}"
         )
     print("final = every block + the last head (the delivered network); heads = all auxiliary heads.")
     return 0
@@ -274,6 +276,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUST_HELP = "import the run's own network code (model.builder); only for runs from a source you trust"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerwise", description="Greedy layerwise CNN training (Belilovsky et al. 2019)"
@@ -290,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory; default: runs/<preset>-<mode>-<time>")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first")
+    t.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     t.add_argument("--mode", choices=["greedy", "e2e"])
     t.add_argument("--epochs-per-block", type=int)
     t.add_argument("--batch-size", type=int)
@@ -313,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", required=True, help="data no one trained on (CIFAR-10 archive: its test_batch)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--precision", help="auto, fp32 or bf16 (default: the run's train.precision)")
@@ -358,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="the trained network as a file that runs without layerwise (ONNX, torch.export)")
     x.add_argument("run_dir")
     x.add_argument("--format", required=True, choices=["onnx", "pt2"])
+    x.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     x.add_argument("--head", type=int, help="answer with this head (default: the last trained one)")
     x.add_argument("--ensemble", action="store_true", help="answer with the ensemble of the trained heads")
     x.add_argument("-o", "--output", help="the file (default: RUN_DIR/model.onnx or model.pt2)")
@@ -365,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="the top classes of image files, with their probabilities")
     q.add_argument("run_dir")
+    q.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     q.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, folders (every image below), @LIST (one per line) or - (stdin)")  # fmt: skip
     q.add_argument("--top", type=int, default=5)
@@ -389,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
         )
-        return args.func(args)
+        with trusting(getattr(args, "trust_code", False)):
+            return args.func(args)
     except QuietError:  # another process of the run has reported it
         return 2
     except LayerwiseError as e:

@@ -15,6 +15,9 @@ import yaml
 
 from layerwise.errors import LayerwiseError
 
+SPLIT_ARCHS = ("cifar_resnet", "resnet", "vgg")
+"""Architectures cut into model.split modules of a network of model.depth layers."""
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +56,24 @@ class ModelConfig:
     in_channels: int = 3
     """Channels of the images: 1 decodes them as grayscale, 3 as RGB (data.mean and data.std give one value per
     channel)."""
+    depth: int = 0
+    """Layers of the ResNet or VGG to split: cifar_resnet 6n+2 (20, 32, 56, 110), resnet 18/34/50/101/152,
+    vgg 11/13/16/19. Unused by simcnn, vgg11 and custom."""
+    split: int = 0
+    """K, the number of locally trained modules cifar_resnet, resnet and vgg are cut into."""
+    stem: str = "imagenet"
+    """resnet's first layers: `imagenet` (7x7 stride-2 conv, max-pool) or `cifar` (3x3 stride-1 conv, no
+    max-pool), for 32 px images."""
+    head: str = "paper"
+    """The heads the library builds for networks that bring none (model.arch=custom without heads, the split
+    ResNets' local modules): `paper` (k-1 convs, averaging, BN, linear, as above) or `infopro` (InfoPro's: one
+    conv, global pooling, two linear layers)."""
+    builder: str = ""
+    """model.arch=custom: the import path `package.module:function` of a function returning the network's
+    stages (a list of nn.Modules), a (stages, heads) pair or a StagedNet. Loading the run later imports it, which
+    `eval`, `export` and `predict` do only with --trust-code."""
+    builder_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of model.builder (YAML values), plus num_classes when the function takes it."""
     num_classes: int = 10
     """Classes the network is sized for where there is no data to count them (`layerwise presets`, `bench`). A
     run takes the number of classes from its data."""
@@ -73,6 +94,16 @@ class ModelConfig:
         _check(self.head_pool >= 1, "model.head_pool must be >= 1")
         _check(self.in_channels in (1, 3), "model.in_channels must be 1 (grayscale) or 3 (RGB)")
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
+        _check(self.stem in ("imagenet", "cifar"), f"model.stem must be 'imagenet' or 'cifar' (got {self.stem!r})")
+        _check(
+            (self.depth > 0 and self.split > 0) == (self.arch in SPLIT_ARCHS),
+            f"model.depth and model.split (K) go with model.arch {', '.join(SPLIT_ARCHS)}, and only with them",
+        )
+        _check(self.head in ("paper", "infopro"), f"model.head must be 'paper' or 'infopro' (got {self.head!r})")
+        _check(
+            bool(self.builder) == (self.arch == "custom"),
+            "model.builder (package.module:function) goes with model.arch=custom, and only with it",
+        )
         _check(0 <= self.classifier_dropout < 1, "model.classifier_dropout must be in [0, 1)")
         _check(
             self.classifier_dropout == 0 or self.arch == "vgg11",
@@ -286,11 +317,22 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif hint is Any:  # builder arguments: what YAML can hold
+        ok = _plain(value)
     else:  # pragma: no cover - every field uses one of the types above
         raise TypeError(hint)
     if not ok:
-        raise LayerwiseError(f"bad config: {where} must be {hint.__name__} (got {value!r})")
+        kind = "a YAML value (numbers, strings, lists, mappings)" if hint is Any else hint.__name__
+        raise LayerwiseError(f"bad config: {where} must be {kind} (got {value!r})"[:300])
     return value
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(_plain, value))
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

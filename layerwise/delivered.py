@@ -18,6 +18,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
+from layerwise.models.custom import check_trusted
 from layerwise.models.staged import StagedNet
 from layerwise.sizing import check_size
 from layerwise.train.checkpoint import RunDir, load_checkpoint
@@ -49,8 +50,7 @@ def checked_model(
             net.load_state_dict(state)
         if precision.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, channels, size, size))
+        net.downsamples = downsamples(net, torch.zeros(1, channels, size, size))
     except (RuntimeError, ValueError) as e:
         raise LayerwiseError(
             f"the model cannot be built or run on {channels}x{size}x{size} inputs ({str(e).splitlines()[0][:200]}); "
@@ -63,6 +63,19 @@ def checked_model(
     except torch.OutOfMemoryError:
         raise LayerwiseError(f"the network's weights do not fit in the memory of {device}") from None
     return net
+
+
+@torch.no_grad()
+def downsamples(net: StagedNet, x: torch.Tensor) -> list[bool]:
+    """Run x through every block and head (eval mode); which blocks make the map smaller."""
+    net.eval()
+    out = []
+    for block, head in zip(net.blocks, net.heads, strict=True):
+        y = block(x)
+        head(y)
+        out.append(y.shape[-2:] != x.shape[-2:] if x.dim() == y.dim() == 4 else False)
+        x = y
+    return out
 
 
 @dataclass
@@ -85,6 +98,7 @@ def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
     path = run.final if run.final.is_file() else run.last
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
+    check_trusted(cfg.model, run.path)
     meta, state, _ = load_checkpoint(path)
     net = checked_model(cfg, len(classes), compute, state)
     stages = plan_stages(net.J, cfg.train.mode)

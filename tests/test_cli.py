@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
 from layerwise.cli import main
+from layerwise.models import build_model
 from layerwise.presets import list_presets, load_preset
 
 SMALL = [p for p in list_presets() if load_preset(p).data.augment == "cifar"]
@@ -50,7 +52,11 @@ def test_small_presets_train_through_the_cli(preset, tmp_path, image_folder, cap
     assert "block 0" in out or "e2e" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (tmp_path / "run" / "report.html").is_file()  # `layerwise train` writes the report, not train()
-    assert len(summary["blocks"]) == len(summary["parameters"]["blocks"]) == len(load_preset(preset).model.widths)
+    cfg = load_preset(preset)
+    with torch.device("meta"):
+        J = build_model(cfg.model, 3, cfg.data.image_size).J
+    assert len(summary["parameters"]["blocks"]) == J
+    assert len(summary["blocks"]) == (1 if cfg.train.mode == "e2e" else J)
 
 
 def test_imagenet_preset_streams_at_tiny_size(tmp_path, imagenet_folder, capsys):

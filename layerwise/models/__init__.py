@@ -1,6 +1,6 @@
 """Models: invertible downsampling, blocks, auxiliary heads, the staged network and the architecture registry."""
 
-from layerwise.models import paper  # noqa: F401  (registers the paper's architectures)
+from layerwise.models import custom, paper, resnet  # noqa: F401  (register the architectures)
 from layerwise.models.blocks import Block
 from layerwise.models.downsample import SpaceToDepth
 from layerwise.models.heads import AuxClassifier, VGGClassifier

@@ -60,10 +60,26 @@ class _Kept:
 
 
 def set_recompute(net: nn.Module, on: bool) -> None:
-    """Turn activation recomputation on or off in every conv unit of `net` (see ConvUnit)."""
+    """Turn activation recomputation on or off in every conv unit of `net` (see ConvUnit); a staged network's
+    other blocks and heads are recomputed whole (see recomputed)."""
     for m in net.modules():
         if isinstance(m, ConvUnit):
             m.recompute = on
+    if hasattr(net, "recompute"):
+        net.recompute = on
+
+
+def has_conv_units(module: nn.Module) -> bool:
+    return any(isinstance(m, ConvUnit) for m in module.modules())
+
+
+def recomputed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), keeping only x for the backward pass, which runs the module again: torch.utils.checkpoint
+    with the RNG state kept (dropout draws the same masks) and BatchNorm statistics updated once."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return checkpoint(
+        module, x, use_reentrant=False, preserve_rng_state=True, context_fn=lambda: (nullcontext(), _Kept(norms))
+    )
 
 
 class Block(ConvUnit):

@@ -20,6 +20,10 @@ class StagedNet(nn.Module):
             raise ValueError("a staged network needs one head per block")
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
+        self.recompute = False
+        """train.recompute_activations for the blocks and heads not made of ConvUnits (blocks.set_recompute)."""
+        self.downsamples = [False] * len(blocks)
+        """Which blocks make the map smaller, as a probe found (delivered.checked_model)."""
 
     @property
     def J(self) -> int:

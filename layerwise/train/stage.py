@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from layerwise.models.blocks import has_conv_units, recomputed
 from layerwise.models.staged import StagedNet
 
 
@@ -75,11 +76,15 @@ class StageModule(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(net.blocks[j] for j in stage.trained_blocks)
         self.head = net.heads[stage.block]
+        # train.recompute_activations: the library's blocks and heads recompute conv unit by conv unit; any
+        # other module (your own) is recomputed whole
+        self.whole = [net.recompute and not has_conv_units(m) for m in (*self.blocks, self.head)]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(x)
+        grad = self.training and torch.is_grad_enabled()
+        for block, whole in zip(self.blocks, self.whole, strict=False):
+            x = recomputed(block, x) if whole and grad else block(x)
+        logits = recomputed(self.head, x) if self.whole[-1] and grad else self.head(x)
         return F.cross_entropy(logits.float(), y), logits
 
 

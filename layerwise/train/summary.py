@@ -39,7 +39,7 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
         entry = {
             "stage": stage.name,
             "block": stage.block,
-            "downsample": stage.block in cfg.model.downsample_at,
+            "downsample": net.downsamples[stage.block],
             **{f"val_{k}": v for k, v in last.get("val", {}).items()},
             "train_top1": last["train"]["top1"],
             "train_loss": last["loss"],

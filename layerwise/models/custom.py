@@ -1,0 +1,249 @@
+"""Your own network, trained greedily: a list of stages (any nn.Modules) and either your heads or heads the
+library builds from each stage's output shape.
+
+A run rebuilds the network for `eval`, `export`, `predict` and resume from an import path stored in its config
+(`model.builder: package.module:function`, with `model.builder_args`). Importing it runs code, so loading a
+run directory someone sent you does it only when asked (`--trust-code`, or LAYERWISE_TRUST_CODE=1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from layerwise.config import ModelConfig
+from layerwise.errors import LayerwiseError
+from layerwise.models.heads import AuxClassifier
+from layerwise.models.registry import register_model
+from layerwise.models.staged import StagedNet
+
+TRUST_VARIABLE = "LAYERWISE_TRUST_CODE"
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+class InfoProHead(nn.Sequential):
+    """The head of InfoPro's classification experiments (Wang et al., ICLR 2021; its '1c2f' auxiliary net): one
+    3x3 conv -> BN -> ReLU, global average pooling, then linear -> ReLU -> linear.
+
+    The conv doubles narrow maps at stride 2 (InfoPro's 16 -> 32 and 32 -> 64 channels) and keeps 64 or more
+    channels at stride 1, as InfoPro's 64 -> 64; `hidden` is its feature dimension, 128.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
+        width, stride = (2 * in_channels, 2) if in_channels < 64 else (in_channels, 1)
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+
+HEADS = ("paper", "infopro")
+
+
+def make_head(kind: str, channels: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
+    """A library head for a stage with `channels` output channels: the paper's for model.k (its convs
+    model.aux_width wide, or model.aux_width_factor x channels) or InfoPro's."""
+    if kind == "infopro":
+        return InfoProHead(channels, num_classes)
+    width = cfg.aux_width or max(1, round(cfg.aux_width_factor * channels))
+    return AuxClassifier(channels, width, cfg.k, num_classes, cfg.head_pool, batchnorm=cfg.head_batchnorm)
+
+
+def staged_from_stages(
+    stages: Sequence[nn.Module],
+    heads: Sequence[nn.Module] | None,
+    cfg: ModelConfig,
+    num_classes: int,
+    image_size: int,
+) -> StagedNet:
+    """A StagedNet of the stages with `heads`, or with model.head's heads sized from each stage's output, after
+    checking on one blank image that the stages chain and every head gives (batch, num_classes) scores."""
+    stages = list(stages)
+    if not stages or not all(isinstance(s, nn.Module) for s in stages):
+        raise LayerwiseError("a network needs a non-empty list of stages, each an nn.Module")
+    if heads is not None and (len(heads) != len(stages) or not all(isinstance(h, nn.Module) for h in heads)):
+        raise LayerwiseError(f"give one head (an nn.Module) per stage: {len(stages)} stages, {len(heads)} heads")
+    shapes = output_shapes(stages, (cfg.in_channels, image_size, image_size))
+    if heads is None:
+        heads = []
+        for j, shape in enumerate(shapes):
+            if len(shape) != 4:
+                raise LayerwiseError(
+                    f"stage {j} ({type(stages[j]).__name__}) gives {_shape(shape)}; the library's heads need "
+                    "(batch, channels, height, width) maps: pass your own heads"
+                )
+            heads.append(make_head(cfg.head, shape[1], num_classes, cfg))
+    net = StagedNet(stages, list(heads))
+    for j, (head, shape) in enumerate(zip(net.heads, shapes, strict=True)):
+        got = tuple(_probe(head, torch.zeros(shape, device=_device_of(head, stages[j]))).shape)
+        if got != (shape[0], num_classes):
+            raise LayerwiseError(
+                f"head {j} ({type(head).__name__}) returns {_shape(got)} for stage {j}'s {_shape(shape)}, not "
+                f"(batch, {num_classes}) class scores"
+            )
+    return net
+
+
+def output_shapes(stages: Sequence[nn.Module], image: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Each stage's output shape for a batch of 2 blank images (eval mode, no gradient, nothing changes); a
+    stage that cannot take the one before's output is named with both shapes."""
+    shape, shapes = (2, *image), []
+    for j, stage in enumerate(stages):
+        x = torch.zeros(shape, device=_device_of(stage))
+        try:
+            out = _probe(stage, x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            given = f"the {_shape(shape)} images" if j == 0 else f"stage {j - 1}'s {_shape(shape)} output"
+            expects = _expected_input(stage)
+            detail = f"it expects {expects}" if expects else str(e).strip().splitlines()[0][:160]
+            raise LayerwiseError(f"stage {j} ({type(stage).__name__}) cannot take {given}: {detail}") from None
+        if not isinstance(out, torch.Tensor):
+            raise LayerwiseError(f"stage {j} ({type(stage).__name__}) returns {type(out).__name__}, not a tensor")
+        shape = tuple(out.shape)
+        shapes.append(shape)
+    return shapes
+
+
+def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was = module.training
+    try:
+        with torch.no_grad():
+            return module.eval()(x)
+    finally:
+        module.train(was)
+
+
+def _device_of(*modules: nn.Module) -> torch.device:
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            return t.device
+    return torch.empty(0).device  # the default device: meta while the network is sized
+
+
+def _expected_input(stage: nn.Module) -> str | None:
+    first = next((m for m in stage.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d):
+        return f"{first.in_channels} input channels"
+    if isinstance(first, nn.Linear):
+        return f"{first.in_features} input features"
+    return None
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def import_builder(path: str) -> Callable:
+    """The function at `package.module:function`, imported (the current directory first on the path, as
+    `python -m` has it); every failure one line naming it."""
+    if not IMPORT_PATH.fullmatch(path):
+        raise LayerwiseError(f"model.builder must be an import path package.module:function (got {path!r})")
+    module_name, attr = path.split(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise LayerwiseError(
+                f"model.builder {path}: no module {e.name} in the current directory or on PYTHONPATH"
+            ) from None
+        raise LayerwiseError(f"model.builder {path}: importing {module_name} failed ({e})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module may fail in any way (argparse exits)
+        raise LayerwiseError(f"model.builder {path}: importing {module_name} raised {_error(e)}") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise LayerwiseError(f"model.builder {path}: {module_name} has no {attr}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise LayerwiseError(f"model.builder {path} is not a function")
+    return target
+
+
+def import_path(builder: Callable) -> str:
+    """`module:qualname` of a function defined at a module's top level; a script's own functions are named
+    by the script's file (keep its training under `if __name__ == "__main__":`)."""
+    if isinstance(builder, str):
+        return builder
+    module, name = getattr(builder, "__module__", None), getattr(builder, "__qualname__", "")
+    if module == "__main__":
+        main = getattr(sys.modules["__main__"], "__file__", None)
+        if main is None:
+            raise LayerwiseError("define the network's builder in a file (a module or script), not interactively")
+        module = os.path.splitext(os.path.basename(main))[0]
+    if not module or "<" in name:
+        raise LayerwiseError(f"the builder {builder!r} must be a function defined at a module's top level")
+    return f"{module}:{name}"
+
+
+def check_trusted(cfg: ModelConfig, where: str | os.PathLike) -> None:
+    """Refuse to import a run's builder unless the caller opted in (--trust-code, or LAYERWISE_TRUST_CODE=1)."""
+    if cfg.arch == "custom" and os.environ.get(TRUST_VARIABLE, "") != "1":
+        raise LayerwiseError(
+            f"{where} is built by code, model.builder {cfg.builder}, which loading it would import and run; if you "
+            f"trust where it came from, pass --trust-code (or set {TRUST_VARIABLE}=1)"
+        )
+
+
+@contextmanager
+def trusting(on: bool) -> Iterator[None]:
+    """LAYERWISE_TRUST_CODE=1 while the block runs, when `on` (--trust-code); as it was afterwards."""
+    before = os.environ.get(TRUST_VARIABLE)
+    if on:
+        os.environ[TRUST_VARIABLE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TRUST_VARIABLE, None)
+        else:
+            os.environ[TRUST_VARIABLE] = before
+
+
+@register_model("custom")
+def custom(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
+    """model.builder's function, called with model.builder_args (and num_classes, if it takes that). It returns
+    a list of stages, a (stages, heads) pair, or a StagedNet."""
+    if not cfg.builder:
+        raise LayerwiseError("model.arch=custom needs model.builder, an import path package.module:function")
+    builder = import_builder(cfg.builder)
+    kwargs = dict(cfg.builder_args)
+    try:
+        accepts = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    if "num_classes" in accepts:
+        kwargs["num_classes"] = num_classes
+    try:
+        made = builder(**kwargs)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's builder may fail in any way
+        raise LayerwiseError(f"model.builder {cfg.builder} raised {_error(e)}") from None
+    if isinstance(made, StagedNet):
+        return staged_from_stages(made.blocks, made.heads, cfg, num_classes, image_size)
+    if isinstance(made, tuple) and len(made) == 2 and not isinstance(made[0], nn.Module):
+        return staged_from_stages(made[0], made[1], cfg, num_classes, image_size)
+    if isinstance(made, (list, tuple, nn.ModuleList)):
+        return staged_from_stages(made, None, cfg, num_classes, image_size)
+    raise LayerwiseError(
+        f"model.builder {cfg.builder} returned {type(made).__name__}; return a list of stages (nn.Modules), a "
+        "(stages, heads) pair or a StagedNet"
+    )
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
