@@ -26,8 +26,8 @@ import torch
 from layerwise.config import COMPILE_MODES, PRECISIONS, RunConfig
 from layerwise.data.sources import sample_path
 from layerwise.delivered import checked_model
-from layerwise.device import Precision, precision_for, resolve_device
-from layerwise.distributed import SINGLE, Dist, check_batch, device_for, from_env, process_group
+from layerwise.device import Precision, resolve_device
+from layerwise.distributed import SINGLE, Dist, compute_for, from_env, process_group
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.limits import Budget
@@ -149,51 +149,77 @@ def time_steps(net, stage, x, y, offset: int, timing: Timing) -> dict:
     }
 
 
-def bench_config(preset: str, batch_size: int | None, image_size: int | None, precision: str, compile_mode: str):
-    """The preset's config with the benchmark's batch, image size, precision and compile mode."""
-    cfg = load_preset(preset)
-    if compile_mode not in COMPILE_MODES:
-        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {compile_mode!r})")
-    if precision not in PRECISIONS:
-        raise LayerwiseError(f"--precision must be {', '.join(PRECISIONS)} (got {precision!r})")
-    train = {"batch_size": batch_size or cfg.train.batch_size, "precision": precision, "compile": compile_mode}
-    data = {"image_size": image_size or cfg.data.image_size}
+@dataclass(frozen=True)
+class BenchSpec:
+    """What a benchmark measures: a preset at a batch size and image size (None: the preset's), on a device,
+    in a precision, compiled or not, with activations recomputed or not."""
+
+    preset: str
+    batch_size: int | None = None
+    device: str = "auto"
+    image_size: int | None = None
+    precision: str = "auto"
+    compile_mode: str = "none"
+    recompute_activations: bool = False
+
+
+def bench_config(spec: BenchSpec) -> RunConfig:
+    """The preset's config with the benchmark's batch, image size, device, precision and compile mode."""
+    cfg = load_preset(spec.preset)
+    if spec.compile_mode not in COMPILE_MODES:
+        raise LayerwiseError(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {spec.compile_mode!r})")
+    if spec.precision not in PRECISIONS:
+        raise LayerwiseError(f"--precision must be {', '.join(PRECISIONS)} (got {spec.precision!r})")
+    if spec.compile_mode != "none" and spec.recompute_activations:
+        raise LayerwiseError("--compile and --recompute-activations cannot be combined; choose one")
+    train = {
+        "batch_size": spec.batch_size or cfg.train.batch_size,
+        "device": spec.device,
+        "precision": spec.precision,
+        "compile": spec.compile_mode,
+    }
+    data = {"image_size": spec.image_size or cfg.data.image_size}
     return dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, **train), data=dataclasses.replace(cfg.data, **data)
     )
 
 
-def bench_network(cfg: RunConfig, preset: str, precision: Precision, classes: int):
-    """The network `train` would build (checked_model), with greedy block 0's modules on the device."""
-    try:
-        return checked_model(cfg, classes, precision, mode="greedy")
-    except LayerwiseError:
-        raise LayerwiseError(f"{preset} cannot run at {cfg.data.image_size} px; use a larger --image-size") from None
+@dataclass
+class Bench:
+    """A benchmark set up as `train` sets up a run: the config, this process's device and precision (the
+    same compute_for), the classes (model.num_classes: a benchmark has no data) and the network."""
+
+    cfg: RunConfig
+    compute: Precision
+    classes: int
+    net: torch.nn.Module
 
 
-def bench_model(
-    preset: str,
-    batch_size: int | None = None,
-    device: str = "auto",
-    steps: int = 10,
-    warmup: int = 2,
-    image_size: int | None = None,
-    blocks: list[int] | None = None,
-    recompute_activations: bool = False,
-    precision: str = "auto",
-    compile_mode: str = "none",
-) -> dict:
-    cfg = bench_config(preset, batch_size, image_size, precision, compile_mode)
-    if compile_mode != "none" and recompute_activations:
-        raise LayerwiseError("--compile and --recompute-activations cannot be combined; choose one")
-    if compile_mode != "none":  # compiling, and CUDA graphs' recording, must not fall in the timed steps
-        warmup = max(warmup, 3)
-    compute = precision_for(resolve_device(device), precision)
-    dev = compute.device
-    classes = cfg.model.num_classes
-    batch, size = cfg.train.batch_size, cfg.data.image_size
+def bench_setup(spec: BenchSpec, where: Dist = SINGLE) -> Bench:
+    """The network `train` would build (checked_model), with greedy block 0's modules on the device; the same
+    seed in every process."""
+    cfg = bench_config(spec)
+    compute = compute_for(cfg.train, where)
     torch.manual_seed(0)
-    net = bench_network(cfg, preset, compute, classes)  # each measurement places what its stage runs
+    try:
+        net = checked_model(cfg, cfg.model.num_classes, compute, mode="greedy")
+    except LayerwiseError:
+        raise LayerwiseError(
+            f"{spec.preset} cannot run at {cfg.data.image_size} px; use a larger --image-size"
+        ) from None
+    return Bench(cfg, compute, cfg.model.num_classes, net)
+
+
+def bench_model(spec: BenchSpec, steps: int = 10, warmup: int = 2, blocks: list[int] | None = None) -> dict:
+    """images/s and memory of every greedy block's training step (uncached, on the cached prefix, recomputed
+    when asked) and of the end-to-end step, with one checkpoint's and one evaluation's cost."""
+    if spec.compile_mode != "none":  # compiling, and CUDA graphs' recording, must not fall in the timed steps
+        warmup = max(warmup, 3)
+    setup = bench_setup(spec)
+    cfg, compute, classes, net = setup.cfg, setup.compute, setup.classes, setup.net
+    preset, recompute_activations, compile_mode = spec.preset, spec.recompute_activations, spec.compile_mode
+    dev = compute.device
+    batch, size = cfg.train.batch_size, cfg.data.image_size  # each measurement places what its stage runs
     x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)
     timing = Timing(cfg, compute, warmup, steps)
@@ -327,23 +353,14 @@ def fits(net, stage, timing: Timing, batch: int, classes: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def max_batch(
-    preset: str,
-    device: str = "cuda",
-    image_size: int | None = None,
-    limit: int = 8192,
-    recompute_activations: bool = False,
-    precision: str = "auto",
-) -> dict:
+def max_batch(spec: BenchSpec, limit: int = 8192) -> dict:
     """Largest batch (a power of two, then refined by bisection) whose training step fits on the GPU:
     greedy block by block (the run's limit is the smallest of them) and end to end."""
-    dev = resolve_device(device)
-    if dev.type != "cuda":
+    if resolve_device(spec.device).type != "cuda":
         raise LayerwiseError("--max-batch measures GPU memory; run it with a CUDA device")
-    cfg = bench_config(preset, None, image_size, precision, "none")
-    compute = precision_for(dev, precision)
-    classes = cfg.model.num_classes
-    net = bench_network(cfg, preset, compute, classes)  # time_steps places each stage
+    setup = bench_setup(dataclasses.replace(spec, batch_size=None, compile_mode="none"))
+    cfg, compute, classes, net = setup.cfg, setup.compute, setup.classes, setup.net  # time_steps places each stage
+    preset, recompute_activations, dev = spec.preset, spec.recompute_activations, compute.device
     set_recompute(net, recompute_activations)
     timing = Timing(cfg, compute, warmup=1, steps=1)
 
@@ -370,27 +387,17 @@ def max_batch(
     }
 
 
-def bench_processes(
-    preset: str,
-    batch_size: int | None = None,
-    device: str = "auto",
-    steps: int = 10,
-    warmup: int = 2,
-    precision: str = "auto",
-) -> dict:
+def bench_processes(spec: BenchSpec, steps: int = 10, warmup: int = 2) -> dict:
     """images/s of every greedy block's (uncached) training step and of the end-to-end step, over every process
     of the run: under torchrun through DDP, each process stepping on its share of the global batch. Also what one
     all-reduce of the stage's gradients costs (the whole of DDP's communication per step, not overlapped here)."""
-    where = from_env()
-    cfg = bench_config(preset, batch_size, None, precision, "none")
-    check_batch(cfg.train.batch_size, where)
-    compute = precision_for(resolve_device(device_for(device, where)), precision)
-    dev = compute.device
+    where, preset = from_env(), spec.preset
+    spec = dataclasses.replace(spec, image_size=None, compile_mode="none", recompute_activations=False)
+    dev = compute_for(bench_config(spec).train, where).device
     with process_group(where, dev):
-        classes = cfg.model.num_classes
+        setup = bench_setup(spec, where)  # the same network and batch in every process
+        cfg, compute, classes, net = setup.cfg, setup.compute, setup.classes, setup.net
         batch, size = cfg.train.batch_size, cfg.data.image_size
-        torch.manual_seed(0)  # the same network and batch in every process
-        net = bench_network(cfg, preset, compute, classes)
         x = torch.randn(batch, cfg.model.in_channels, size, size, device=dev).tensor_split(where.world_size)
         y = torch.randint(0, classes, (batch,), device=dev).tensor_split(where.world_size)
         timing = Timing(cfg, compute, warmup, steps, where, memory=False)

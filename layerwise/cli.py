@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -214,9 +215,17 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from layerwise.bench import bench_input, bench_model, format_report
+    from layerwise.bench import BenchSpec, bench_input, bench_model, format_report
     from layerwise.presets import load_preset
 
+    spec = BenchSpec(
+        args.preset,
+        device=args.device,
+        image_size=args.image_size,
+        precision=args.precision,
+        compile_mode=args.compile,
+        recompute_activations=args.recompute_activations,
+    )
     if args.max_batch:
         from layerwise.bench import max_batch
 
@@ -225,13 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if from_env().active:
             raise LayerwiseError("--max-batch measures one GPU; run it without torchrun")
 
-        result = max_batch(
-            args.preset,
-            args.device,
-            args.image_size,
-            recompute_activations=args.recompute_activations,
-            precision=args.precision,
-        )
+        result = max_batch(spec)
         print(json.dumps(result, indent=2))
         return 0
     steps, warmup = (args.steps or 2, 1) if args.quick else (args.steps or 10, 2)
@@ -244,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.scaling or where.active:
         from layerwise.bench import bench_processes, format_processes
 
-        result = bench_processes(args.preset, batch, args.device, steps, warmup, args.precision)
+        result = bench_processes(dataclasses.replace(spec, batch_size=batch), steps, warmup)
         if where.is_main:
             print(json.dumps(result, indent=2) if args.json else format_processes(result))
         return 0
@@ -254,18 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LayerwiseError(
             f"--blocks takes block numbers separated by commas, like 0,3 (got {args.blocks!r})"
         ) from None
-    model = bench_model(
-        args.preset,
-        batch,
-        args.device,
-        steps,
-        warmup,
-        args.image_size,
-        blocks,
-        recompute_activations=args.recompute_activations,
-        precision=args.precision,
-        compile_mode=args.compile,
-    )
+    model = bench_model(dataclasses.replace(spec, batch_size=batch), steps, warmup, blocks)
     inputs = None
     if not args.no_input and load_preset(args.preset).data.augment == "cifar":
         inputs = bench_input(args.preset, args.data, model["batch_size"])

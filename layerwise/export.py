@@ -27,8 +27,8 @@ FORMATS = ("onnx", "pt2")
 
 
 class Deployable(nn.Module):
-    """uint8 images (N, 3, H, W) -> (N, classes) scores of `heads[-1]`, or with `ensemble` (logits or softmax) the
-    running ensemble over `heads`. Holds only the blocks and heads it needs."""
+    """uint8 images (N, C, H, W), C = model.in_channels -> (N, classes) scores of `heads[-1]`, or with `ensemble`
+    (logits or softmax) the running ensemble over `heads`. Holds only the blocks and heads it needs."""
 
     def __init__(self, net: StagedNet, heads: list[int], cfg: RunConfig, ensemble: str | None = None):
         super().__init__()
@@ -80,7 +80,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, hea
             ) from None
     model, got = deployable(run_dir, head, ensemble)
     size = got.cfg.data.image_size
-    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    example = torch.randint(0, 256, (2, got.cfg.model.in_channels, size, size), dtype=torch.uint8)
     batch = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
     out = Path(out) if out else got.run.path / f"model.{fmt}"
     try:

@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.data.images import IMAGE_EXTENSIONS, read_image
-from layerwise.data.loaders import Normalize, imagenet_transform
+from layerwise.data.loaders import Normalize, imagenet_transform, to_channels
 from layerwise.device import precision_for, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.train.checkpoint import RunDir
@@ -110,14 +110,15 @@ def _images_below(top: str) -> Iterator[Input]:
 
 
 def load_image(path: str | Path, cfg: RunConfig) -> torch.Tensor:
-    """(3, S, S) uint8, as evaluation sees images: resized (shorter side) and centre-cropped to the run's size."""
+    """(C, S, S) uint8, as evaluation sees images: resized (shorter side) and centre-cropped to the run's size,
+    with its channels (model.in_channels)."""
     image = read_image(path)  # sized from its header first; the first frame of an animated image
     size = cfg.data.image_size
     if cfg.data.augment == "imagenet":
         return imagenet_transform(cfg.data, train=False)(image)
     if tuple(image.shape[1:]) != (size, size):
         image = v2.CenterCrop(size)(v2.Resize(size, antialias=True)(image))
-    return image
+    return to_channels(image, cfg.model.in_channels)
 
 
 _END = object()

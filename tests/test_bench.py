@@ -121,9 +121,9 @@ def test_max_batch_needs_a_gpu(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_max_batch_on_gpu():
-    from layerwise.bench import max_batch
+    from layerwise.bench import BenchSpec, max_batch
 
-    result = max_batch("demo", "cuda", limit=256)
+    result = max_batch(BenchSpec("demo", device="cuda"), limit=256)
     assert result["greedy"] >= 1 and result["e2e"] >= 1
 
 

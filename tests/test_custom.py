@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_folder
+from custom_nets import unit
 from test_recompute import assert_same_training
 from torch import nn
 
@@ -104,14 +105,6 @@ def test_infopro_head_has_the_published_layout():
     assert (wide[0].out_channels, wide[0].stride) == (64, (1, 1))
 
 
-def unit(cin: int, cout: int, stride: int = 1) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-def good(width: int = 4) -> list[nn.Module]:
-    return [unit(3, width), nn.Sequential(unit(width, 2 * width, 2), nn.Dropout(0.3))]
-
-
 def not_chaining() -> list[nn.Module]:
     return [unit(3, 8), unit(16, 8)]
 
@@ -155,8 +148,8 @@ def test_networks_that_cannot_work_are_refused_in_one_line(builder, message):
 
 
 def test_heads_follow_each_stage_and_num_classes_reaches_the_builder():
-    net = build_model(custom("test_custom:good", builder_args={"width": 6}, head="infopro"), 3)
-    assert [h[0].in_channels for h in net.heads] == [6, 12]
+    net = build_model(custom("tests.custom_nets:good", builder_args={"width": 6}, head="infopro"), 3)
+    assert [h[0].in_channels for h in net.heads] == [6, 12, 12]
     net = build_model(custom("test_custom:own_heads"), 5)
     assert net.heads[0][-1].out_features == 5
 
@@ -171,7 +164,7 @@ def test_recompute_trains_any_stage_exactly_like_the_plain_path(mode, which):
     """A stage of your own (with dropout, so the RNG state matters) is checkpointed whole: same losses, weights
     and BN buffers, and less kept for the backward pass."""
     torch.manual_seed(0)
-    plain = build_model(custom("test_custom:good", head="infopro"), 4, 16)
+    plain = build_model(custom("tests.custom_nets:good", head="infopro"), 4, 16)
     batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))) for _ in range(3)]
     stage = plan_stages(plain.J, mode)[which]
     assert_same_training(plain, stage, batches)
@@ -193,3 +186,42 @@ def test_recompute_trains_any_stage_exactly_like_the_plain_path(mode, which):
     full = kept(plain)
     set_recompute(plain, True)
     assert kept(plain) < 0.5 * full
+
+
+def test_your_network_resumes_exactly_with_the_cache_bf16_early_exit_and_predict(tmp_path, image_folder, capsys):
+    """What a preset run has: a run stopped mid-block and resumed ends where an uninterrupted one does (here
+    with the host prefix cache and bf16), and early exit and predict load it with --trust-code."""
+    from test_cache import final_weights
+
+    from layerwise import config_for
+    from layerwise.cli import main
+    from layerwise.train import train
+
+    cfg = config_for(
+        "tests.custom_nets:good",
+        args={"width": 4},
+        data={"val_size": 8},
+        train={"epochs_per_block": 2, "batch_size": 16, "train_eval_size": 8, "device": "cpu", "cache": "host",
+               "precision": "bf16"},
+    )  # fmt: skip
+    train(cfg, tmp_path / "whole", image_folder)
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        if (row["stage"], row["epoch"]) == (1, 1):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", image_folder, on_epoch_end=stop)
+    train(cfg, tmp_path / "cut", image_folder, resume=True)
+    whole, cut = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    run_dir = str(tmp_path / "whole")
+    assert main(["eval", run_dir, "--data", str(image_folder), "--early-exit", "--trust-code", "--device", "cpu"]) == 0
+    image = str(next(image_folder.rglob("*.jpg")))
+    capsys.readouterr()
+    assert main(["predict", run_dir, image, "--early-exit", "--json", "--trust-code", "--device", "cpu"]) == 0
+    assert "head" in capsys.readouterr().out
+    assert main(["predict", run_dir, image]) == 2  # no --trust-code

@@ -296,3 +296,27 @@ def test_a_cifar_class_the_run_lacks_is_named_with_the_archive(cifar_archive):
     classes = [f"c{i}" for i in range(9)]  # no c9
     with pytest.raises(LayerwiseError, match=rf"^class 'c9' in {re.escape(str(cifar_archive))} is not one"):
         open_eval(cifar_archive, True, 32, classes)
+
+
+def test_every_loader_is_a_loader_and_counts_its_batches(tmp_path, image_folder):
+    """48 images in batches of 16: 3 batches of 16; the prefix cache batches exactly as its images' loader."""
+    from test_train import tiny_config
+
+    from layerwise.data import build_data
+    from layerwise.data.loaders import Loader, StreamLoader
+    from layerwise.data.sources import Files
+    from layerwise.device import Precision
+    from layerwise.models import build_model
+    from layerwise.train.cache import PrefixCache
+
+    cfg = tiny_config(data={"val_size": 0})
+    data = build_data(cfg.data, image_folder, 16, torch.device("cpu"))
+    files = Files([str(p) for p in sorted(image_folder.rglob("*.jpg"))][:40], [0] * 40)
+    stream = StreamLoader(files, 16, torch.device("cpu"), cfg.data, train=True)
+    net = build_model(cfg.model, 3)
+    cache = PrefixCache(net, 1, data.train, [0], "host", Precision(torch.device("cpu"), False))
+    for loader, n, sizes in ((data.train, 48, [16, 16, 16]), (stream, 40, [16, 16, 8]), (cache, 48, [16, 16, 16])):
+        assert isinstance(loader, Loader)
+        assert (loader.num_examples, len(loader)) == (n, len(sizes))
+        assert [loader.global_batch(i) for i in range(len(loader))] == sizes
+    assert cache.offset == 1 and data.train.offset == 0

@@ -212,3 +212,23 @@ def test_predict_answers_each_stdin_line_as_it_comes_and_stops_quietly_on_a_clos
         assert "Traceback" not in err and "Error" not in err, err
     finally:
         proc.kill()
+
+
+def test_a_one_channel_dataset_trains_evaluates_exports_and_predicts(tmp_path, image_folder, capsys):
+    """model.in_channels=1: images become one luma channel everywhere (training, eval, export, predict)."""
+    from layerwise.data.loaders import to_channels
+
+    red = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    red[:, 0] = 255
+    assert to_channels(red, 1).unique().tolist() == [76]  # ITU-R 601-2 luma: 0.299 x 255
+    run = tmp_path / "gray"
+    train(tiny_config(epochs=1, model={"in_channels": 1}, data={"mean": [0.45], "std": [0.25]}), run, image_folder)
+    got = load_delivered(run, precision_for(torch.device("cpu"), "fp32"))
+    assert got.net.blocks[0][0].in_channels == 1
+    assert main(["eval", str(run), "--data", str(image_folder), "--device", "cpu"]) == 0
+    assert main(["export", str(run), "--format", "pt2"]) == 0
+    program = torch.export.load(run / "model.pt2").module()
+    assert program(torch.zeros(2, 1, 32, 32, dtype=torch.uint8)).shape == (2, 3)
+    capsys.readouterr()
+    assert main(["predict", str(run), str(next(image_folder.rglob("*.jpg"))), "--json", "--device", "cpu"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["top"]) == 3

@@ -9,6 +9,7 @@ from torch import nn
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
 from layerwise.models import build_model
+from layerwise.models.custom import InfoProHead
 from layerwise.models.resnet import balanced_ends, torchvision_state_dict
 
 
@@ -75,3 +76,30 @@ def test_the_delivered_resnet18_is_torchvisions_with_the_same_outputs(k):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(reference.eval()(x), net.eval()(x)[-1], atol=1e-5)
+
+
+def test_any_sequence_of_units_splits_by_measured_flops():
+    from layerwise.models.resnet import split_modules
+
+    # 3x3 convs at 8 channels: A at 16 px, A/4 at 8 px (the pool costs nothing). Cut in two, 16 | 16 pool 8 8
+    # costs max(A, 1.5 A) and 16 16 | pool 8 8 costs 2A: the first cut is the only best one
+    units = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2)]
+    units += [nn.Conv2d(8, 8, 3, padding=1) for _ in range(2)]
+    modules = split_modules(units, 2, (8, 16, 16))
+    assert [len(m) for m in modules] == [1, 4]
+    with pytest.raises(LayerwiseError, match="cannot cut 5 units into 8 modules"):
+        split_modules(units, 8, (8, 16, 16))
+
+
+def test_a_timm_models_stem_and_stages_train_as_modules():
+    timm = pytest.importorskip("timm", reason="timm is an optional extra that CI does not install")
+    from layerwise.models.custom import staged_from_stages
+    from layerwise.models.resnet import split_modules
+
+    model = timm.create_model("convnext_atto", num_classes=10, pretrained=False).eval()
+    stages = split_modules([model.stem, *model.stages], 2, (3, 64, 64))
+    heads = [InfoProHead(stages[0](torch.zeros(1, 3, 64, 64)).shape[1], 10), model.head]
+    net = staged_from_stages(stages, heads, ModelConfig(), 10, 64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x)[-1], model(x), atol=1e-5)

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.nn import functional as F
@@ -114,6 +115,43 @@ class Batching:
             yield idx.tensor_split(self.where.world_size)[self.where.rank] if self.where.active else idx
 
 
+@runtime_checkable
+class Loader(Protocol):
+    """What training and evaluation read from any loader (MemoryLoader, StreamLoader, train.cache.PrefixCache):
+    normalised batches of the input of block `offset` (0: the images) on `device`, this process's share of each
+    global batch, in an order that depends only on `batches`' arguments."""
+
+    offset: int
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def global_batch(self, i: int) -> int: ...
+
+    @property
+    def num_examples(self) -> int: ...
+
+    def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]: ...
+
+
+class Batched:
+    """What every loader shares: an epoch cut into global batches by `self.batching` (a Batching)."""
+
+    offset = 0
+    batching: Batching
+
+    def __len__(self) -> int:
+        return len(self.batching)
+
+    def global_batch(self, i: int) -> int:
+        """Images in global batch i, over every process."""
+        return self.batching.global_batch(i)
+
+    @property
+    def num_examples(self) -> int:
+        return self.batching.n
+
+
 def shard(examples: Examples, where: Dist) -> Examples:
     """Every world_size-th example from this process's rank on: the processes' shards cover each example once."""
     if not where.active:
@@ -121,34 +159,18 @@ def shard(examples: Examples, where: Dist) -> Examples:
     return examples.subset(torch.arange(where.rank, len(examples), where.world_size))
 
 
-class MemoryLoader:
-    """Batches of a decoded dataset held on the device.
-
-    Like every loader here it yields the input of block `offset` (0: the images), and `batches(seed, epoch)`
-    depends only on its arguments.
-    """
-
-    offset = 0
+class MemoryLoader(Batched):
+    """Batches of a decoded dataset held on the device (a Loader)."""
 
     def __init__(
         self, data: Decoded, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
     ):
-        self.images = data.images.to(device)
+        self.images = to_channels(data.images, len(cfg.mean)).to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.batching = Batching(len(data), batch_size, where if train else SINGLE)
         self.padding = cfg.crop_padding
         self.normalize = Normalize(cfg.mean, cfg.std, device)
-
-    def __len__(self) -> int:
-        return len(self.batching)
-
-    def global_batch(self, i: int) -> int:
-        return self.batching.global_batch(i)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.labels)
 
     def epoch_plan(self, seed: int) -> tuple[torch.Tensor, Augmentation]:
         """This epoch's image order and per-image augmentation (on the CPU, so every device sees the same
@@ -186,9 +208,18 @@ class FileDataset(Dataset):
 
 
 def imagenet_transform(cfg: DataConfig, train: bool) -> v2.Transform:
+    gray = [v2.Grayscale(1)] if len(cfg.mean) == 1 else []
     if train:
-        return v2.Compose([v2.RandomResizedCrop(cfg.image_size, antialias=True), v2.RandomHorizontalFlip()])
-    return v2.Compose([v2.Resize(cfg.resize_size, antialias=True), v2.CenterCrop(cfg.image_size)])
+        return v2.Compose([*gray, v2.RandomResizedCrop(cfg.image_size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([*gray, v2.Resize(cfg.resize_size, antialias=True), v2.CenterCrop(cfg.image_size)])
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) as decoded, with the run's number of channels (model.in_channels, which
+    data.mean has values for): 1 is torchvision's grayscale (ITU-R 601-2 luma), 3 leaves them as they are."""
+    if channels == 1 and images.shape[-3] == 3:
+        return v2.functional.rgb_to_grayscale(images)
+    return images
 
 
 def usable_workers(asked: int) -> int:
@@ -204,13 +235,11 @@ def usable_workers(asked: int) -> int:
     return cpus
 
 
-class StreamLoader:
-    """A DataLoader over files with worker processes and pinned memory, normalising on the device.
+class StreamLoader(Batched):
+    """A DataLoader over files with worker processes and pinned memory, normalising on the device (a Loader).
 
     Workers are started afresh each epoch so that each epoch's crops depend only on its seed (exact resume).
     """
-
-    offset = 0
 
     def __init__(
         self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
@@ -220,16 +249,6 @@ class StreamLoader:
         self.batching = Batching(len(files), batch_size, where if train else SINGLE)
         self.rank = where.rank
         self.normalize = Normalize(cfg.mean, cfg.std, device)
-
-    def __len__(self) -> int:
-        return len(self.batching)
-
-    def global_batch(self, i: int) -> int:
-        return self.batching.global_batch(i)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.dataset)
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
         """The epoch's batches (this process's share of each); the order depends only on `seed`, the random crops
@@ -253,9 +272,6 @@ class StreamLoader:
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             yield self.normalize(x), y.to(self.device, non_blocking=True)
-
-
-Loader = MemoryLoader | StreamLoader
 
 
 def make_loader(

@@ -180,11 +180,12 @@ def import_path(builder: Callable) -> str:
     if isinstance(builder, str):
         return builder
     module, name = getattr(builder, "__module__", None), getattr(builder, "__qualname__", "")
-    if module == "__main__":
-        main = getattr(sys.modules["__main__"], "__file__", None)
-        if main is None:
+    if module == "__main__":  # `python -m package.script` names it; `python script.py` by its file
+        main = sys.modules["__main__"]
+        spec, path = getattr(main, "__spec__", None), getattr(main, "__file__", None)
+        if spec is None and path is None:
             raise LayerwiseError("define the network's builder in a file (a module or script), not interactively")
-        module = os.path.splitext(os.path.basename(main))[0]
+        module = spec.name if spec is not None else os.path.splitext(os.path.basename(path))[0]
     if not module or "<" in name:
         raise LayerwiseError(f"the builder {builder!r} must be a function defined at a module's top level")
     return f"{module}:{name}"

@@ -5,6 +5,8 @@
 - `resnet`: torchvision's ResNet-18/34/50 cut at residual-block boundaries into K modules balanced by measured
   FLOPs (the stem joins the first module), optionally with a CIFAR stem (3x3 conv, stride 1, no max-pool).
 - `vgg`: torchvision's VGG-BN cut at its pooling layers, balanced the same way.
+- `split_modules`: any network's consecutive parts (a timm model's stem and stages) balanced the same way, for
+  a builder of your own.
 
 Every module but the last gets a library head (model.head); the last keeps the network's own classifier, so
 the delivered network is the original one: `torchvision_state_dict` gives its state_dict in torchvision's keys.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -239,6 +242,18 @@ def vgg(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNet:
         per_layer.append(m.out_channels if isinstance(m, nn.Conv2d) else per_layer[-1] if per_layer else 3)
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), classifier=model.classifier))
     return assemble(named, ends, classifier, per_layer, cfg, num_classes)
+
+
+def split_modules(units: Sequence[nn.Module], k: int, image: tuple[int, int, int]) -> list[nn.Sequential]:
+    """Consecutive units of a network (its plain sequential parts: a timm model's stem and stages, say) in k
+    modules balanced by their FLOPs on one image of shape (channels, height, width), measured on the meta
+    device. A builder returns them as its stages (model.arch=custom)."""
+    units = list(units)
+    if not 1 <= k <= len(units):
+        raise LayerwiseError(f"cannot cut {len(units)} units into {k} modules; choose K between 1 and {len(units)}")
+    costs, _ = _flops(units, image)
+    ends = balanced_ends(costs, k)
+    return [nn.Sequential(*units[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def torchvision_state_dict(net: StagedNet) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.data.loaders import MemoryLoader, augment
+from layerwise.data.loaders import Batched, MemoryLoader, augment
 from layerwise.device import Precision
 from layerwise.errors import LayerwiseError
 from layerwise.limits import human_bytes as human
@@ -71,8 +71,9 @@ def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path
         )
 
 
-class PrefixCache:
-    """A loader of x_j, the frozen blocks' output, for greedy stage j.
+class PrefixCache(Batched):
+    """A loader of x_j, the frozen blocks' output, for greedy stage j (a Loader; its batches are the images'
+    loader's, in the same order).
 
     On a GPU the store is (views, N, H, W, C): batches come out channels_last, the network's layout, and
     host or disk stores are gathered straight into pinned memory for an asynchronous copy.
@@ -91,7 +92,7 @@ class PrefixCache:
         precision: Precision,
         root: Path | None = None,
     ):
-        self.offset = upto
+        self.offset, self.batching = upto, images.batching
         self.images, self.labels = images, images.labels
         self.device, self.batch_size = images.device, images.batch_size
         self.views = len(view_seeds)
@@ -126,16 +127,6 @@ class PrefixCache:
                     out = net.forward_features(x, 0, upto)
                     out = out.permute(0, 2, 3, 1) if self.nhwc else out  # channels_last -> NHWC is a free view
                     self.store[v, start : start + len(idx)].copy_(out)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def global_batch(self, i: int) -> int:
-        return self.images.global_batch(i)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.labels)
 
     def batches(self, seed: int, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, _ = self.images.epoch_plan(seed)  # the plain path's order for this epoch (on the CPU)
