@@ -202,8 +202,10 @@ def bench_setup(spec: BenchSpec, where: Dist = SINGLE) -> Bench:
     compute = compute_for(cfg.train, where)
     torch.manual_seed(0)
     try:
-        net = checked_model(cfg, cfg.model.num_classes, compute, mode="greedy")
-    except LayerwiseError:
+        net = checked_model(cfg, cfg.model.num_classes, compute, mode="greedy", processes=where.world_size)
+    except LayerwiseError as e:
+        if not str(e).startswith("the model cannot be built or run"):
+            raise
         raise LayerwiseError(
             f"{spec.preset} cannot run at {cfg.data.image_size} px; use a larger --image-size"
         ) from None

@@ -59,7 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if from_env().active:
             raise LayerwiseError("--download once without torchrun first: every process would write the same files")
         download_cifar10(args.data)
-    log.info("run %s: preset %s, mode %s, arch %s, k=%d", out, cfg.preset, cfg.train.mode, cfg.model.arch, cfg.model.k)
+    heads = "infopro heads" if cfg.model.head == "infopro" and cfg.model.arch not in ("simcnn", "vgg11") else ""
+    heads = heads or f"k={cfg.model.k}"
+    log.info("run %s: preset %s, mode %s, arch %s, %s", out, cfg.preset, cfg.train.mode, cfg.model.arch, heads)
     where = from_env()
     resume = f"{'torchrun ... -m layerwise' if where.active else 'layerwise'} train --out {out} --resume"
     signal.signal(signal.SIGTERM, _terminated)  # torchrun stops every process this way when one fails
@@ -179,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from layerwise.models import build_model
+    from layerwise.models import architectures, build_model
     from layerwise.presets import list_presets, load_preset
 
     rows = []
@@ -211,6 +213,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
             f"{r['params_final_m']:>9.2f} {r['params_heads_m']:>9.2f}  {paper}"
         )
     print("final = every block + the last head (the delivered network); heads = all auxiliary heads.")
+    print(f"architectures (model.arch): {', '.join(architectures())}")
     return 0
 
 

@@ -15,6 +15,9 @@ import yaml
 
 from layerwise.errors import LayerwiseError
 
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+"""model.builder's form, package.module:function: nothing else reaches importlib or an error message."""
+
 SPLIT_ARCHS = ("cifar_resnet", "resnet", "vgg")
 """Architectures cut into model.split modules of a network of model.depth layers."""
 
@@ -24,9 +27,10 @@ class ModelConfig:
     """The staged network: J blocks, each followed by its own auxiliary head."""
 
     arch: str = "simcnn"
-    """A registered architecture (`layerwise presets --architectures` lists them; layerwise.models.register_model
-    adds one): `simcnn` (the paper's SimCNN: P is space-to-depth) or `vgg11` (VGG-11-BN cut into blocks: P is a
-    max-pool, heads use the paper's VGG auxiliary design and the last head is VGG's own classifier), and more."""
+    """A registered architecture (`layerwise presets` lists them; layerwise.models.register_model adds one):
+    `simcnn` (the paper's SimCNN: P is space-to-depth), `vgg11` (VGG-11-BN cut into blocks: P is a max-pool, heads
+    use the paper's VGG auxiliary design and the last head is VGG's own classifier), `custom` (model.builder),
+    `cifar_resnet`, `resnet` or `vgg` (split into model.split modules: layerwise.models.resnet)."""
     k: int = 3
     """The paper's k: hidden layers of each auxiliary problem, the block included. Heads have k-1 convs."""
     widths: list[int] = field(default_factory=lambda: [128, 128, 256, 256])
@@ -103,6 +107,10 @@ class ModelConfig:
         _check(
             bool(self.builder) == (self.arch == "custom"),
             "model.builder (package.module:function) goes with model.arch=custom, and only with it",
+        )
+        _check(
+            not self.builder or IMPORT_PATH.fullmatch(self.builder) is not None,
+            f"model.builder must be an import path package.module:function (got {self.builder!r:.80})",
         )
         _check(0 <= self.classifier_dropout < 1, "model.classifier_dropout must be in [0, 1)")
         _check(

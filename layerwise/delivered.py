@@ -54,7 +54,8 @@ def checked_model(
     except (RuntimeError, ValueError) as e:
         raise LayerwiseError(
             f"the model cannot be built or run on {channels}x{size}x{size} inputs ({str(e).splitlines()[0][:200]}); "
-            "check model.widths, model.downsample_at, model.in_channels and data.image_size"
+            "check the model settings and data.image_size"
+            + ("; or the checkpoint is not this network's" if state is not None else "")
         ) from None
     try:
         if mode is None:
@@ -73,7 +74,8 @@ def downsamples(net: StagedNet, x: torch.Tensor) -> list[bool]:
     for block, head in zip(net.blocks, net.heads, strict=True):
         y = block(x)
         head(y)
-        out.append(y.shape[-2:] != x.shape[-2:] if x.dim() == y.dim() == 4 else False)
+        smaller = x.dim() == y.dim() == 4 and (y.shape[-2] < x.shape[-2] or y.shape[-1] < x.shape[-1])
+        out.append(bool(smaller))
         x = y
     return out
 

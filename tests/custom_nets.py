@@ -10,3 +10,11 @@ def unit(cin: int, cout: int, stride: int = 1) -> nn.Module:
 
 def good(width: int = 4) -> list[nn.Module]:
     return [unit(3, width), nn.Sequential(unit(width, 2 * width, 2), nn.Dropout(0.3)), unit(2 * width, 2 * width)]
+
+
+def plain(width: int = 4) -> list[nn.Module]:
+    """No BatchNorm and no dropout: two processes train it exactly as one does."""
+    return [
+        nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU()),
+    ]

@@ -95,6 +95,16 @@ def test_a_received_run_imports_its_code_only_when_trusted_and_the_report_never(
     assert resumed.returncode == 2 and "--trust-code" in resumed.stderr
 
 
+def test_a_script_run_from_another_folder_is_refused_before_training(tmp_path):
+    """Its builder would be recorded as `mynet:stages`, which `layerwise eval` run from here could not import."""
+    python, _ = readme_snippet()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mynet.py").write_text(python)
+    done = run([sys.executable, "sub/mynet.py"], tmp_path)
+    assert done.returncode == 1 and f"run mynet.py from its own folder, {tmp_path / 'sub'} (or as" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_infopro_head_has_the_published_layout():
     """One conv (16 -> 32 channels, stride 2, no bias), BN, pooling, 32 -> 128 -> 10 linear layers."""
     head = InfoProHead(16, 10)
@@ -115,6 +125,19 @@ def wrong_head(num_classes: int):
 
 def own_heads(num_classes: int):
     return [unit(3, 4)], [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))]
+
+
+def module_lists(num_classes: int):
+    stages, heads = own_heads(num_classes)
+    return nn.ModuleList(stages), nn.ModuleList(heads)
+
+
+def head_too_small():
+    return [unit(3, 4)], [nn.Sequential(nn.Flatten(), nn.Linear(5, 3))]
+
+
+def one_head():
+    return [unit(3, 4)], nn.Linear(4, 3)
 
 
 def raises() -> list[nn.Module]:
@@ -139,6 +162,9 @@ def custom(builder: str, **model) -> ModelConfig:
         ("test_custom:missing", "model.builder test_custom:missing: test_custom has no missing"),
         ("test_custom:raises", "model.builder test_custom:raises raised ValueError: boom"),
         ("test_custom:not_stages", "model.builder test_custom:not_stages returned int; return a list of stages"),
+        ("test_custom:head_too_small", "head 0 (Sequential) cannot take stage 0's 2x4x32x32 output: "),
+        ("test_custom:one_head", "heads must be a list with one nn.Module per stage, not Linear"),
+        ("os:system\nrm", "model.builder must be an import path package.module:function (got 'os:system\\nrm')"),
     ],
 )
 def test_networks_that_cannot_work_are_refused_in_one_line(builder, message):
@@ -152,6 +178,8 @@ def test_heads_follow_each_stage_and_num_classes_reaches_the_builder():
     assert [h[0].in_channels for h in net.heads] == [6, 12, 12]
     net = build_model(custom("test_custom:own_heads"), 5)
     assert net.heads[0][-1].out_features == 5
+    net = build_model(custom("test_custom:module_lists"), 5)  # a pair of ModuleLists is (stages, heads) too
+    assert net.J == 1 and net.heads[0][-1].out_features == 5
 
 
 def test_custom_heads_fail_when_the_class_count_disagrees():
@@ -224,4 +252,7 @@ def test_your_network_resumes_exactly_with_the_cache_bf16_early_exit_and_predict
     capsys.readouterr()
     assert main(["predict", run_dir, image, "--early-exit", "--json", "--trust-code", "--device", "cpu"]) == 0
     assert "head" in capsys.readouterr().out
-    assert main(["predict", run_dir, image]) == 2  # no --trust-code
+    capsys.readouterr()
+    for refused in (["predict", run_dir, image], ["export", run_dir, "--format", "pt2"]):  # no --trust-code
+        assert main(refused) == 2
+        assert "would import and call tests.custom_nets:good with {'width': 4}" in capsys.readouterr().err

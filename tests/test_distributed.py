@@ -204,6 +204,16 @@ def test_a_run_started_on_one_process_resumes_on_two(tmp_path, data, two_process
     assert_close(weights(tmp_path / "run"), weights(two_processes))
 
 
+def test_your_own_network_trains_under_torchrun_as_in_one_process(tmp_path, data):
+    """model.arch=custom through torchrun: every process imports the builder (tests.custom_nets, from the
+    repository root) and two gloo processes end where one does."""
+    custom = settings(2, *NO_BN, "model.arch=custom", "model.builder=tests.custom_nets:plain")
+    run(standalone(*layerwise_train(tmp_path / "two", data, custom)))
+    assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(custom)]) == 0
+    assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+
+
 def workers_of(job: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of torchrun's worker processes (found through their environment)."""
     found = {}

@@ -27,12 +27,20 @@ def test_balanced_cuts_minimise_the_costliest_module():
 
 @pytest.mark.parametrize(
     "depth, k, blocks",
-    [(32, 2, [8, 8]), (32, 8, [2] * 8), (110, 4, [13, 14, 14, 14]), (32, 16, [1] * 16)],
+    [
+        (32, 2, [8, 8]),
+        (32, 8, [2] * 8),
+        (110, 4, [13, 14, 14, 14]),
+        (32, 16, [1] * 16),
+        (20, 3, [4, 3, 3]),
+        (20, 10, [1] * 10),
+    ],
 )
 def test_cifar_resnets_are_cut_where_infopro_cuts(depth, k, blocks):
     """InfoPro's configs.py, as PEERS.md reports it: ResNet-32 K=2 after stage 2 block 1 (stem + 5 + 2 blocks);
     K=8 [1,0] [1,2] [1,4] [2,1] [2,3] [3,0] [3,2] (two units each); ResNet-110 K=4 [1,11] [2,7] [3,3] (stem +
-    12 blocks, 14, 14, 14); K=16 one unit each, the stem alone first."""
+    12 blocks, 14, 14, 14); K=16 one unit each, the stem alone first. ResNet-20 is not in InfoPro's table: its 9
+    blocks split evenly, the stem with the first 3; at K=10 every unit is a module of its own."""
     net = split("cifar_resnet", depth, k)
     assert [len(b) for b in net.blocks] == blocks
     assert sum(len(b) for b in net.blocks) == 1 + (depth - 2) // 2
@@ -44,6 +52,11 @@ def test_resnet18_splits_at_residual_blocks_balanced_by_flops():
                        ["layer3_0", "layer3_1"], ["layer4_0", "layer4_1"]]  # fmt: skip
     assert by_k[8][0] == ["conv1", "bn1", "relu", "maxpool", "layer1_0"] and len(by_k[8]) == 8
     assert len(by_k[2]) == 2
+
+
+def test_the_imagenet_stem_builds_at_any_size_it_can_run():
+    net = split("resnet", 18, 2, size=32)  # layer4 is 1x1 at 32 px: the FLOP count must not need two images
+    assert net.J == 2 and net(torch.randn(2, 3, 32, 32))[-1].shape == (2, 10)
 
 
 def test_resnet50_and_vgg_split_too():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,14 +18,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from layerwise.config import ModelConfig
+from layerwise.config import IMPORT_PATH, ModelConfig
 from layerwise.errors import LayerwiseError
 from layerwise.models.heads import AuxClassifier
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
 TRUST_VARIABLE = "LAYERWISE_TRUST_CODE"
-IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class InfoProHead(nn.Sequential):
@@ -75,6 +73,8 @@ def staged_from_stages(
     stages = list(stages)
     if not stages or not all(isinstance(s, nn.Module) for s in stages):
         raise LayerwiseError("a network needs a non-empty list of stages, each an nn.Module")
+    if heads is not None and not isinstance(heads, (list, tuple, nn.ModuleList)):
+        raise LayerwiseError(f"heads must be a list with one nn.Module per stage, not {type(heads).__name__}")
     if heads is not None and (len(heads) != len(stages) or not all(isinstance(h, nn.Module) for h in heads)):
         raise LayerwiseError(f"give one head (an nn.Module) per stage: {len(stages)} stages, {len(heads)} heads")
     shapes = output_shapes(stages, (cfg.in_channels, image_size, image_size))
@@ -89,7 +89,13 @@ def staged_from_stages(
             heads.append(make_head(cfg.head, shape[1], num_classes, cfg))
     net = StagedNet(stages, list(heads))
     for j, (head, shape) in enumerate(zip(net.heads, shapes, strict=True)):
-        got = tuple(_probe(head, torch.zeros(shape, device=_device_of(head, stages[j]))).shape)
+        try:
+            got = tuple(_probe(head, torch.zeros(shape, device=_device_of(head, stages[j]))).shape)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise LayerwiseError(
+                f"head {j} ({type(head).__name__}) cannot take stage {j}'s {_shape(shape)} output: {detail}"
+            ) from None
         if got != (shape[0], num_classes):
             raise LayerwiseError(
                 f"head {j} ({type(head).__name__}) returns {_shape(got)} for stage {j}'s {_shape(shape)}, not "
@@ -153,8 +159,8 @@ def import_builder(path: str) -> Callable:
     if not IMPORT_PATH.fullmatch(path):
         raise LayerwiseError(f"model.builder must be an import path package.module:function (got {path!r})")
     module_name, attr = path.split(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:  # last: the current directory never shadows an installed module
+        sys.path.append(os.getcwd())
     try:
         target = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -185,6 +191,11 @@ def import_path(builder: Callable) -> str:
         spec, path = getattr(main, "__spec__", None), getattr(main, "__file__", None)
         if spec is None and path is None:
             raise LayerwiseError("define the network's builder in a file (a module or script), not interactively")
+        if spec is None and os.path.dirname(os.path.abspath(path)) != os.getcwd():
+            raise LayerwiseError(
+                f"run {os.path.basename(path)} from its own folder, {os.path.dirname(os.path.abspath(path))} (or as "
+                "python -m package.module), so that `layerwise eval` and the others can import its builder later"
+            )
         module = spec.name if spec is not None else os.path.splitext(os.path.basename(path))[0]
     if not module or "<" in name:
         raise LayerwiseError(f"the builder {builder!r} must be a function defined at a module's top level")
@@ -194,9 +205,11 @@ def import_path(builder: Callable) -> str:
 def check_trusted(cfg: ModelConfig, where: str | os.PathLike) -> None:
     """Refuse to import a run's builder unless the caller opted in (--trust-code, or LAYERWISE_TRUST_CODE=1)."""
     if cfg.arch == "custom" and os.environ.get(TRUST_VARIABLE, "") != "1":
+        args = repr(cfg.builder_args)
+        args = args if len(args) <= 120 else args[:117] + "..."
         raise LayerwiseError(
-            f"{where} is built by code, model.builder {cfg.builder}, which loading it would import and run; if you "
-            f"trust where it came from, pass --trust-code (or set {TRUST_VARIABLE}=1)"
+            f"{where} is built by code: loading it would import and call {cfg.builder} with {args}; if you trust "
+            f"where it came from, pass --trust-code (or set {TRUST_VARIABLE}=1)"
         )
 
 
@@ -235,7 +248,7 @@ def custom(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNe
         raise LayerwiseError(f"model.builder {cfg.builder} raised {_error(e)}") from None
     if isinstance(made, StagedNet):
         return staged_from_stages(made.blocks, made.heads, cfg, num_classes, image_size)
-    if isinstance(made, tuple) and len(made) == 2 and not isinstance(made[0], nn.Module):
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], (list, tuple, nn.ModuleList)):
         return staged_from_stages(made[0], made[1], cfg, num_classes, image_size)
     if isinstance(made, (list, tuple, nn.ModuleList)):
         return staged_from_stages(made, None, cfg, num_classes, image_size)

@@ -155,6 +155,8 @@ def cifar_resnet(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> St
     cuts = INFOPRO_CUTS.get(cfg.depth, {}).get(cfg.split)
     if cuts is not None:
         ends = [(0 if s == 0 else 1 + (s - 1) * n + b) + 1 for s, b in cuts] + [len(units)]
+    elif cfg.split == len(units):  # one unit per module, the stem alone first
+        ends = list(range(1, len(units) + 1))
     else:
         ends = [1 + e for e in even_ends(3 * n, cfg.split)]  # the stem joins the first module
     channels = [16] + [16] * n + [32] * n + [64] * n
@@ -174,7 +176,7 @@ def _flops(units: list[nn.Module], shape: tuple[int, ...]) -> tuple[list[float],
     with torch.device("meta"):
         x = torch.empty(1, *shape)
         for unit in units:
-            probe = _meta_copy(unit)
+            probe = _meta_copy(unit).eval()  # one image: BN's batch statistics would need two
             with FlopCounterMode(display=False) as counter:
                 x = probe(x)
             costs.append(float(counter.get_total_flops()))
