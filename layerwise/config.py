@@ -181,6 +181,12 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = False
+    """Nesterov momentum (InfoPro's recipe uses it); the paper's SGD has plain momentum."""
+    label_smoothing: float = 0.0
+    """Smoothed targets for the trained head's cross-entropy: 1 - label_smoothing + label_smoothing / classes on
+    the label, label_smoothing / classes on every other class (torch's F.cross_entropy). The loss evaluation
+    reports stays plain cross-entropy. 0 in the paper."""
     weight_decay: float = 5e-4
     lr_step: int = 15
     """The learning rate is multiplied by lr_gamma every lr_step epochs (counted within each block)."""
@@ -228,6 +234,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")
         _check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
+        _check(not self.nesterov or self.momentum > 0, "train.nesterov needs train.momentum above 0")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.lr_step >= 1, "train.lr_step must be >= 1")
         _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")

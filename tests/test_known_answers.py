@@ -366,3 +366,75 @@ def test_an_image_folder_of_pngs_and_its_tar_archive_read_back_the_same_pixels_a
         assert got.classes == sorted(classes)
         for image, y in zip(got.train.images, got.train.labels.tolist(), strict=True):
             assert torch.equal(image, written[y]), (source, y)
+
+
+# ---- label smoothing and Nesterov momentum (issue 20's first ingredients; off in every preset)
+
+
+def test_label_smoothing_gives_the_smoothed_cross_entropy_of_fixed_logits():
+    """Logits (2, 0, 0), label 0, smoothing 0.3 over 3 classes: targets 0.8, 0.1, 0.1, so the loss is
+    0.8 (log Z - 2) + 0.2 log Z with Z = e^2 + 2; without smoothing it is log Z - 2."""
+    from torch import nn
+
+    from layerwise.device import Precision
+    from layerwise.models.staged import StagedNet
+    from layerwise.train.loop import StageTraining
+    from layerwise.train.stage import plan_stages
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.tensor([[2.0, 0.0, 0.0]]) + self.w * x.sum()
+
+    log_z = math.log(math.exp(2) + 2)
+    for smoothing, expected in ((0.3, 0.8 * (log_z - 2) + 0.2 * log_z), (0.0, log_z - 2)):
+        net = StagedNet([nn.Identity()], [Fixed()])
+        cfg = TrainConfig(label_smoothing=smoothing)
+        training = StageTraining(net, plan_stages(1, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
+        loss, _ = training.model(torch.zeros(1, 1), torch.tensor([0]))
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nesterov_steps_by_hand():
+    """w = 1, loss 3w (gradient 3), lr 0.1, momentum 0.9, no weight decay. Nesterov: buffer b = 0.9 b + g and
+    step g + 0.9 b, so w1 = 1 - 0.1 * 3 * 1.9 = 0.43 and w2 = 0.43 - 0.1 * 3 * (1 + 0.9 + 0.81) = -0.383."""
+    from layerwise.train.loop import make_optimizer
+
+    w = torch.nn.Parameter(torch.ones(()))
+    optimizer = make_optimizer([w], TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True))
+    seen = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        (3 * w).backward()
+        optimizer.step()
+        seen.append(w.item())
+    assert seen == pytest.approx([0.43, -0.383], abs=1e-6)
+    with pytest.raises(LayerwiseError, match=r"train\.nesterov needs train\.momentum above 0"):
+        TrainConfig(momentum=0.0, nesterov=True)
+
+
+def test_with_both_off_the_loss_and_the_steps_are_todays_bit_for_bit():
+    """label_smoothing=0 is the plain cross-entropy, and nesterov=False the plain SGD the paper presets always
+    had, to the last bit (so the demo's documented numbers cannot move)."""
+    from layerwise.models.staged import StagedNet
+    from layerwise.train.loop import make_optimizer
+    from layerwise.train.stage import StageModule, plan_stages
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    net = StagedNet([torch.nn.Identity()], [torch.nn.Linear(6, 5)])
+    loss, _ = StageModule(net, plan_stages(1, "greedy")[0])(x, y)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(net.heads[0](x), y))
+    a = torch.nn.Parameter(torch.randn(7))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = make_optimizer([a], TrainConfig())
+    plain = torch.optim.SGD([b], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        for p, opt in ((a, ours), (b, plain)):
+            opt.zero_grad()
+            (p**3).sum().backward()
+            opt.step()
+    assert torch.equal(a, b)

@@ -20,12 +20,12 @@ from layerwise.train.stage import Stage, freeze_for, frozen_prefix, place_for
 
 
 def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
-    """SGD with momentum and weight decay. `fused` (default: on a GPU, when this torch has it) does the whole
-    update in one kernel. The CPU keeps the for-loop update by default: fused rounds differently, which moved
-    the demo's last block from 65.1 to 64.2 % (2026-11-26), and the documented CPU results must stay
-    reproducible."""
+    """SGD with momentum (Nesterov's with train.nesterov) and weight decay. `fused` (default: on a GPU, when this
+    torch has it) does the whole update in one kernel. The CPU keeps the for-loop update by default: fused rounds
+    differently, which moved the demo's last block from 65.1 to 64.2 % (2026-11-26), and the documented CPU
+    results must stay reproducible."""
     params = list(params)
-    options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "nesterov": cfg.nesterov}
     if fused is None:
         fused = bool(params) and all(p.device.type == "cuda" for p in params)
     if fused:
@@ -75,6 +75,7 @@ class StageTraining:
         device = precision.device
         place_for(net, stage, device)
         self.module = freeze_for(net, stage)
+        self.module.label_smoothing = cfg.label_smoothing
         if cfg.sync_bn and where.active:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.optimizer = make_optimizer(self.module.parameters(), cfg)

@@ -79,13 +79,14 @@ class StageModule(nn.Module):
         # train.recompute_activations: the library's blocks and heads recompute conv unit by conv unit; any
         # other module (your own) is recomputed whole
         self.whole = [net.recompute and not has_conv_units(m) for m in (*self.blocks, self.head)]
+        self.label_smoothing = 0.0  # train.label_smoothing, set by StageTraining
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grad = self.training and torch.is_grad_enabled()
         for block, whole in zip(self.blocks, self.whole, strict=False):
             x = recomputed(block, x) if whole and grad else block(x)
         logits = recomputed(self.head, x) if self.whole[-1] and grad else self.head(x)
-        return F.cross_entropy(logits.float(), y), logits
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
 
 
 @torch.no_grad()
