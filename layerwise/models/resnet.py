@@ -210,14 +210,11 @@ def resnet(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedN
     stem = [("conv1", model.conv1), ("bn1", model.bn1), ("relu", model.relu), ("maxpool", model.maxpool)]
     blocks = [(f"layer{s}_{b}", block) for s in range(1, 5) for b, block in enumerate(getattr(model, f"layer{s}"))]
     check_split(cfg, len(blocks), f"{len(blocks)} residual blocks of ResNet-{cfg.depth}")
-    units = [("stem", nn.Sequential(OrderedDict(stem))), *blocks]
+    units = [*stem, *blocks]  # the stem's four layers keep torchvision's names in the first module
     costs, channels = _flops([u for _, u in units], (cfg.in_channels, image_size, image_size))
-    ends = balanced_ends(costs, cfg.split, first=2)
-    flat = [*stem, *blocks]  # the stem's four layers keep torchvision's names in the first module
-    ends = [e + len(stem) - 1 for e in ends]
-    channels = [channels[0]] * (len(stem) - 1) + channels
+    ends = balanced_ends(costs, cfg.split, first=len(stem) + 1)  # the stem and at least one block
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), fc=model.fc))
-    return assemble(flat, ends, classifier, channels, cfg, num_classes)
+    return assemble(units, ends, classifier, channels, cfg, num_classes)
 
 
 @register_model("vgg")
