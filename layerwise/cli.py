@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Terminated:
         if where.active and stop_quietly(where):  # torchrun stops the others when one fails; that one has said why
             return 143
-        print(f"error: stopped by SIGTERM; the checkpoints in {out} are intact; go on with {resume}", file=sys.stderr)
+        sys.stderr.write(f"error: stopped by SIGTERM; the checkpoints in {out} are intact; go on with {resume}\n")
         return 143
     except KeyboardInterrupt:
         if where.is_main:
@@ -398,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     except QuietError:  # another process of the run has reported it
         return 2
     except LayerwiseError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        # One write: stderr is unbuffered, so print's text and newline would be two, and under torchrun another
+        # process's line could land between them
+        sys.stderr.write(f"error: {one_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
