@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.config import parse_assignment
+from layerwise.config import MODES, parse_assignment
 from layerwise.distributed import QuietError, from_env, stop_quietly
 from layerwise.errors import LayerwiseError, one_line
 from layerwise.models.custom import check_trusted, trusting
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first")
     t.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
-    t.add_argument("--mode", choices=["greedy", "e2e"])
+    t.add_argument("--mode", choices=MODES)
     t.add_argument("--epochs-per-block", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)

@@ -166,6 +166,7 @@ class DataConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+MODES = ("greedy", "e2e", "decoupled")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -174,10 +175,12 @@ class TrainConfig:
     """Optimisation, shared by every strategy. The defaults are the paper's CIFAR-10 recipe."""
 
     mode: str = "greedy"
-    """`greedy` (Algorithm 1: one block at a time, earlier blocks frozen) or `e2e` (the same final network,
-    every block plus the last head, trained jointly as the reference)."""
+    """`greedy` (Algorithm 1: one block at a time, earlier blocks frozen), `e2e` (the same final network, every
+    block plus the last head, trained jointly as the reference) or `decoupled` (DGL: every block at once, each
+    from its own head on the detached output of the block before, each with its own optimizer)."""
     epochs_per_block: int = 50
-    """Epochs for each block in greedy mode; the e2e baseline trains for the same number of epochs."""
+    """Epochs for each block in greedy mode; the e2e and decoupled runs train for this many epochs in all (every
+    block at once)."""
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -229,7 +232,7 @@ class TrainConfig:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("greedy", "e2e"), f"train.mode must be 'greedy' or 'e2e' (got {self.mode!r})")
+        _check(self.mode in MODES, f"train.mode must be {', '.join(MODES)} (got {self.mode!r})")
         _check(self.epochs_per_block >= 1, "train.epochs_per_block must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")

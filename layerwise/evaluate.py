@@ -49,7 +49,8 @@ def evaluate(
 ) -> dict:
     """Top-1/top-5 of each listed head and of the running ensemble over them, as percentages.
 
-    Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": last head's loss, "n"}.
+    Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": the last head's loss,
+    "losses": {j: each head's loss}, "n"}.
     Counts stay on the device until the end: one host sync per evaluation. Under DDP each process scores its
     shard of the images and the counts are summed over processes, so every image counts exactly once.
 
@@ -62,8 +63,8 @@ def evaluate(
     upto, last = max(blocks), blocks[-1]
     keep = memo is not None and len(blocks) > 1  # only heads before the last one can be frozen
     reuse = keep and "counts" in memo
-    counts = torch.zeros(len(blocks), 4, dtype=torch.float64, device=loader.device)
-    loss = torch.zeros((), dtype=torch.float64, device=loader.device)
+    # per head: top-1, top-5, ensemble top-1, ensemble top-5 hits, summed cross-entropy
+    counts = torch.zeros(len(blocks), 5, dtype=torch.float64, device=loader.device)
     totals = []  # the frozen heads' running ensemble, per batch
     n = 0
     for b, (x, y) in enumerate(loader.batches()):
@@ -72,26 +73,32 @@ def evaluate(
         if reuse:
             (z,) = logits
             e = add_to_ensemble(memo["totals"][b], z, ensemble)
-            counts[-1] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
+            counts[-1] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y), summed_loss(z, y)])
         else:
             scores = ensemble_scores(logits, kind=ensemble)
             for i, (z, e) in enumerate(zip(logits, scores, strict=True)):
-                counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y)])
+                counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y), summed_loss(z, y)])
             if keep:
                 totals.append(scores[-2])
-        loss += torch.nn.functional.cross_entropy(logits[-1].float(), y, reduction="sum")
         n += len(y)
     if reuse:
         counts[:-1] = memo["counts"]
     elif keep:  # this process's counts: each process keeps a memo of its own shard
         memo.update(counts=counts[:-1].clone(), totals=totals)
     net.train(was_training)
-    *counts_flat, loss_sum, n = where.sum(torch.cat([counts.flatten(), loss[None], loss.new_tensor([n])])).tolist()
+    *counts_flat, n = where.sum(torch.cat([counts.flatten(), counts.new_tensor([n])])).tolist()
     n = int(n)
-    pct = (100.0 * torch.tensor(counts_flat, dtype=torch.float64).view(counts.shape) / max(n, 1)).tolist()
+    per_head = torch.tensor(counts_flat, dtype=torch.float64).view(counts.shape)
+    pct = (100.0 * per_head[:, :4] / max(n, 1)).tolist()
+    losses = (per_head[:, 4] / max(n, 1)).tolist()
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
     return {
         "blocks": {j: dict(zip(names, row, strict=False)) for j, row in zip(blocks, pct, strict=False)},
-        "loss": loss_sum / max(n, 1),
+        "loss": losses[-1],
+        "losses": dict(zip(blocks, losses, strict=True)),
         "n": n,
     }
+
+
+def summed_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()

@@ -113,6 +113,11 @@ def curves(records: list[RunRecord]) -> str:
                          label=f"{record.label}: {scored}" if label else None)  # fmt: skip
                 loss.plot(x, [r[scored]["loss"] for r in rows], linestyle=line, linewidth=2.2, **style,
                           label=f"{record.label}: {scored}" if label else None)  # fmt: skip
+            if scored and "blocks" in rows[0]:  # decoupled: the earlier blocks' heads, thinner
+                for b in range(len(rows[0]["blocks"]) - 1):
+                    acc.plot(x, [r["blocks"][b][scored]["top1"] for r in rows], linestyle=line, linewidth=0.9,
+                             alpha=0.6, color=colour, label=f"{record.label}: {scored}, earlier blocks" if label and
+                             not b else None)  # fmt: skip
             lr.plot(x, [r["lr"] for r in rows], linestyle=line, drawstyle="steps-post", color=colour)
             stage_name = literal(str(rows[0]["stage_name"]))
             acc.annotate(stage_name, (x[0], 1.0 - 0.05 * i), xycoords=("data", "axes fraction"), fontsize=7,
@@ -208,8 +213,17 @@ def early_exit_section(record: RunRecord) -> str:
 
 
 def last_rows(record: RunRecord) -> list[dict[str, Any]]:
-    """Each stage's last epoch."""
-    return [list(rows)[-1] for _, rows in itertools.groupby(record.rows, key=lambda r: r["stage"])]
+    """Each stage's last epoch; a decoupled stage's as one row per block (its row["blocks"])."""
+    out = []
+    for _, rows in itertools.groupby(record.rows, key=lambda r: r["stage"]):
+        last = list(rows)[-1]
+        out += [per_block(last, b) for b in last["blocks"]] if "blocks" in last else [last]
+    return out
+
+
+def per_block(row: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    """Block figures["block"]'s own line of a decoupled stage's row, shaped like a greedy stage's row."""
+    return {**row, **figures, "stage_name": f"block {figures['block']}"}
 
 
 def table(header: list[str], rows: list[list[Any]], flags: list[bool] | None = None) -> str:

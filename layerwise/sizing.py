@@ -58,7 +58,7 @@ def trained_activations(net: nn.Module, stages, batch: int, in_channels: int, si
             h.remove()
     per_stage = []
     for stage in stages:
-        trained = [net.blocks[j] for j in stage.trained_blocks] + [net.heads[stage.block]]
+        trained = [net.blocks[j] for j in stage.trained_blocks] + [net.heads[j] for j in stage.loss_heads]
         per_stage.append(sum(sizes.get(m, 0) for part in trained for m in part.modules()))
     return per_stage
 

@@ -18,7 +18,7 @@ from layerwise.presets import resolve_config
         ({"model": {"downsample_at": [5]}}, "downsample_at"),
         ({"train": {"lr_rate": 0.1}}, "unknown key train.lr_rate"),
         ({"model": {"batchnorm": 1}}, "model.batchnorm must be bool"),
-        ({"train": {"mode": "decoupled"}}, "train.mode"),
+        ({"train": {"mode": "asynchronous"}}, "train.mode must be greedy, e2e, decoupled"),
         ({"train": {"compile": "fast"}}, "train.compile must be one of none, default"),
         ({"train": {"precision": "fp16"}}, "train.precision must be auto, fp32, bf16"),
         ({"train": {"compile": "default", "recompute_activations": True}}, "cannot be combined"),

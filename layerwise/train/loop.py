@@ -14,9 +14,10 @@ from layerwise.config import TrainConfig
 from layerwise.data.loaders import Loader
 from layerwise.device import Precision
 from layerwise.distributed import SINGLE, Dist
+from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
-from layerwise.train.stage import Stage, freeze_for, frozen_prefix, place_for
+from layerwise.train.stage import BlockRandomness, Stage, freeze_for, frozen_prefix, place_for
 
 
 def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
@@ -43,6 +44,57 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, chosen, strict=True):
         group.update(flags)
+
+
+class Optimizers:
+    """The stage's optimizers: one SGD over everything it trains, or (decoupled) one per trained block, over the
+    block and its head, as DGL's code has, so that a process holding some of the blocks holds their optimizers.
+    Every block follows the same step schedule (lr_at). The state_dict of one is the SGD's own (checkpoints of
+    greedy and end-to-end runs are unchanged); of several, {"blocks": {"j": SGD state}}."""
+
+    def __init__(self, groups: dict[int, list[nn.Parameter]] | list[nn.Parameter], cfg: TrainConfig):
+        self.per_block = isinstance(groups, dict)
+        parts = groups if self.per_block else {-1: groups}
+        self.optimizers = {j: make_optimizer(params, cfg) for j, params in parts.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def set_lr(self, lr: float, forget_momentum: bool = False) -> None:
+        for optimizer in self.optimizers.values():
+            if forget_momentum:
+                optimizer.state.clear()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    @property
+    def state(self) -> dict:
+        """Every optimizer's per-parameter state (the momentum buffers), together."""
+        return {p: state for optimizer in self.optimizers.values() for p, state in optimizer.state.items()}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for optimizer in self.optimizers.values() for g in optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        if not self.per_block:
+            return self.optimizers[-1].state_dict()
+        return {"blocks": {str(j): optimizer.state_dict() for j, optimizer in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.per_block:
+            load_optimizer_state(self.optimizers[-1], state)
+            return
+        saved = state.get("blocks") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or not {str(j) for j in self.optimizers} <= saved.keys():
+            raise LayerwiseError("the checkpoint's optimizer state does not cover this stage's blocks; start anew")
+        for j, optimizer in self.optimizers.items():
+            load_optimizer_state(optimizer, saved[str(j)])
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -78,9 +130,14 @@ class StageTraining:
         self.module.label_smoothing = cfg.label_smoothing
         if cfg.sync_bn and where.active:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
-        self.optimizer = make_optimizer(self.module.parameters(), cfg)
+        if stage.decoupled:
+            parts = zip(stage.trained_blocks, self.module.blocks, self.module.heads, strict=True)
+            own = {j: [*block.parameters(), *head.parameters()] for j, block, head in parts}
+            self.optimizer = Optimizers(own, cfg)
+        else:
+            self.optimizer = Optimizers(list(self.module.parameters()), cfg)
         if optimizer_state is not None:
-            load_optimizer_state(self.optimizer, optimizer_state)
+            self.optimizer.load_state_dict(optimizer_state)
         model: nn.Module = self.module
         if where.active:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
             model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -91,14 +148,15 @@ class StageTraining:
             model = torch.compile(model, mode=cfg.compile)
         self.model = model
 
-    def start_epoch(self, epoch: int) -> float:
+    def start_epoch(self, epoch: int, seed: int = 0) -> float:
         """Set this epoch's learning rate; at a decay, optionally forget momentum as the released code does. Put
-        the frozen modules back in eval mode (evaluation switches modes)."""
+        the frozen modules back in eval mode (evaluation switches modes). A decoupled stage's blocks draw from
+        random streams of their own, seeded from `seed` (BlockRandomness)."""
         lr = lr_at(self.cfg, epoch)
-        if self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0:
-            self.optimizer.state.clear()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        decay = self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0
+        self.optimizer.set_lr(lr, forget_momentum=decay)
+        if self.stage.decoupled:
+            self.module.randomness = BlockRandomness(seed, self.precision.device)
         self.net.eval()
         self.module.train()
         return lr
@@ -107,14 +165,17 @@ class StageTraining:
         self, x: torch.Tensor, y: torch.Tensor, offset: int = 0, weight: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step. x is the input of block `offset`: the image when 0, else a cached output of the
-        frozen prefix. Returns (loss, logits), both still on the device; the loss is the mean over this process's
-        images. `weight` scales the gradient so that DDP's average over processes is the global batch's mean
-        when the processes' shares differ in size (the last batch of an epoch)."""
+        frozen prefix. Returns (loss, logits), both still on the device (StageModule: one loss head's, or a
+        decoupled stage's (H,) losses and (H, B, classes) logits); each loss is the mean over this process's
+        images. The losses of several heads are summed for the backward pass: their graphs are disjoint, so each
+        block gets its own head's gradient. `weight` scales the gradient so that DDP's average over processes is the
+        global batch's mean when the processes' shares differ in size (the last batch of an epoch)."""
         # Free the last step's gradients before the forward pass, so they never coexist with its activations.
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             loss, logits = self.model(frozen_prefix(self.net, self.stage, x, offset), y)
-        (loss if weight == 1.0 else loss * weight).backward()
+        total = loss.sum() if loss.dim() else loss
+        (total if weight == 1.0 else total * weight).backward()
         self.optimizer.step()
         return loss, logits
 
@@ -177,11 +238,14 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     """One pass over the training data. Sums stay on the device; the only host sync is at the end.
 
     `loader` yields this process's share of each batch: images, or (a PrefixCache) the frozen blocks' output for
-    this epoch's cached view. Under DDP the returned figures are over every process's images.
+    this epoch's cached view. Under DDP the returned figures are over every process's images. The loss and
+    top-1/top-5 are the stage's last loss head's; a stage with several (decoupled) adds each one's under "heads".
+    The divergence check watches the sum of the heads' losses.
     """
     where = training.where
     offset = loader.offset
-    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # loss * n, top-1 hits, top-5 hits
+    heads = training.stage.loss_heads
+    sums = torch.zeros(len(heads), 3, dtype=torch.float64, device=loader.device)  # loss * n, top-1, top-5 hits
     n = 0
     t0 = time.perf_counter()
     batches = tqdm(
@@ -192,18 +256,21 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
         weight = len(y) * where.world_size / loader.global_batch(i) if where.active else 1.0
         loss, logits = training.step(x, y, offset, weight)
         with torch.no_grad():
-            sums += torch.stack([loss.detach().double() * len(y), *topk_correct(logits.detach().float(), y)])
-            watch.add(loss, logits.shape[-1])
+            losses, scores = loss.detach().double().view(-1), logits.detach().float().view(len(heads), len(y), -1)
+            for h, z in enumerate(scores):
+                sums[h] += torch.stack([losses[h] * len(y), *topk_correct(z, y)])
+            watch.add(losses.sum(), logits.shape[-1])
         n += len(y)
         if watch.due(i, len(loader)):
             watch.check()
     training.loss_level = watch.level
-    loss_sum, top1, top5, n = where.sum(torch.cat([sums, sums.new_tensor([n])])).tolist()
+    *flat, n = where.sum(torch.cat([sums.flatten(), sums.new_tensor([n])])).tolist()
     seconds = time.perf_counter() - t0
-    return {
-        "loss": loss_sum / n,
-        "top1": 100.0 * top1 / n,
-        "top5": 100.0 * top5 / n,
-        "images_per_s": n / seconds,
-        "seconds": seconds,
+    figures = {
+        j: {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+        for j, (loss_sum, top1, top5) in zip(heads, (flat[i : i + 3] for i in range(0, len(flat), 3)), strict=True)
     }
+    out = {**figures[heads[-1]], "images_per_s": n / seconds, "seconds": seconds}
+    if len(heads) > 1:
+        out["heads"] = figures
+    return out

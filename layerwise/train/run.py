@@ -353,8 +353,9 @@ class Run:
         writer (in that order, so no checkpoint is ahead of its metrics); on_epoch_end runs while they are written."""
         stage, cfg = training.stage, self.cfg.train
         seed = epoch_seed(cfg.seed, stage.index, epoch)
-        torch.manual_seed((seed + 7_919 * self.where.rank) % 2**63)  # dropout masks differ between processes
-        lr = training.start_epoch(epoch)
+        replica = (seed + 7_919 * self.where.rank) % 2**63  # dropout masks differ between data-parallel processes
+        torch.manual_seed(replica)
+        lr = training.start_epoch(epoch, replica)
         fail = LayerwiseError if self.where.is_main else QuietError  # one process says it, every process stops
         kept = f"checkpoints up to the previous epoch are kept in {self.dir.checkpoints}"
         try:
@@ -402,13 +403,22 @@ class Run:
             self.writer.submit(checkpoint_job(path, meta, self.net, optimizer, first, self.dir.path))
 
     def epoch_row(self, stage: Stage, epoch: int, lr: float, stats: dict, memos: dict) -> dict[str, Any]:
-        """One metrics line: the trained head's numbers and the ensemble over the stage's heads (the frozen heads'
-        scores come from `memos` after the stage's first evaluation)."""
+        """One metrics line: the stage's last loss head's numbers and the ensemble over the stage's heads (the frozen
+        heads' scores come from `memos` after the stage's first evaluation). A stage with several loss heads
+        (decoupled) adds every block's figures under "blocks" (see docs/decisions.md for the schema)."""
         heads, ensemble, autocast = list(stage.eval_heads), self.cfg.train.ensemble, self.precision.autocast
-        scores = {}
+        frozen = set(stage.frozen_heads) == set(heads[:-1])  # only then may evaluate() keep earlier heads' scores
+        scored = {}
         if self.data.val is not None:  # None: no validation (data.val_size=0, no val_path)
-            val = evaluate(self.net, self.data.val, heads, ensemble, autocast, memos["val"], self.where)
-            scores["val"] = {**val["blocks"][stage.block], "loss": val["loss"]}
+            scored["val"] = evaluate(self.net, self.data.val, heads, ensemble, autocast,
+                                     memos["val"] if frozen else None, self.where)  # fmt: skip
+        if self.data.train_eval is not None:
+            scored["train_eval"] = evaluate(self.net, self.data.train_eval, heads, ensemble, autocast,
+                                            memos["train_eval"] if frozen else None, self.where)  # fmt: skip
+
+        def scores(j: int) -> dict[str, Any]:
+            return {key: {**result["blocks"][j], "loss": result["losses"][j]} for key, result in scored.items()}
+
         row = {
             "stage": stage.index,
             "stage_name": stage.name,
@@ -417,13 +427,16 @@ class Run:
             "lr": lr,
             "loss": stats["loss"],
             "train": {"top1": stats["top1"], "top5": stats["top5"]},
-            **scores,
+            **scores(stage.block),
             "images_per_s": stats["images_per_s"],
             "seconds": stats["seconds"],
         }
-        if self.data.train_eval is not None:
-            clean = evaluate(self.net, self.data.train_eval, heads, ensemble, autocast, memos["train_eval"], self.where)
-            row["train_eval"] = {**clean["blocks"][stage.block], "loss": clean["loss"]}
+        if "heads" in stats:
+            row["blocks"] = [
+                {"block": j, "lr": lr, "loss": figures["loss"],
+                 "train": {"top1": figures["top1"], "top5": figures["top5"]}, **scores(j)}
+                for j, figures in stats["heads"].items()
+            ]  # fmt: skip
         return row
 
     def cache_store(self, stage: Stage) -> str | Path:

@@ -1,14 +1,18 @@
 """Strategies and their stages: what each stage trains, freezes, scores and may cache.
 
-A strategy is a list of stages. A stage trains blocks[first..block] and heads[block] on the output of the
-frozen blocks before `first`:
+A strategy is a list of stages. A stage trains blocks[first..block] and the heads in `loss_heads` on the output
+of the frozen blocks before `first`:
 - greedy (Algorithm 1): stage j trains block j and head j alone, first = block = j;
-- end-to-end: one stage trains every block and the last head, first = 0, block = J-1.
+- end-to-end: one stage trains every block and the last head, first = 0, block = J-1;
+- decoupled (DGL, Belilovsky et al. 2020): one stage trains every block at once, each from its own head on the
+  detached output of the block before it, first = 0, block = J-1, every head a loss head.
 Everything else (the loop, checkpoints, resume, caching, DDP) reads the stage's fields, never the mode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +40,14 @@ class Stage:
     """Whether the frozen prefix's output can be cached (train.cache): there is a prefix, and it never changes."""
     finishes_block: bool
     """Whether the stage leaves block `block` finished for good, saved as checkpoints/block{j}.pt."""
+    decoupled: bool = False
+    """Every trained block learns from its own head only: block j's input is block j-1's output, detached, so no
+    gradient crosses a block boundary. Otherwise the gradient flows from head `block` through every trained block."""
+
+    @property
+    def loss_heads(self) -> tuple[int, ...]:
+        """The heads whose losses train the stage: every trained block's when decoupled, else head `block`'s."""
+        return tuple(self.trained_blocks) if self.decoupled else (self.block,)
 
     @property
     def frozen_blocks(self) -> range:
@@ -56,7 +68,14 @@ def end_to_end(J: int) -> list[Stage]:
     return [Stage(0, "e2e", 0, J - 1, (J - 1,), (), False, False)]
 
 
-STRATEGIES = {"greedy": greedy, "e2e": end_to_end}
+def decoupled(J: int) -> list[Stage]:
+    """DGL: every block and every head at once, each block on the detached output of the one before; every head
+    is scored (none is frozen) and the ensemble runs over all of them."""
+    heads = tuple(range(J))
+    return [Stage(0, "decoupled", 0, J - 1, heads, (), False, False, decoupled=True)]
+
+
+STRATEGIES = {"greedy": greedy, "e2e": end_to_end, "decoupled": decoupled}
 
 
 def plan_stages(J: int, mode: str) -> list[Stage]:
@@ -66,27 +85,81 @@ def plan_stages(J: int, mode: str) -> list[Stage]:
 
 
 class StageModule(nn.Module):
-    """What a stage trains, as one module that DDP can wrap: x_first -> blocks first..block -> head block.
+    """What a stage trains, as one module that DDP can wrap: x_first -> blocks first..block -> the loss heads.
 
-    forward(x, y) -> (cross-entropy, logits), where x is the input of block `first` (the frozen prefix's output,
-    or a cached copy of it) and the logits are (B, classes). It holds the network's own modules, not copies.
+    forward(x, y) -> (loss, logits), where x is the input of block `first` (the frozen prefix's output, or a cached
+    copy of it). With one loss head (greedy, end to end) the loss is its cross-entropy and the logits are (B,
+    classes); with several (decoupled) the loss is (H,), one cross-entropy per loss head, and the logits are
+    (H, B, classes). A decoupled stage detaches each block's input, so head j's loss reaches block j alone, and
+    runs each block and its head under its own random stream (`randomness`, set per epoch by the run). It holds
+    the network's own modules, not copies.
     """
 
     def __init__(self, net: StagedNet, stage: Stage):
         super().__init__()
         self.blocks = nn.ModuleList(net.blocks[j] for j in stage.trained_blocks)
-        self.head = net.heads[stage.block]
+        self.heads = nn.ModuleList(net.heads[j] for j in stage.loss_heads)
+        self.first, self.decoupled = stage.first, stage.decoupled
         # train.recompute_activations: the library's blocks and heads recompute conv unit by conv unit; any
         # other module (your own) is recomputed whole
-        self.whole = [net.recompute and not has_conv_units(m) for m in (*self.blocks, self.head)]
+        self.whole = {id(m): net.recompute and not has_conv_units(m) for m in (*self.blocks, *self.heads)}
         self.label_smoothing = 0.0  # train.label_smoothing, set by StageTraining
+        self.randomness: BlockRandomness | None = None
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        grad = self.training and torch.is_grad_enabled()
+        return recomputed(module, x) if self.whole[id(module)] and grad else module(x)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grad = self.training and torch.is_grad_enabled()
-        for block, whole in zip(self.blocks, self.whole, strict=False):
-            x = recomputed(block, x) if whole and grad else block(x)
-        logits = recomputed(self.head, x) if self.whole[-1] and grad else self.head(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+        if not self.decoupled:
+            for block in self.blocks:
+                x = self.run(block, x)
+            logits = self.run(self.heads[-1], x)
+            return self.cross_entropy(logits, y), logits
+        losses, logits = [], []
+        for j, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True), start=self.first):
+            with self.randomness.block(j) if self.randomness is not None else nullcontext():
+                x = self.run(block, x.detach())  # block j learns from head j alone
+                z = self.run(head, x)
+            losses.append(self.cross_entropy(z, y))
+            logits.append(z)
+        return torch.stack(losses), torch.stack(logits)
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+
+class BlockRandomness:
+    """One random stream per block (dropout masks in its block and head), seeded by (epoch, block, replica): the
+    masks a block draws do not depend on which blocks share its process, so a pipeline that puts each block in a
+    process of its own draws the ones a single process does. `block(j)` swaps block j's stream in around its
+    forward pass and the process's own stream back afterwards."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed, self.device = seed, device
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @contextmanager
+    def block(self, j: int) -> Iterator[None]:
+        outer = self._get()
+        if j in self.states:
+            self._set(self.states[j])
+        else:  # the block's first draw of the epoch
+            torch.manual_seed((self.seed + 104_729 * (j + 1)) % 2**63)
+        try:
+            yield
+        finally:
+            self.states[j] = self._get()
+            self._set(outer)
 
 
 @torch.no_grad()
@@ -99,7 +172,7 @@ def frozen_prefix(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0
 
 def resident_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
     """What the stage runs: blocks 0..stage.block and the heads it trains or scores."""
-    heads = sorted({*stage.eval_heads, stage.block})
+    heads = sorted({*stage.eval_heads, *stage.loss_heads})
     return nn.ModuleList([*net.blocks[: stage.block + 1], *(net.heads[j] for j in heads)])
 
 

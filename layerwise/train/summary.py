@@ -12,8 +12,11 @@ from layerwise.models.staged import StagedNet, count
 
 
 def format_row(row: dict[str, Any]) -> str:
-    scored, v = next(((name, row[key]) for name, key in SCORED if key in row), ("", None))
+    scored, key = next(((name, key) for name, key in SCORED if key in row), ("", None))
+    v = row[key] if key else None
     scores = f"{scored} top-1 {v['top1']:.2f} top-5 {v['top5']:.2f} ensemble {v['ensemble_top1']:.2f} " if v else ""
+    if v and "blocks" in row:  # decoupled: every block's own head
+        scores += "(blocks " + " / ".join(f"{b[key]['top1']:.1f}" for b in row["blocks"]) + ") "
     return (
         f"{row['stage_name']} epoch {row['epoch']}: loss {row['loss']:.3f} train top-1 {row['train']['top1']:.1f} "
         f"{scores}({row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s)"
@@ -36,18 +39,21 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
                 "written (the trained weights are in checkpoints/)"
             )
         last = mine[-1]
-        entry = {
-            "stage": stage.name,
-            "block": stage.block,
-            "downsample": net.downsamples[stage.block],
-            **{f"val_{k}": v for k, v in last.get("val", {}).items()},
-            "train_top1": last["train"]["top1"],
-            "train_loss": last["loss"],
-            "seconds": sum(r["seconds"] for r in mine),
-        }
-        if "train_eval" in last:
-            entry.update({f"train_eval_{k}": v for k, v in last["train_eval"].items()})
-        per_stage.append(entry)
+        seconds = sum(r["seconds"] for r in mine)
+        # a decoupled stage trains every block at once: one entry per block, from its own figures (row["blocks"])
+        for part in last.get("blocks") or [last]:
+            entry = {
+                "stage": f"block {part['block']}" if "blocks" in last else stage.name,
+                "block": part["block"],
+                "downsample": net.downsamples[part["block"]],
+                **{f"val_{k}": v for k, v in part.get("val", {}).items()},
+                "train_top1": part["train"]["top1"],
+                "train_loss": part["loss"],
+                "seconds": seconds,
+            }
+            if "train_eval" in part:
+                entry.update({f"train_eval_{k}": v for k, v in part["train_eval"].items()})
+            per_stage.append(entry)
     # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next. Compared on the
     # clean training subset (eval mode, final weights) when there is one, else on the epoch's running loss.
     risk = "train_eval_loss" if all("train_eval_loss" in e for e in per_stage) else "train_loss"
