@@ -35,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "device": args.device,
             "seed": args.seed,
             "mode": args.mode,
+            "placement": args.placement,
             "lr": args.lr,
         },
         "data": {
@@ -292,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first")
     t.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     t.add_argument("--mode", choices=MODES)
+    t.add_argument("--placement", choices=["single", "pipeline"], help="decoupled: one block group per process")
     t.add_argument("--epochs-per-block", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)

@@ -178,6 +178,16 @@ class TrainConfig:
     """`greedy` (Algorithm 1: one block at a time, earlier blocks frozen), `e2e` (the same final network, every
     block plus the last head, trained jointly as the reference) or `decoupled` (DGL: every block at once, each
     from its own head on the detached output of the block before, each with its own optimizer)."""
+    placement: str = "single"
+    """Where a decoupled run's blocks train: `single` (every process holds every block; under torchrun the
+    processes split each batch) or `pipeline` (torchrun's P processes each hold a group of consecutive blocks,
+    balanced by measured step time, and pass activations forward; P <= J)."""
+    replay: int = 0
+    """M, for a pipeline (DGL's asynchronous variant): each process after the first keeps the last M batches it
+    received and trains on them again while its upstream is slower, instead of waiting. 0: synchronous, every
+    block trains once on every batch, as in one process. Results with M > 0 depend on the processes' speeds."""
+    replay_reuse: int = 1
+    """How many times a buffered batch may be replayed (train.replay)."""
     epochs_per_block: int = 50
     """Epochs for each block in greedy mode; the e2e and decoupled runs train for this many epochs in all (every
     block at once)."""
@@ -233,6 +243,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"train.mode must be {', '.join(MODES)} (got {self.mode!r})")
+        _check(self.placement in ("single", "pipeline"), "train.placement must be 'single' or 'pipeline'")
+        _check(
+            self.placement == "single" or self.mode == "decoupled",
+            "train.placement=pipeline puts blocks that train at once on different processes; it needs "
+            "train.mode=decoupled",
+        )
+        _check(self.replay >= 0 and self.replay_reuse >= 0, "train.replay and train.replay_reuse must be >= 0")
+        _check(
+            self.replay == 0 or (self.mode == "decoupled" and self.placement == "pipeline"),
+            "train.replay keeps batches for a pipeline process whose upstream is slower; it needs "
+            "train.mode=decoupled and train.placement=pipeline",
+        )
         _check(self.epochs_per_block >= 1, "train.epochs_per_block must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")
@@ -260,6 +282,10 @@ class TrainConfig:
         _check(
             self.min_gain is None or self.mode == "greedy",
             "train.min_gain decides how many greedy blocks to train; it needs train.mode=greedy",
+        )
+        _check(
+            not (self.sync_bn and self.placement == "pipeline"),
+            "train.sync_bn and train.placement=pipeline cannot be combined: no two processes hold the same block",
         )
         _check(
             not self.sync_bn or (self.compile == "none" and not self.recompute_activations),

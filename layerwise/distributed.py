@@ -40,6 +40,32 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    pipeline: int = 1
+    """Processes per pipeline (--placement pipeline), each holding consecutive blocks; 1: every process holds the
+    whole stage and they split the batch (data parallelism). Rank r is position r % pipeline of replica
+    r // pipeline."""
+
+    @property
+    def replicas(self) -> int:
+        """Processes that split each batch (data parallelism)."""
+        return self.world_size // self.pipeline
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.pipeline
+
+    @property
+    def position(self) -> int:
+        """This process's place in its pipeline: 0 reads the data."""
+        return self.rank % self.pipeline
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.replicas > 1
+
+    def data_view(self) -> Dist:
+        """This process's place among the replicas, which split the data (what the loaders shard by)."""
+        return Dist(self.replica, self.replicas, self.local_rank, self.local_world_size)
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +85,7 @@ class Dist:
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Give every process rank 0's buffers (BN running statistics): each process updated its own from its own
         share of the last batch, and the saved checkpoint holds rank 0's."""
-        if self.active:
+        if self.data_parallel:
             for b in module.buffers():
                 dist.broadcast(b, 0)
 
@@ -139,9 +165,9 @@ def device_for(name: str, where: Dist) -> str:
 
 
 def check_batch(batch_size: int, where: Dist) -> None:
-    if batch_size % where.world_size:
+    if batch_size % where.replicas:
         raise LayerwiseError(
-            f"train.batch_size={batch_size} is the global batch and must divide by the {where.world_size} "
+            f"train.batch_size={batch_size} is the global batch and must divide by the {where.replicas} "
             "processes; change --batch-size or --nproc-per-node"
         )
 

@@ -87,8 +87,12 @@ def evaluate(
         memo.update(counts=counts[:-1].clone(), totals=totals)
     net.train(was_training)
     *counts_flat, n = where.sum(torch.cat([counts.flatten(), counts.new_tensor([n])])).tolist()
-    n = int(n)
-    per_head = torch.tensor(counts_flat, dtype=torch.float64).view(counts.shape)
+    return figures(blocks, counts_flat, int(n))
+
+
+def figures(blocks: list[int], counts: list[float], n: int) -> dict:
+    """evaluate()'s result from the summed counts (5 per head, in the order of `blocks`) over n images."""
+    per_head = torch.tensor(counts, dtype=torch.float64).view(len(blocks), 5)
     pct = (100.0 * per_head[:, :4] / max(n, 1)).tolist()
     losses = (per_head[:, 4] / max(n, 1)).tolist()
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")

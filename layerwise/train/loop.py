@@ -119,8 +119,16 @@ class StageTraining:
         where: Dist = SINGLE,
         optimizer_state: dict | None = None,
         loss_level: float | None = None,
+        downstream=None,
+        reported: tuple[int, ...] | None = None,
     ):
         self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
+        self.downstream = downstream
+        """A pipeline process's link to the next one (train/pipeline.Pipe): each step sends its last block's output
+        and the labels there, before its backward pass."""
+        self.reported = reported or stage.loss_heads
+        """The heads an epoch's figures cover: the stage's loss heads, or in a pipeline every process's (each
+        process fills its own heads' figures, and the all-reduce the rest)."""
         self.loss_level = loss_level
         """The stage's starting loss level, which the divergence check compares with (LossWatch); None until the
         stage's first window is measured, and kept in the epoch checkpoints for resume."""
@@ -128,7 +136,7 @@ class StageTraining:
         place_for(net, stage, device)
         self.module = freeze_for(net, stage)
         self.module.label_smoothing = cfg.label_smoothing
-        if cfg.sync_bn and where.active:  # replaces the BN modules inside the network's own blocks and head
+        if cfg.sync_bn and where.data_parallel:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         if stage.decoupled:
             parts = zip(stage.trained_blocks, self.module.blocks, self.module.heads, strict=True)
@@ -139,7 +147,7 @@ class StageTraining:
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         model: nn.Module = self.module
-        if where.active:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
+        if where.data_parallel:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
             model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if cfg.compile != "none":
             # Each stage freezes other modules and recompiles anyway; stale entries would count towards
@@ -174,6 +182,8 @@ class StageTraining:
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             loss, logits = self.model(frozen_prefix(self.net, self.stage, x, offset), y)
+        if self.downstream is not None:  # the next process starts on this batch while this one updates
+            self.downstream.send(self.module.output, y)
         total = loss.sum() if loss.dim() else loss
         (total if weight == 1.0 else total * weight).backward()
         self.optimizer.step()
@@ -244,33 +254,50 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     """
     where = training.where
     offset = loader.offset
-    heads = training.stage.loss_heads
-    sums = torch.zeros(len(heads), 3, dtype=torch.float64, device=loader.device)  # loss * n, top-1, top-5 hits
+    heads, reported = training.stage.loss_heads, training.reported
+    rows = [reported.index(j) for j in heads]  # where this process's heads go among the reported ones
+    # per reported head: loss * n, top-1 hits, top-5 hits, images; replayed steps, fresh batches dropped unused
+    sums = torch.zeros(len(reported), 6, dtype=torch.float64, device=loader.device)
     n = 0
     t0 = time.perf_counter()
     batches = tqdm(
         loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None if where.is_main else True
     )
-    watch = LossWatch(training.cfg.divergence_factor, loader.device, where, training.loss_level)
+    # a pipeline with replays trains a different number of steps in each process: each checks its own losses
+    replaying = training.cfg.replay > 0
+    watch = LossWatch(
+        training.cfg.divergence_factor, loader.device, SINGLE if replaying else where, training.loss_level
+    )
     for i, (x, y) in enumerate(batches):
-        weight = len(y) * where.world_size / loader.global_batch(i) if where.active else 1.0
+        weight = len(y) * where.replicas / loader.global_batch(i) if where.data_parallel else 1.0
         loss, logits = training.step(x, y, offset, weight)
         with torch.no_grad():
             losses, scores = loss.detach().double().view(-1), logits.detach().float().view(len(heads), len(y), -1)
             for h, z in enumerate(scores):
-                sums[h] += torch.stack([losses[h] * len(y), *topk_correct(z, y)])
+                sums[rows[h], :4] += torch.stack([losses[h] * len(y), *topk_correct(z, y), losses.new_tensor(len(y))])
             watch.add(losses.sum(), logits.shape[-1])
         n += len(y)
         if watch.due(i, len(loader)):
             watch.check()
+    if replaying:
+        watch.check()  # the steps since the last check (a process with replays ends past len(loader))
     training.loss_level = watch.level
+    if training.downstream is not None:
+        training.downstream.send_end()
+        training.downstream.flush()
+    sums[rows, 4] = float(getattr(loader, "replays", 0))  # a pipeline process's replay counts (Received)
+    sums[rows, 5] = float(getattr(loader, "dropped", 0))
+    n = n if where.position == 0 else 0  # a pipeline's processes all see the same images: count them once
     *flat, n = where.sum(torch.cat([sums.flatten(), sums.new_tensor([n])])).tolist()
     seconds = time.perf_counter() - t0
-    figures = {
-        j: {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
-        for j, (loss_sum, top1, top5) in zip(heads, (flat[i : i + 3] for i in range(0, len(flat), 3)), strict=True)
-    }
-    out = {**figures[heads[-1]], "images_per_s": n / seconds, "seconds": seconds}
-    if len(heads) > 1:
+    figures = {}
+    for j, (loss_sum, top1, top5, images, replays, dropped) in zip(
+        reported, (flat[i : i + 6] for i in range(0, len(flat), 6)), strict=True
+    ):
+        figures[j] = {"loss": loss_sum / images, "top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images}
+        if replaying:
+            figures[j].update(replays=int(replays), dropped=int(dropped))
+    out = {**figures[reported[-1]], "images_per_s": n / seconds, "seconds": seconds}
+    if len(reported) > 1:
         out["heads"] = figures
     return out

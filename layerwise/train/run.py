@@ -43,6 +43,17 @@ from layerwise.models.staged import StagedNet, count
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
 from layerwise.train.loop import Diverged, StageTraining, train_epoch
+from layerwise.train.pipeline import (
+    GatheredState,
+    Pipe,
+    Placement,
+    Received,
+    balance,
+    evaluate_pipelined,
+    gather_to_main,
+    measure_blocks,
+    pipelined,
+)
 from layerwise.train.stage import Stage, module_bytes, plan_stages, resident_modules
 from layerwise.train.summary import final_scores, format_row, summarize
 
@@ -84,7 +95,7 @@ def train(
     its last finished epoch and ends exactly where an uninterrupted run would. Under torchrun this process
     joins the run's process group (NCCL on GPUs, gloo on the CPU) for the duration, unless it already has.
     """
-    where = from_env()
+    where = pipelined(from_env(), cfg)
     compute = compute_for(cfg.train, where)
     with process_group(where, compute.device):
         if not resume and where.from_main(elastic_restart_of(out) if where.is_main else None):
@@ -124,6 +135,9 @@ class Run:
         self.on_epoch_end: Callable[[dict], None] | None = None
         self.val_top1: dict[int, float] = {}  # each finished epoch's validation top-1, by stage (the last one wins)
         self.stopped: dict[str, Any] | None = None  # train.min_gain's decision, once taken
+        self.placement: Placement | None = None  # a pipelined run's block groups, one per process
+        self.pipe_group = None
+        self.pipe: Pipe | None = None
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +149,7 @@ class Run:
     ) -> Run:
         """Check everything that can fail before anything is written (on every process: none goes on alone),
         then, on rank 0, take the run directory's lock and write the config, classes and run.json."""
+        where = pipelined(where, cfg)
         check_batch(cfg.train.batch_size, where)
         run_dir = RunDir(out)
         locks = []
@@ -155,7 +170,8 @@ class Run:
                 data = run_dir.read_info().get("data_path")
             torch.manual_seed(cfg.train.seed)
             batch, eval_size = cfg.train.batch_size, cfg.train.train_eval_size
-            bundle = where.agree(lambda: build_data(cfg.data, data, batch, precision.device, eval_size, where))
+            shards = where.data_view()  # the processes that split each batch (a pipeline's first process reads it)
+            bundle = where.agree(lambda: build_data(cfg.data, data, batch, precision.device, eval_size, shards))
             log.info(
                 "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val_images
             )
@@ -164,10 +180,12 @@ class Run:
                     "train.min_gain compares the blocks' validation top-1, and this run has none: "
                     "give --val-data, or a data.val_size above 0"
                 )
-            classes, processes = len(bundle.classes), where.world_size
+            classes, processes = len(bundle.classes), where.replicas
             net = where.agree(lambda: checked_model(cfg, classes, precision, mode=cfg.train.mode, processes=processes))
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
+            if where.pipeline > 1:
+                run.placement = where.agree(run.place_blocks)
             if cfg.train.cache != "none" and any(s.cacheable for s in run.stages):
                 where.agree(run.remove_stale_cache)  # before any process measures the free space
                 where.agree(run.check_cache)
@@ -179,6 +197,41 @@ class Run:
             for lock in locks:
                 lock.release(undo=not resume)
             raise
+
+    def place_blocks(self) -> Placement:
+        """A pipelined run's block groups: the run's own when resuming (run.json), one block per process when there
+        are as many processes as blocks, else measured: rank 0 times each block's training step and cuts the
+        blocks into groups of balanced time (pipeline.balance)."""
+        J, P = self.net.J, self.where.pipeline
+        if P > J:
+            raise LayerwiseError(
+                f"train.placement=pipeline: {P} processes for {J} blocks; start at most {J} (--nproc-per-node)"
+            )
+        if self.resuming:
+            saved = self.where.from_main(self.dir.read_info().get("pipeline") if self.where.is_main else None)
+            placement = Placement.from_json(saved, J)
+            if placement.processes != P:
+                raise LayerwiseError(
+                    f"--resume: the run was pipelined over {placement.processes} processes, not {P}; start it with "
+                    f"--nproc-per-node {placement.processes}"
+                )
+            return placement
+        if P == J:
+            return Placement(tuple((j,) for j in range(J)))
+        costs = None
+        if self.where.is_main:
+            images = (
+                self.data.train.normalize(self.data.train.images[:1]) if hasattr(self.data.train, "images") else None
+            )
+            shape = tuple(images.shape[1:]) if images is not None else (self.cfg.model.in_channels,) + (
+                self.cfg.data.image_size,) * 2  # fmt: skip
+            batch = self.cfg.train.batch_size // self.where.replicas
+            x = torch.randn(batch, *shape, device=self.device)
+            y = torch.randint(0, len(self.data.classes), (batch,), device=self.device)
+            with self.precision.autocast():
+                costs = measure_blocks(self.net, x, y)
+            log.info("pipeline: step seconds per block %s", ", ".join(f"{c:.4f}" for c in costs))
+        return balance(self.where.from_main(costs), P)
 
     def check_classes(self) -> None:
         if self.dir.read_classes() != self.data.classes:
@@ -192,6 +245,8 @@ class Run:
             self.dir.create(self.cfg.to_yaml())
             self.dir.write_json(self.dir.classes, self.data.classes)
         info = run_info(self.cfg, self.device, data, self.data.description, self.where)
+        if self.placement is not None:  # resume reuses the grouping
+            info["pipeline"] = self.placement.to_json()
         if self.resuming:  # keep when the run started; note when it was resumed
             old = self.dir.read_info()
             info = {**info, "started": old.get("started"), "resumed": [*old.get("resumed", []), info["started"]]}
@@ -329,10 +384,19 @@ class Run:
         """The stage from `start.epoch` on (with the optimizer state of a resumed epoch), on the prefix cache when
         train.cache asks for one."""
         cfg = self.cfg.train
-        training = StageTraining(
-            self.net, stage, cfg, self.precision, self.where, start.optimizer_state, start.loss_level
-        )
-        loader = self.prefix_cache(stage) if cfg.cache != "none" and stage.cacheable else self.data.train
+        if self.placement is not None:  # this process's blocks of the stage, fed by the process before it
+            local, pipe = self.pipeline_part()
+            downstream = pipe if pipe.next is not None else None
+            training = StageTraining(self.net, local, cfg, self.precision, self.where, start.optimizer_state,
+                                     start.loss_level, downstream, stage.loss_heads)  # fmt: skip
+            loader = self.data.train
+            if local.first > 0:
+                loader = Received(pipe, self.data.train, local.first, cfg.replay, cfg.replay_reuse)
+        else:
+            training = StageTraining(
+                self.net, stage, cfg, self.precision, self.where, start.optimizer_state, start.loss_level
+            )
+            loader = self.prefix_cache(stage) if cfg.cache != "none" and stage.cacheable else self.data.train
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile != "none" else ()
         memos = {"val": {}, "train_eval": {}}  # the frozen heads' scores, kept through the stage's evaluations
         try:
@@ -348,15 +412,26 @@ class Run:
             if isinstance(loader, PrefixCache):
                 loader.close()
 
+    def pipeline_part(self) -> tuple[Stage, Pipe]:
+        """This process's part of a pipelined stage, and its link to the processes before and after it, in a
+        process group of the pipeline's own."""
+        if self.pipe_group is None:
+            self.pipe_group = torch.distributed.new_group(list(range(self.where.world_size)))
+        p, P = self.where.position, self.where.pipeline
+        prev, next = (p - 1 if p > 0 else None), (p + 1 if p + 1 < P else None)
+        self.pipe = Pipe(prev, next, self.device, self.pipe_group)
+        return self.placement.stage(p), self.pipe
+
     def train_epoch(self, training: StageTraining, loader, epoch: int, memos: dict) -> None:
         """Train, stop on a non-finite loss, evaluate, then hand the metrics line and the epoch checkpoint to the
         writer (in that order, so no checkpoint is ahead of its metrics); on_epoch_end runs while they are written."""
         stage, cfg = training.stage, self.cfg.train
         seed = epoch_seed(cfg.seed, stage.index, epoch)
-        replica = (seed + 7_919 * self.where.rank) % 2**63  # dropout masks differ between data-parallel processes
+        replica = (seed + 7_919 * self.where.replica) % 2**63  # dropout masks differ between data-parallel processes
         torch.manual_seed(replica)
         lr = training.start_epoch(epoch, replica)
-        fail = LayerwiseError if self.where.is_main else QuietError  # one process says it, every process stops
+        # one process says it, every process stops; with replays each process checks its own losses alone
+        fail = LayerwiseError if self.where.is_main or cfg.replay else QuietError
         kept = f"checkpoints up to the previous epoch are kept in {self.dir.checkpoints}"
         try:
             stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{cfg.epochs_per_block}")
@@ -385,13 +460,18 @@ class Run:
                 "start again with a lower --lr"
             )
         training.sync()
-        row = self.epoch_row(stage, epoch, lr, stats, memos)
+        stage = self.stages[stage.index]  # the whole stage (a pipeline process trains a part of it)
+        row = self.epoch_row(stage, epoch, lr, stats, memos, training)
         if "val" in row:
             self.val_top1[stage.index] = row["val"]["top1"]
         meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr,
                 "loss_level": training.loss_level}  # fmt: skip
+        optimizer = training.optimizer
+        if self.placement is not None:  # rank 0 gathers every process's blocks and optimizers, and saves them all
+            meta["pipeline"] = self.placement.to_json()
+            optimizer = GatheredState(gather_to_main(self.net, training.stage, training.optimizer, self.where))
         line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
-        self.save(self.dir.last, meta, training.optimizer, first=lambda: self.dir.append_metrics(line))
+        self.save(self.dir.last, meta, optimizer, first=lambda: self.dir.append_metrics(line))
         log.info(format_row(row))
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)
@@ -402,19 +482,25 @@ class Run:
         if self.where.is_main:
             self.writer.submit(checkpoint_job(path, meta, self.net, optimizer, first, self.dir.path))
 
-    def epoch_row(self, stage: Stage, epoch: int, lr: float, stats: dict, memos: dict) -> dict[str, Any]:
+    def epoch_row(
+        self, stage: Stage, epoch: int, lr: float, stats: dict, memos: dict, training: StageTraining | None = None
+    ) -> dict[str, Any]:
         """One metrics line: the stage's last loss head's numbers and the ensemble over the stage's heads (the frozen
         heads' scores come from `memos` after the stage's first evaluation). A stage with several loss heads
         (decoupled) adds every block's figures under "blocks" (see docs/decisions.md for the schema)."""
         heads, ensemble, autocast = list(stage.eval_heads), self.cfg.train.ensemble, self.precision.autocast
         frozen = set(stage.frozen_heads) == set(heads[:-1])  # only then may evaluate() keep earlier heads' scores
+        loaders = {"val": self.data.val, "train_eval": self.data.train_eval}  # None: not in this run
         scored = {}
-        if self.data.val is not None:  # None: no validation (data.val_size=0, no val_path)
-            scored["val"] = evaluate(self.net, self.data.val, heads, ensemble, autocast,
-                                     memos["val"] if frozen else None, self.where)  # fmt: skip
-        if self.data.train_eval is not None:
-            scored["train_eval"] = evaluate(self.net, self.data.train_eval, heads, ensemble, autocast,
-                                            memos["train_eval"] if frozen else None, self.where)  # fmt: skip
+        for key, loader in loaders.items():
+            if loader is None:
+                continue
+            if self.placement is not None:
+                scored[key] = evaluate_pipelined(self.net, loader, training.stage, self.net.J, self.pipe, self.where,
+                                                 ensemble, autocast)  # fmt: skip
+            else:
+                memo = memos[key] if frozen else None
+                scored[key] = evaluate(self.net, loader, heads, ensemble, autocast, memo, self.where)
 
         def scores(j: int) -> dict[str, Any]:
             return {key: {**result["blocks"][j], "loss": result["losses"][j]} for key, result in scored.items()}
@@ -434,7 +520,8 @@ class Run:
         if "heads" in stats:
             row["blocks"] = [
                 {"block": j, "lr": lr, "loss": figures["loss"],
-                 "train": {"top1": figures["top1"], "top5": figures["top5"]}, **scores(j)}
+                 "train": {"top1": figures["top1"], "top5": figures["top5"]}, **scores(j),
+                 **{k: figures[k] for k in ("replays", "dropped") if k in figures}}
                 for j, figures in stats["heads"].items()
             ]  # fmt: skip
         return row

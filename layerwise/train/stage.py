@@ -43,6 +43,9 @@ class Stage:
     decoupled: bool = False
     """Every trained block learns from its own head only: block j's input is block j-1's output, detached, so no
     gradient crosses a block boundary. Otherwise the gradient flows from head `block` through every trained block."""
+    receives: bool = False
+    """The stage's batches are block `first`'s input, received from the pipeline process before it
+    (train/pipeline.py): it runs and holds no earlier block."""
 
     @property
     def loss_heads(self) -> tuple[int, ...]:
@@ -105,6 +108,7 @@ class StageModule(nn.Module):
         self.whole = {id(m): net.recompute and not has_conv_units(m) for m in (*self.blocks, *self.heads)}
         self.label_smoothing = 0.0  # train.label_smoothing, set by StageTraining
         self.randomness: BlockRandomness | None = None
+        self.output: torch.Tensor | None = None
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         grad = self.training and torch.is_grad_enabled()
@@ -123,6 +127,7 @@ class StageModule(nn.Module):
                 z = self.run(head, x)
             losses.append(self.cross_entropy(z, y))
             logits.append(z)
+        self.output = x.detach()  # what a pipeline process sends on (train/pipeline.py)
         return torch.stack(losses), torch.stack(logits)
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -171,9 +176,11 @@ def frozen_prefix(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0
 
 
 def resident_modules(net: StagedNet, stage: Stage) -> nn.ModuleList:
-    """What the stage runs: blocks 0..stage.block and the heads it trains or scores."""
+    """What the stage runs: blocks 0..stage.block (first..block when it receives its input) and the heads it
+    trains or scores."""
     heads = sorted({*stage.eval_heads, *stage.loss_heads})
-    return nn.ModuleList([*net.blocks[: stage.block + 1], *(net.heads[j] for j in heads)])
+    start = stage.first if stage.receives else 0
+    return nn.ModuleList([*net.blocks[start : stage.block + 1], *(net.heads[j] for j in heads)])
 
 
 def place_for(net: StagedNet, stage: Stage, device: torch.device) -> None:
