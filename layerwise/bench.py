@@ -5,6 +5,7 @@ StageTraining). For each block j of a preset it times the real training step thr
 - greedy, uncached: the frozen blocks < j run (without gradients) in every step;
 - greedy, prefix cached: the step starts from x_j, as it does when train.cache is on;
 - end-to-end: every block and the last head (one row, the same for every j);
+- decoupled: every block and every head at once, each block from its own head (one row);
 and, with `recompute_activations`, the uncached and end-to-end steps again with train.recompute_activations.
 Peak memory comes from torch.cuda on a GPU and from the process's peak resident set on the CPU.
 The input benchmark compares the in-memory loader with a per-sample PIL/torchvision DataLoader.
@@ -249,6 +250,10 @@ def bench_model(spec: BenchSpec, steps: int = 10, warmup: int = 2, blocks: list[
     e2e = time_steps(net, e2e_stage, x, y, 0, timing)
     if recompute_activations:
         e2e["activations_recomputed"] = recomputed(net, e2e_stage, x, y, timing)
+    (decoupled_stage,) = plan_stages(net.J, "decoupled")  # every block at once, each from its own head
+    decoupled = time_steps(net, decoupled_stage, x, y, 0, timing)
+    if recompute_activations:
+        decoupled["activations_recomputed"] = recomputed(net, decoupled_stage, x, y, timing)
     return {
         "preset": preset,
         "device": str(dev),
@@ -262,6 +267,7 @@ def bench_model(spec: BenchSpec, steps: int = 10, warmup: int = 2, blocks: list[
         "compile": compile_mode,
         "blocks": rows,
         "e2e": e2e,
+        "decoupled": decoupled,
         "checkpoint": checkpoint,
         "evaluation": evaluation,
         "date": time.strftime("%Y-%m-%d"),
@@ -577,7 +583,10 @@ def format_report(model: dict, inputs: dict | None) -> str:
     ]
     e = model["e2e"]
     rows = [(r["block"], r["uncached"], r.get("cached"), r.get("activations_recomputed")) for r in model["blocks"]]
-    for name, plain, cached, recomputed in [*rows, ("e2e", e, None, e.get("activations_recomputed"))]:
+    d = model.get("decoupled")
+    rows += [("e2e", e, None, e.get("activations_recomputed"))]
+    rows += [("dec", d, None, d.get("activations_recomputed"))] if d else []
+    for name, plain, cached, recomputed in rows:
         line = f"{name:<6} {plain['images_per_s']:>10.1f} "
         if cached:
             speedup = cached["images_per_s"] / plain["images_per_s"]

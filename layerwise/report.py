@@ -137,6 +137,27 @@ def curves(records: list[RunRecord]) -> str:
     return png(fig)
 
 
+def time_curves(records: list[RunRecord]) -> str:
+    """Each run's scored top-1 after every epoch (the stage's last head: the network delivered so far) against its
+    training seconds so far: methods that train the same network differently (greedy, decoupled, pipelined, end
+    to end) compared by the time they take, not their epochs."""
+    fig = figure(figsize=(8, 3.8))
+    axis = fig.subplots()
+    for record, (line, marker, colour) in zip(records, itertools.cycle(STYLES)):
+        scored = scores_key(record.rows)
+        if not scored:
+            continue
+        elapsed = list(itertools.accumulate(r["seconds"] for r in record.rows))
+        label = f"{record.label} ({literal(record.cfg.train.mode)})"
+        axis.plot(elapsed, [r[scored]["top1"] for r in record.rows], linestyle=line, marker=marker, markersize=4,
+                  color=colour, label=label)  # fmt: skip
+    axis.set_xlabel("training seconds (evaluation excluded)")
+    axis.set_ylabel("top-1 accuracy (%), last trained head")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    return png(fig)
+
+
 def final_bars(records: list[RunRecord]) -> str:
     """Each block's own head and the ensemble after it, top-1 and top-5, with the paper's figures."""
     fig = figure(figsize=(9, 3.6))
@@ -365,6 +386,11 @@ def render(records: list[RunRecord]) -> str:
             "<h2>Final accuracy per block</h2>"
             f'<img alt="per-block and ensemble accuracy" src="data:image/png;base64,{final_bars(with_rows)}">'
         )
+        if len(with_rows) > 1:
+            image = time_curves(with_rows)
+            alt = "top-1 against training seconds"
+            plots += f'<h2>Accuracy against training time</h2><img alt="{alt}" src="data:image/png;base64,{image}">'
+
     sections = "\n".join(run_section(r) for r in records)
     return (
         f"<!doctype html><html><head><meta charset=utf-8>"

@@ -48,6 +48,19 @@ def test_a_finished_runs_report_is_self_contained(pair):
     assert f"{greedy['final']['val_top1']:.2f}" in page and "unfinished" not in page
 
 
+def test_a_decoupled_run_is_reported_block_by_block_and_beside_another_against_training_time(pair, tmp_path):
+    root, data, _, _ = pair
+    decoupled = train(tiny_config(epochs=2, train={"mode": "decoupled"}), root / "decoupled", data)
+    out = tmp_path / "methods.html"
+    assert main(["report", str(root / "greedy"), str(root / "decoupled"), "-o", str(out)]) == 0
+    page = out.read_text()
+    assert page.count('src="data:image/png;base64,') == 3  # curves, final accuracy, accuracy against time
+    assert "Accuracy against training time" in page
+    assert [b["stage"] for b in decoupled["blocks"]] == ["block 0", "block 1", "block 2"]
+    for block in decoupled["blocks"]:  # its own head's figures, each block in a row of its own
+        assert f"<td>{block['stage']}</td><td>{block['val_top1']:.2f}</td><td>{block['val_top5']:.2f}</td>" in page
+
+
 @needs_chromium
 def test_a_reader_sees_both_runs_plots_and_numbers(pair, tmp_path, capsys):
     root, _, greedy, e2e = pair
