@@ -5,9 +5,11 @@
 
 Two parts, both printed as tables (and saved as JSON with --json FILE):
 - steps: `layerwise bench`'s measurement (layerwise.bench.bench_model) of one training step of every greedy
-  block, the end-to-end step and the decoupled step (every block at once), in one process: images/s and the
-  step's memory (activations, gradients, optimizer state; not the weights). `--precision bf16` gives a GPU
-  step's memory profile on the CPU.
+  block, the end-to-end step and the decoupled step (every block at once), plain and with activations
+  recomputed, in one process: images/s and the step's memory (activations, gradients, optimizer state; not the
+  weights), against end to end's. The fair memory baseline beside them: end to end with gradient accumulation,
+  at the micro-batch whose step memory is greedy block 0's. `--precision bf16` gives a GPU step's memory
+  profile on the CPU (`--preset imagenet_vgg11_k3 --batch-size 128 --skip-training`: the issue's set-up).
 - training: four real runs of the same budget, J x E epochs of data in all (greedy: E per block; decoupled,
   pipelined and end to end: J x E epochs of every block at once; lr steps at the same fraction of each): seconds
   of training (evaluation excluded), images/s, the seconds until the last trained head first reaches --target
@@ -20,6 +22,7 @@ On a shared CPU only ratios from one invocation compare. Nothing here runs in CI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=60.0, help="validation top-1 to time (percent)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for the step measurement")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--batch-size", type=int, help="for the step measurement (default: the preset's)")
+    parser.add_argument("--image-size", type=int, help="for the step measurement (default: the preset's)")
+    parser.add_argument("--blocks", type=int, nargs="*", help="greedy blocks to measure (default: all)")
+    parser.add_argument("--block-chunks", type=int, default=0, help="also greedy's steps with train.block_chunks")
     parser.add_argument("--out", default=f"runs/methods-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--skip-training", action="store_true", help="only the step measurement")
     parser.add_argument("--json", help="also write the results to this file")
@@ -83,16 +90,42 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_preset(args.preset)
     J = len(cfg.model.widths)
-    spec = BenchSpec(preset=args.preset, batch_size=cfg.train.batch_size, device="cpu", precision=args.precision)
-    steps = bench_model(spec, steps=args.steps)
-    result = {"date": time.strftime("%Y-%m-%d"), "preset": args.preset, "steps": steps, "training": {}}
-    print(f"one training step, {args.preset}, batch {steps['batch_size']}, {steps['precision']}, "
-          f"{steps['threads']} threads ({steps['device_name']}):")  # fmt: skip
-    print(f"  {'step':<22} {'img/s':>9} {'step MiB':>9}")
+    batch = args.batch_size or cfg.train.batch_size
+    spec = BenchSpec(preset=args.preset, batch_size=batch, device="cpu", precision=args.precision,
+                     image_size=args.image_size, recompute_activations=True)  # fmt: skip
+    steps = bench_model(spec, steps=args.steps, blocks=args.blocks)
+    if args.block_chunks:  # greedy's steps again, the block run in chunks (train.block_chunks)
+        chunked = bench_model(dataclasses.replace(spec, block_chunks=args.block_chunks), steps=args.steps,
+                              blocks=args.blocks)  # fmt: skip
+        steps["chunked_blocks"] = chunked["blocks"]
+    # The fair baseline: end to end with gradient accumulation, at the micro-batch whose step memory is greedy
+    # block 0's. Step memory is a fixed part (the weights' gradients and momentum: twice the weights) plus
+    # activations that grow about linearly with the batch.
+    greedy0, e2e = steps["blocks"][0]["uncached"], steps["e2e"]
+    fixed = 2 * e2e["weights_bytes"]
+    per_image = (e2e["step_bytes"] - fixed) / batch if e2e["step_bytes"] else 0
+    micro = max(1, min(batch, int((greedy0["step_bytes"] - fixed) / per_image))) if per_image > 0 else batch
+    accumulated = bench_model(dataclasses.replace(spec, batch_size=micro, recompute_activations=False),
+                              steps=args.steps, blocks=[])["e2e"]  # fmt: skip
+    result = {"date": time.strftime("%Y-%m-%d"), "preset": args.preset, "steps": steps, "training": {},
+              "e2e_accumulated": {**accumulated, "micro_batch": micro}}  # fmt: skip
+    print(f"one training step, {args.preset}, batch {steps['batch_size']}, {steps['image_size']} px, "
+          f"{steps['precision']}, {steps['threads']} threads ({steps['device_name']}):")  # fmt: skip
+    print(f"  {'step':<46} {'img/s':>9} {'step MiB':>9} {'/ e2e':>6}")
     named = [(f"greedy block {r['block']}", r["uncached"]) for r in steps["blocks"]]
-    named += [("end to end", steps["e2e"]), ("decoupled (all blocks)", steps["decoupled"])]
+    named += [(f"greedy block {r['block']}, recomputed", r["activations_recomputed"]) for r in steps["blocks"]]
+    for r in steps.get("chunked_blocks", []):
+        named += [(f"greedy block {r['block']}, chunked {args.block_chunks}", r["uncached"])]
+        named += [(f"greedy block {r['block']}, chunked {args.block_chunks}, recomputed", r["activations_recomputed"])]
+    named += [("end to end", e2e), ("end to end, recomputed", e2e["activations_recomputed"])]
+    named += [(f"end to end, micro-batches of {micro} accumulated ({-(-batch // micro)} per step)", accumulated)]
+    if steps["decoupled"]:  # measured with every block
+        named += [("decoupled (all blocks)", steps["decoupled"])]
+        named += [("decoupled, recomputed", steps["decoupled"]["activations_recomputed"])]
     for name, r in named:
-        print(f"  {name:<22} {r['images_per_s']:>9.1f} {r['step_bytes'] / 2**20 if r['step_bytes'] else 0:>9.1f}")
+        mib = (r["step_bytes"] or 0) / 2**20
+        ratio = r["step_bytes"] / e2e["step_bytes"] if r["step_bytes"] and e2e["step_bytes"] else float("nan")
+        print(f"  {name:<46} {r['images_per_s']:>9.1f} {mib:>9.1f} {ratio:>5.2f}x")
     if args.skip_training:
         return finish(result, args.json)
 

@@ -229,6 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile_mode=args.compile,
         recompute_activations=args.recompute_activations,
+        block_chunks=args.block_chunks,
     )
     if args.max_batch:
         from layerwise.bench import max_batch
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", action="store_true", help="find the largest batch that fits, greedy and e2e (GPU)")
     b.add_argument(
         "--recompute-activations", action="store_true", help="as train.recompute_activations: less memory, more compute"
+    )
+    b.add_argument(
+        "--block-chunks", type=int, default=0, help="as train.block_chunks: VGG blocks run in chunks of the batch"
     )
     b.add_argument(
         "--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, or bf16 (also on the CPU)"

@@ -219,6 +219,11 @@ class TrainConfig:
     recompute_activations: bool = False
     """Keep only each trained conv unit's input for the backward pass and recompute its conv, BN and ReLU
     there: less activation memory for about one more forward pass of the trained blocks. Same results."""
+    block_chunks: int = 0
+    """Greedy stages whose block feeds only its head's 2x2 average pooling (VGG-11's heads) run that block in this
+    many chunks of the batch, in the forward and the backward pass (models/pooled.py): its full-resolution output
+    never exists for the whole batch at once, for three more runs of its conv. The same training up to float
+    rounding. 0: off; other stages and networks are unaffected."""
     precision: str = "auto"
     """`auto` (bf16 autocast on a GPU, fp32 on the CPU), `fp32`, or `bf16` (autocast and channels_last on any
     device: much faster on CPUs with AMX or AVX-512 BF16, slow on others; see docs/benchmarks.md)."""
@@ -270,6 +275,7 @@ class TrainConfig:
         _check(0 <= self.seed < 2**31, "train.seed must be in [0, 2^31)")
         _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
+        _check(self.block_chunks >= 0, "train.block_chunks must be >= 0 (0: off)")
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}")
         _check(
             self.compile in COMPILE_MODES,

@@ -1,6 +1,6 @@
-"""Pipelined decoupled training: J gloo processes, one block each, train as one process does; a process that
-raises ends the job with its line and torchrun's restart resumes it on the same P; block groups balance
-measured step times; bad placements are one line before any work."""
+"""Pipelined and data-parallel decoupled training: J gloo processes, one block each, train as one process does;
+a process that raises ends the job with its line and torchrun's restart resumes it on the same P; block groups
+balance measured step times; bad placements are one line before any work; two DDP processes train as one."""
 
 import itertools
 import os
@@ -230,3 +230,20 @@ def test_a_pipeline_with_replays_trains_and_reports_them(tmp_path, data):
         assert first["replays"] == first["dropped"] == 0  # the first process reads the data
         assert all(b["replays"] >= 0 and b["dropped"] >= 0 for b in later)
     assert main(["-q", "eval", str(out), "--data", str(data), "--device", "cpu"]) == 0
+
+
+def test_decoupled_training_under_ddp_matches_one_process(tmp_path, data):
+    """--placement single under torchrun: two processes split each batch (DDP over every block and head).
+    Without BatchNorm nothing depends on the split: the weights end as one process's, up to float rounding."""
+    items = settings(2, "model.batchnorm=false", "model.head_batchnorm=false", "train.batch_size=12")
+    command = ["-m", "layerwise", "train", "--out", str(tmp_path / "ddp"), "--data", str(data), *sets(items)]
+    job = subprocess.run(torchrun(2, *command), capture_output=True, text=True, timeout=240, cwd=TESTS.parent)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(items)]) == 0
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "ddp")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    one, two = RunDir(tmp_path / "one").read_metrics(), RunDir(tmp_path / "ddp").read_metrics()
+    for r, s in zip(one, two, strict=True):
+        assert [b["val"]["top1"] for b in r["blocks"]] == [b["val"]["top1"] for b in s["blocks"]]
+        assert [b["loss"] for b in r["blocks"]] == pytest.approx([b["loss"] for b in s["blocks"]], rel=1e-4)

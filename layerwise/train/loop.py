@@ -136,6 +136,7 @@ class StageTraining:
         place_for(net, stage, device)
         self.module = freeze_for(net, stage)
         self.module.label_smoothing = cfg.label_smoothing
+        self.module.block_chunks = cfg.block_chunks
         if cfg.sync_bn and where.data_parallel:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         if stage.decoupled:

@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from layerwise.models.blocks import has_conv_units, recomputed
+from layerwise.models.heads import HalfAvgPool
+from layerwise.models.pooled import poolable, pooled_unit
 from layerwise.models.staged import StagedNet
 
 
@@ -107,6 +109,12 @@ class StageModule(nn.Module):
         # other module (your own) is recomputed whole
         self.whole = {id(m): net.recompute and not has_conv_units(m) for m in (*self.blocks, *self.heads)}
         self.label_smoothing = 0.0  # train.label_smoothing, set by StageTraining
+        self.block_chunks = 0  # train.block_chunks, set by StageTraining
+        head = self.heads[-1]
+        self.poolable = (  # the block feeds only its head's half pooling (VGG heads): models/pooled.py
+            len(self.blocks) == 1 and isinstance(head, nn.Sequential) and len(head) > 1
+            and isinstance(head[0], HalfAvgPool) and poolable(self.blocks[0])
+        )  # fmt: skip
         self.randomness: BlockRandomness | None = None
         self.output: torch.Tensor | None = None
 
@@ -116,6 +124,13 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.decoupled:
+            pooled = None
+            if self.block_chunks and self.poolable and self.training and torch.is_grad_enabled():
+                pooled = pooled_unit(self.blocks[0], x, self.block_chunks)
+            if pooled is not None:  # the block's output only ever existed a chunk at a time
+                for layer in list(self.heads[-1])[1:]:  # the head after its half pooling
+                    pooled = layer(pooled)
+                return self.cross_entropy(pooled, y), pooled
             for block in self.blocks:
                 x = self.run(block, x)
             logits = self.run(self.heads[-1], x)
