@@ -182,6 +182,10 @@ class TrainConfig:
     """Where a decoupled run's blocks train: `single` (every process holds every block; under torchrun the
     processes split each batch) or `pipeline` (torchrun's P processes each hold a group of consecutive blocks,
     balanced by measured step time, and pass activations forward; P <= J)."""
+    pipeline_processes: int = 0
+    """P, the processes of one pipeline (train.placement=pipeline); 0: every process torchrun started. With P
+    below their number N, the N processes form N / P replicas of a P-process pipeline that split each batch, and
+    the replicas' copies of each block group train as DDP does."""
     replay: int = 0
     """M, for a pipeline (DGL's asynchronous variant): each process after the first keeps the last M batches it
     received and trains on them again while its upstream is slower, instead of waiting. 0: synchronous, every
@@ -256,6 +260,10 @@ class TrainConfig:
         )
         _check(self.replay >= 0 and self.replay_reuse >= 0, "train.replay and train.replay_reuse must be >= 0")
         _check(
+            self.pipeline_processes >= 0 and (self.pipeline_processes == 0 or self.placement == "pipeline"),
+            "train.pipeline_processes (>= 0) goes with train.placement=pipeline",
+        )
+        _check(
             self.replay == 0 or (self.mode == "decoupled" and self.placement == "pipeline"),
             "train.replay keeps batches for a pipeline process whose upstream is slower; it needs "
             "train.mode=decoupled and train.placement=pipeline",
@@ -276,6 +284,11 @@ class TrainConfig:
         _check(self.cache in ("none", "device", "host", "disk"), "train.cache must be none, device, host or disk")
         _check(self.cache_views >= 1, "train.cache_views must be >= 1")
         _check(self.block_chunks >= 0, "train.block_chunks must be >= 0 (0: off)")
+        _check(
+            not (self.sync_bn and self.block_chunks),
+            "train.sync_bn and train.block_chunks cannot be combined: the chunked block computes its BatchNorm "
+            "statistics over this process's batch",
+        )
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}")
         _check(
             self.compile in COMPILE_MODES,

@@ -82,12 +82,13 @@ class Dist:
             dist.all_reduce(t)
         return t
 
-    def broadcast_buffers(self, module: nn.Module) -> None:
-        """Give every process rank 0's buffers (BN running statistics): each process updated its own from its own
-        share of the last batch, and the saved checkpoint holds rank 0's."""
+    def broadcast_buffers(self, module: nn.Module, group=None) -> None:
+        """Give every replica replica 0's buffers (BN running statistics): each process updated its own from its
+        own share of the last batch, and the saved checkpoint holds rank 0's (in a pipeline, over `group`, the
+        position's data-parallel processes, from replica 0's)."""
         if self.data_parallel:
             for b in module.buffers():
-                dist.broadcast(b, 0)
+                dist.broadcast(b, self.position, group=group)
 
     def from_main(self, value: T) -> T:
         """Rank 0's `value`, on every process."""

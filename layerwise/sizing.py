@@ -15,6 +15,7 @@ from layerwise.config import RunConfig
 from layerwise.errors import LayerwiseError
 from layerwise.limits import human_bytes
 from layerwise.models import build_model
+from layerwise.models.pooled import chunkable
 from layerwise.models.staged import count
 
 
@@ -38,9 +39,12 @@ def device_memory(device: torch.device) -> int:
     return machine_memory()
 
 
-def trained_activations(net: nn.Module, stages, batch: int, in_channels: int, size: int, element: int) -> list[int]:
+def trained_activations(
+    net: nn.Module, stages, batch: int, in_channels: int, size: int, element: int, chunks: int = 0
+) -> list[int]:
     """For each stage, the bytes of the outputs of every leaf module it trains, for one batch: the least its
-    backward pass must keep (a lower bound: autograd may keep more)."""
+    backward pass must keep (a lower bound: autograd may keep more). A block run in `chunks` (train.block_chunks)
+    counts one chunk's outputs."""
     sizes = {}
     hooks = [
         m.register_forward_hook(lambda m, i, out: sizes.__setitem__(m, out.numel() * element))
@@ -58,8 +62,13 @@ def trained_activations(net: nn.Module, stages, batch: int, in_channels: int, si
             h.remove()
     per_stage = []
     for stage in stages:
-        trained = [net.blocks[j] for j in stage.trained_blocks] + [net.heads[j] for j in stage.loss_heads]
-        per_stage.append(sum(sizes.get(m, 0) for part in trained for m in part.modules()))
+        blocks = [net.blocks[j] for j in stage.trained_blocks]
+        heads = [net.heads[j] for j in stage.loss_heads]
+        chunked = chunks and len(blocks) == 1 and chunkable(blocks[0], heads[-1])
+        block_bytes = sum(sizes.get(m, 0) for part in blocks for m in part.modules())
+        per_stage.append(
+            block_bytes // (chunks if chunked else 1) + sum(sizes.get(m, 0) for h in heads for m in h.modules())
+        )
     return per_stage
 
 
@@ -86,7 +95,8 @@ def check_size(cfg: RunConfig, num_classes: int, device: torch.device, batch: in
     element = 2 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda") else 4
     stages = plan_stages(net.J, cfg.train.mode)
     try:
-        needs = trained_activations(net, stages, batch, cfg.model.in_channels, cfg.data.image_size, element)
+        needs = trained_activations(net, stages, batch, cfg.model.in_channels, cfg.data.image_size, element,
+                                    cfg.train.block_chunks)  # fmt: skip
     except (RuntimeError, ValueError):
         return  # a shape problem: checked_model's real forward pass names it
     largest = max(range(len(stages)), key=needs.__getitem__)

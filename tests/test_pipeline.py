@@ -218,18 +218,40 @@ def test_a_replay_buffer_holds_at_most_its_capacity_whatever_the_upstream_sends(
     assert all(trained.count((i, False)) <= 1 for i in range(200))  # reuse=1
 
 
-def test_a_pipeline_with_replays_trains_and_reports_them(tmp_path, data):
+def test_a_process_whose_upstream_is_slower_trains_on_replays_and_reports_them(tmp_path, data):
+    """Rank 0's steps each take 0.2 s longer (tests/pipeline_slow.py): the next processes train on replays while
+    they wait, at most train.replay_reuse = 1 per batch they received, and the run still ends and evaluates."""
     out = tmp_path / "replay"
-    job = subprocess.run(torchrun(3, *pipeline_train(out, data, settings(2, "train.replay=2"))), capture_output=True,
-                         text=True, timeout=240, cwd=TESTS.parent)  # fmt: skip
+    slow = [str(TESTS / "pipeline_slow.py"), *pipeline_train(out, data, settings(2, "train.replay=2"))[2:]]
+    job = subprocess.run(torchrun(3, *slow), capture_output=True, text=True, timeout=240, cwd=TESTS.parent)
     assert job.returncode == 0, job.stderr[-3000:]
     rows = RunDir(out).read_metrics()
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
-        first, *later = row["blocks"]
+        first, second, _ = row["blocks"]
         assert first["replays"] == first["dropped"] == 0  # the first process reads the data
-        assert all(b["replays"] >= 0 and b["dropped"] >= 0 for b in later)
+        assert 1 <= second["replays"] <= 3 and second["dropped"] == 0  # 3 batches an epoch, each replayed at most once
     assert main(["-q", "eval", str(out), "--data", str(data), "--device", "cpu"]) == 0
+
+
+def test_two_processes_for_three_blocks_train_as_one_process_does_in_bf16(tmp_path, data):
+    """P < J: rank 0 times the blocks and cuts them into two groups (stored in the run); under bf16 autocast the
+    activations are channels_last and travel so. One thread on both sides: the same weights to 1e-6."""
+    items = settings(2, "train.precision=bf16")
+    job = subprocess.run(torchrun(2, *pipeline_train(tmp_path / "two", data, items)), capture_output=True,
+                         text=True, timeout=240, cwd=TESTS.parent)  # fmt: skip
+    assert job.returncode == 0, job.stderr[-3000:]
+    groups = RunDir(tmp_path / "two").read_info()["pipeline"]
+    assert groups in ([[0], [1, 2]], [[0, 1], [2]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(items)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=1e-6), k
 
 
 def test_decoupled_training_under_ddp_matches_one_process(tmp_path, data):
@@ -245,5 +267,27 @@ def test_decoupled_training_under_ddp_matches_one_process(tmp_path, data):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     one, two = RunDir(tmp_path / "one").read_metrics(), RunDir(tmp_path / "ddp").read_metrics()
     for r, s in zip(one, two, strict=True):
+        assert [b["val"]["top1"] for b in r["blocks"]] == [b["val"]["top1"] for b in s["blocks"]]
+        assert [b["loss"] for b in r["blocks"]] == pytest.approx([b["loss"] for b in s["blocks"]], rel=1e-4)
+
+
+def test_two_replicas_of_a_two_process_pipeline_train_as_one_process(tmp_path, data):
+    """4 gloo processes, train.pipeline_processes=2: replicas {0, 1} and {2, 3} split each batch, positions 0
+    (ranks 0, 2) and 1 (ranks 1, 3) each train their blocks under DDP. Without BatchNorm nothing depends on the
+    split: the weights end as one process's, up to float rounding."""
+    items = settings(2, "model.batchnorm=false", "model.head_batchnorm=false", "train.batch_size=12",
+                     "train.pipeline_processes=2")  # fmt: skip
+    job = subprocess.run(torchrun(4, *pipeline_train(tmp_path / "grid", data, items)), capture_output=True, text=True,
+                         timeout=240, cwd=TESTS.parent)  # fmt: skip
+    assert job.returncode == 0, job.stderr[-3000:]
+    single = [i for i in items if not i.startswith("train.pipeline_processes")]
+    assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(single)]) == 0
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "grid")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    info = RunDir(tmp_path / "grid").read_info()
+    assert info["processes"] == 4 and len(info["pipeline"]) == 2
+    one, grid = RunDir(tmp_path / "one").read_metrics(), RunDir(tmp_path / "grid").read_metrics()
+    for r, s in zip(one, grid, strict=True):
         assert [b["val"]["top1"] for b in r["blocks"]] == [b["val"]["top1"] for b in s["blocks"]]
         assert [b["loss"] for b in r["blocks"]] == pytest.approx([b["loss"] for b in s["blocks"]], rel=1e-4)

@@ -97,3 +97,12 @@ def test_training_steps_with_chunks_end_where_plain_ones_do():
         ends.append(model.state_dict())
     for key in ends[0]:
         assert torch.allclose(ends[0][key].double(), ends[1][key].double(), rtol=0, atol=1e-10), key
+
+
+@pytest.mark.parametrize("options", [{"padding": "same"}, {"padding": 1, "padding_mode": "reflect"}])
+def test_a_conv_the_chunked_function_cannot_run_is_left_to_the_plain_path(options):
+    from layerwise.models.pooled import poolable
+
+    unit = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, **options), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    assert not poolable(unit)
+    assert poolable(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()))

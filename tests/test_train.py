@@ -155,6 +155,7 @@ def test_run_directory_contents(tmp_path, image_folder):
     assert set(row["val"]) >= {"top1", "top5", "ensemble_top1", "ensemble_top5"}
     assert set(row["train"]) == {"top1", "top5"} and "ensemble_top1" in row["train_eval"]
     assert [b["block"] for b in summary["blocks"]] == [0, 1, 2]
+    assert summary["wall_seconds_this_session"] >= summary["train_seconds"]  # evaluation and set-up as well
     assert json.loads(run.summary.read_text())["final"] == summary["final"]
     payload = torch.load(run.final, weights_only=True)  # plain tensors, no pickled objects
     assert isinstance(payload["meta"], str)

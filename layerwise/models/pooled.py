@@ -37,12 +37,22 @@ def poolable(unit: nn.Module) -> bool:
     return (
         all(not list(m.parameters()) for m in pre)
         and conv.groups == 1
+        and isinstance(conv.padding, tuple)
+        and conv.padding_mode == "zeros"
         and isinstance(bn, nn.BatchNorm2d)
         and bn.affine
         and bn.track_running_stats
         and bn.momentum is not None
         and isinstance(relu, nn.ReLU)
     )
+
+
+def chunkable(block: nn.Module, head: nn.Module) -> bool:
+    """Whether train.block_chunks applies to a stage training `block` alone with `head`: the block is poolable and
+    the head opens with the VGG heads' half pooling."""
+    from layerwise.models.heads import HalfAvgPool
+
+    return isinstance(head, nn.Sequential) and len(head) > 1 and isinstance(head[0], HalfAvgPool) and poolable(block)
 
 
 def pooled_unit(unit: nn.Sequential, x: torch.Tensor, chunks: int) -> torch.Tensor | None:
@@ -55,7 +65,7 @@ def pooled_unit(unit: nn.Sequential, x: torch.Tensor, chunks: int) -> torch.Tens
     conv, bn, _ = layers
     h, w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
             zip(x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True))  # fmt: skip
-    if h % 2 or w % 2 or isinstance(conv.padding, str):
+    if h % 2 or w % 2:
         return None
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else None

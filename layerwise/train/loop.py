@@ -121,11 +121,14 @@ class StageTraining:
         loss_level: float | None = None,
         downstream=None,
         reported: tuple[int, ...] | None = None,
+        replica_group=None,
     ):
         self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
         self.downstream = downstream
         """A pipeline process's link to the next one (train/pipeline.Pipe): each step sends its last block's output
         and the labels there, before its backward pass."""
+        self.replica_group = replica_group
+        """In a pipeline with several replicas, the processes holding this one's blocks (DDP among them)."""
         self.reported = reported or stage.loss_heads
         """The heads an epoch's figures cover: the stage's loss heads, or in a pipeline every process's (each
         process fills its own heads' figures, and the all-reduce the rest)."""
@@ -137,6 +140,7 @@ class StageTraining:
         self.module = freeze_for(net, stage)
         self.module.label_smoothing = cfg.label_smoothing
         self.module.block_chunks = cfg.block_chunks
+        self.module.keep_output = downstream is not None
         if cfg.sync_bn and where.data_parallel:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         if stage.decoupled:
@@ -149,7 +153,9 @@ class StageTraining:
             self.optimizer.load_state_dict(optimizer_state)
         model: nn.Module = self.module
         if where.data_parallel:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
-            model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            model = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None, process_group=replica_group
+            )
         if cfg.compile != "none":
             # Each stage freezes other modules and recompiles anyway; stale entries would count towards
             # torch's recompilation limit.
@@ -185,6 +191,7 @@ class StageTraining:
             loss, logits = self.model(frozen_prefix(self.net, self.stage, x, offset), y)
         if self.downstream is not None:  # the next process starts on this batch while this one updates
             self.downstream.send(self.module.output, y)
+            self.module.output = None  # the pipe holds it until sent
         total = loss.sum() if loss.dim() else loss
         (total if weight == 1.0 else total * weight).backward()
         self.optimizer.step()
@@ -192,7 +199,7 @@ class StageTraining:
 
     def sync(self) -> None:
         """Every process takes rank 0's BN statistics, before evaluation and checkpoints (see Dist)."""
-        self.where.broadcast_buffers(self.module)
+        self.where.broadcast_buffers(self.module, self.replica_group)
 
 
 DIVERGENCE_WINDOW = 50
@@ -234,7 +241,7 @@ class LossWatch:
     def check(self) -> None:
         kept = min(self.steps, DIVERGENCE_WINDOW)
         bad, mean = self.where.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
-        mean /= self.where.world_size
+        mean /= self.where.replicas  # a pipeline's processes each add their own heads' losses
         if bad > 0 or not math.isfinite(mean):
             raise Diverged(self.steps, math.nan, math.nan)
         if self.factor <= 0:

@@ -33,7 +33,8 @@ from layerwise.train.stage import Stage
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
 MAX_DIMS = 6
-"""A header is [dtype code, ndim, *shape padded to MAX_DIMS]."""
+"""A header is [dtype code, ndim, channels_last, *shape padded to MAX_DIMS]."""
+HEADER = 3 + MAX_DIMS
 END = -1
 """The dtype code of the header that ends an epoch's training batches: a process with replays sends on as many
 batches as it trains on, so the next one cannot count them in advance."""
@@ -54,10 +55,16 @@ class Pipe:
     def send(self, *tensors: torch.Tensor) -> None:
         self.flush()
         for t in tensors:
-            t = t.detach().contiguous()
+            t = t.detach()
             if t.dtype not in DTYPES or t.dim() > MAX_DIMS:
-                raise ValueError(f"cannot pipe a {t.dtype} tensor of {t.dim()} dimensions")
-            header = [DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (MAX_DIMS - t.dim())]
+                raise LayerwiseError(
+                    f"a pipeline cannot pass a {t.dtype} tensor of {t.dim()} dimensions between blocks"
+                )
+            shape = tuple(t.shape)
+            # channels_last travels as the contiguous (N, H, W, C) tensor it is, and arrives as channels_last
+            last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+            t = t.permute(0, 2, 3, 1) if last else t.contiguous()
+            header = [DTYPES.index(t.dtype), t.dim(), int(last), *shape, *[0] * (MAX_DIMS - t.dim())]
             head = torch.tensor(header, dtype=torch.int64, device=self.device)
             self.pending += [head, t]  # kept alive until sent
             self.pending += [dist.isend(head, self.next, group=self.group), dist.isend(t, self.next, group=self.group)]
@@ -65,21 +72,22 @@ class Pipe:
     def send_end(self) -> None:
         """Mark the end of an epoch's batches: the next process's `recv` returns None for it."""
         self.flush()
-        head = torch.tensor([END, *[0] * (1 + MAX_DIMS)], dtype=torch.int64, device=self.device)
+        head = torch.tensor([END, *[0] * (HEADER - 1)], dtype=torch.int64, device=self.device)
         self.pending += [head, dist.isend(head, self.next, group=self.group)]
 
     def recv(self, count: int) -> list[torch.Tensor] | None:
         """The next message's `count` tensors, or None for the end of an epoch (send_end)."""
         out = []
         for _ in range(count):
-            head = torch.empty(2 + MAX_DIMS, dtype=torch.int64, device=self.device)
+            head = torch.empty(HEADER, dtype=torch.int64, device=self.device)
             dist.recv(head, self.prev, group=self.group)
-            code, ndim, *shape = head.tolist()
+            code, ndim, last, *shape = head.tolist()
             if code == END:
                 return None
-            t = torch.empty(shape[:ndim], dtype=DTYPES[code], device=self.device)
+            n, c, h, w = shape[:4]
+            t = torch.empty((n, h, w, c) if last else shape[:ndim], dtype=DTYPES[code], device=self.device)
             dist.recv(t, self.prev, group=self.group)
-            out.append(t)
+            out.append(t.permute(0, 3, 1, 2) if last else t)
         return out
 
     def flush(self) -> None:
@@ -305,16 +313,37 @@ def evaluate_pipelined(
 
 
 def pipelined(where: Dist, cfg: RunConfig) -> Dist:
-    """The Dist of a run: with train.placement=pipeline, every process torchrun started is one pipeline position
-    (no data parallelism yet); refused in one line when there is a single process."""
+    """The Dist of a run: with train.placement=pipeline, the processes torchrun started form world / P replicas of
+    a P-process pipeline (train.pipeline_processes; 0: one pipeline of every process). Rank r is position r % P of
+    replica r // P. Refused in one line when there is a single process or P does not divide the processes."""
     if cfg.train.placement != "pipeline":
         return where
-    if not where.active:
+    P = cfg.train.pipeline_processes or where.world_size
+    if not where.active or P < 2:
         raise LayerwiseError(
             "train.placement=pipeline runs one group of blocks per process: start it with torchrun "
-            "--nproc-per-node P, 2 <= P <= the number of blocks"
+            "--nproc-per-node N, and P = train.pipeline_processes (default N) between 2 and the number of blocks"
         )
-    return replace(where, pipeline=where.world_size)
+    if where.world_size % P:
+        raise LayerwiseError(
+            f"train.pipeline_processes={P} must divide the {where.world_size} processes torchrun started (each "
+            "replica of the pipeline has P of them)"
+        )
+    if cfg.train.replay and where.world_size > P:
+        raise LayerwiseError(
+            "train.replay cannot be combined with replicas of the pipeline (train.pipeline_processes below the "
+            "processes): with replays the replicas train different numbers of steps, which DDP cannot all-reduce"
+        )
+    return replace(where, pipeline=P)
+
+
+def pipeline_groups(where: Dist) -> tuple:
+    """(this replica's pipeline group, this position's data-parallel group or None), made on every process in the
+    same order, as torch.distributed.new_group requires."""
+    P, R = where.pipeline, where.replicas
+    pipes = [dist.new_group([r * P + p for p in range(P)]) for r in range(R)]
+    replicas = [dist.new_group([r * P + p for r in range(R)]) for p in range(P)] if R > 1 else [None] * P
+    return pipes[where.replica], replicas[where.position]
 
 
 class GatheredState:
@@ -330,7 +359,8 @@ class GatheredState:
 def gather_to_main(net: StagedNet, stage: Stage, optimizer, where: Dist) -> dict | None:
     """After an epoch: every process sends its blocks' and heads' weights and buffers and their optimizers' states
     to rank 0, which loads the weights into its network (where they sit on the CPU). Returns, on rank 0, the
-    optimizer state of every block ({"blocks": {"j": state}}) for the checkpoint; None elsewhere."""
+    optimizer state of every block ({"blocks": {"j": state}}) for the checkpoint; None elsewhere. Replicas of a
+    pipeline hold the same weights (DDP): rank 0 takes replica 0's."""
     from layerwise.train.checkpoint import cpu_snapshot
 
     prefixes = tuple(f"{kind}.{j}." for j in stage.trained_blocks for kind in ("blocks", "heads"))
@@ -342,7 +372,7 @@ def gather_to_main(net: StagedNet, stage: Stage, optimizer, where: Dist) -> dict
         return None
     own = net.state_dict()
     blocks = {}
-    for weights, states in gathered:
+    for weights, states in gathered[: where.pipeline]:  # replica 0's processes
         with torch.no_grad():
             for key, value in weights.items():
                 own[key].copy_(value)

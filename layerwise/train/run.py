@@ -52,6 +52,7 @@ from layerwise.train.pipeline import (
     evaluate_pipelined,
     gather_to_main,
     measure_blocks,
+    pipeline_groups,
     pipelined,
 )
 from layerwise.train.stage import Stage, module_bytes, plan_stages, resident_modules
@@ -136,7 +137,7 @@ class Run:
         self.val_top1: dict[int, float] = {}  # each finished epoch's validation top-1, by stage (the last one wins)
         self.stopped: dict[str, Any] | None = None  # train.min_gain's decision, once taken
         self.placement: Placement | None = None  # a pipelined run's block groups, one per process
-        self.pipe_group = None
+        self.pipe_group = self.replica_group = None
         self.pipe: Pipe | None = None
 
     @property
@@ -181,7 +182,10 @@ class Run:
                     "give --val-data, or a data.val_size above 0"
                 )
             classes, processes = len(bundle.classes), where.replicas
-            net = where.agree(lambda: checked_model(cfg, classes, precision, mode=cfg.train.mode, processes=processes))
+            # a pipeline process holds a group of blocks, at least one: sized and placed as a greedy stage is (a
+            # lower bound), then StageTraining places its own group
+            mode = "greedy" if where.pipeline > 1 else cfg.train.mode
+            net = where.agree(lambda: checked_model(cfg, classes, precision, mode=mode, processes=processes))
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
             if where.pipeline > 1:
@@ -387,8 +391,11 @@ class Run:
         if self.placement is not None:  # this process's blocks of the stage, fed by the process before it
             local, pipe = self.pipeline_part()
             downstream = pipe if pipe.next is not None else None
+            # with replays each process watches its own losses; only rank 0's level is saved: the others measure
+            # theirs again when resumed
+            level = start.loss_level if not cfg.replay or self.where.is_main else None
             training = StageTraining(self.net, local, cfg, self.precision, self.where, start.optimizer_state,
-                                     start.loss_level, downstream, stage.loss_heads)  # fmt: skip
+                                     level, downstream, stage.loss_heads, self.replica_group)  # fmt: skip
             loader = self.data.train
             if local.first > 0:
                 loader = Received(pipe, self.data.train, local.first, cfg.replay, cfg.replay_reuse)
@@ -416,9 +423,9 @@ class Run:
         """This process's part of a pipelined stage, and its link to the processes before and after it, in a
         process group of the pipeline's own."""
         if self.pipe_group is None:
-            self.pipe_group = torch.distributed.new_group(list(range(self.where.world_size)))
-        p, P = self.where.position, self.where.pipeline
-        prev, next = (p - 1 if p > 0 else None), (p + 1 if p + 1 < P else None)
+            self.pipe_group, self.replica_group = pipeline_groups(self.where)
+        rank, p, P = self.where.rank, self.where.position, self.where.pipeline
+        prev, next = (rank - 1 if p > 0 else None), (rank + 1 if p + 1 < P else None)
         self.pipe = Pipe(prev, next, self.device, self.pipe_group)
         return self.placement.stage(p), self.pipe
 
@@ -447,7 +454,7 @@ class Run:
                 "lower --lr or raise --batch-size, then --resume"
             ) from None
         except torch.OutOfMemoryError:
-            per_process = cfg.batch_size // self.where.world_size
+            per_process = cfg.batch_size // self.where.replicas
             raise LayerwiseError(
                 f"out of memory on {self.device} in {stage.name}, epoch {epoch + 1}, at {per_process} images per "
                 f"step; {kept}; lower --batch-size, or --set train.recompute_activations=true, train.precision=bf16 "
@@ -513,9 +520,10 @@ class Run:
             "lr": lr,
             "loss": stats["loss"],
             "train": {"top1": stats["top1"], "top5": stats["top5"]},
-            **scores(stage.block),
+            **{k: v for k, v in scores(stage.block).items() if k == "val"},
             "images_per_s": stats["images_per_s"],
             "seconds": stats["seconds"],
+            **{k: v for k, v in scores(stage.block).items() if k == "train_eval"},  # the lines' order of old
         }
         if "heads" in stats:
             row["blocks"] = [

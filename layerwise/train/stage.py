@@ -20,8 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from layerwise.models.blocks import has_conv_units, recomputed
-from layerwise.models.heads import HalfAvgPool
-from layerwise.models.pooled import poolable, pooled_unit
+from layerwise.models.pooled import chunkable, pooled_unit
 from layerwise.models.staged import StagedNet
 
 
@@ -110,13 +109,11 @@ class StageModule(nn.Module):
         self.whole = {id(m): net.recompute and not has_conv_units(m) for m in (*self.blocks, *self.heads)}
         self.label_smoothing = 0.0  # train.label_smoothing, set by StageTraining
         self.block_chunks = 0  # train.block_chunks, set by StageTraining
-        head = self.heads[-1]
-        self.poolable = (  # the block feeds only its head's half pooling (VGG heads): models/pooled.py
-            len(self.blocks) == 1 and isinstance(head, nn.Sequential) and len(head) > 1
-            and isinstance(head[0], HalfAvgPool) and poolable(self.blocks[0])
-        )  # fmt: skip
+        # the block feeds only its head's half pooling (VGG heads): models/pooled.py
+        self.poolable = len(self.blocks) == 1 and chunkable(self.blocks[0], self.heads[-1])
         self.randomness: BlockRandomness | None = None
         self.output: torch.Tensor | None = None
+        self.keep_output = False  # set by StageTraining for a pipeline process with a next one
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         grad = self.training and torch.is_grad_enabled()
@@ -142,7 +139,8 @@ class StageModule(nn.Module):
                 z = self.run(head, x)
             losses.append(self.cross_entropy(z, y))
             logits.append(z)
-        self.output = x.detach()  # what a pipeline process sends on (train/pipeline.py)
+        if self.keep_output:  # what a pipeline process sends on (train/pipeline.py)
+            self.output = x.detach()
         return torch.stack(losses), torch.stack(logits)
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
                 "written (the trained weights are in checkpoints/)"
             )
         last = mine[-1]
-        seconds = sum(r["seconds"] for r in mine)
+        stage_seconds = sum(r["seconds"] for r in mine)
         # a decoupled stage trains every block at once: one entry per block, from its own figures (row["blocks"])
         for part in last.get("blocks") or [last]:
             entry = {
@@ -49,7 +49,7 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
                 **{f"val_{k}": v for k, v in part.get("val", {}).items()},
                 "train_top1": part["train"]["top1"],
                 "train_loss": part["loss"],
-                "seconds": seconds,
+                "seconds": stage_seconds,
             }
             if "train_eval" in part:
                 entry.update({f"train_eval_{k}": v for k, v in part["train_eval"].items()})
