@@ -207,6 +207,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_step: int = 15
     """The learning rate is multiplied by lr_gamma every lr_step epochs (counted within each block)."""
+    schedule: str = "step"
+    """`step` (the paper's: lr x lr_gamma every lr_step epochs, set at each epoch), `cosine` (set at every step,
+    from lr down to 0 over the stage) or `triangle` (every step: linearly down to 0, airbench's one-cycle). The
+    per-step schedules restart with each greedy block and span the whole run end to end or decoupled."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up at the start of each stage of a `cosine` or `triangle` schedule: lr x (t + 1) / W over its
+    first W = round(warmup_epochs x steps per epoch) steps."""
     lr_gamma: float = 0.2
     reset_momentum_at_decay: bool = True
     """Clear SGD momentum at each decay, as the released code does by rebuilding its optimizer."""
@@ -276,6 +283,11 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.lr_step >= 1, "train.lr_step must be >= 1")
+        _check(self.schedule in ("step", "cosine", "triangle"), "train.schedule must be step, cosine or triangle")
+        _check(
+            0 <= self.warmup_epochs < self.epochs_per_block and (self.warmup_epochs == 0 or self.schedule != "step"),
+            "train.warmup_epochs must be in [0, epochs_per_block) and goes with train.schedule cosine or triangle",
+        )
         _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")
         _check(self.ensemble in ("logits", "softmax"), "train.ensemble must be 'logits' or 'softmax'")
         _check(self.train_eval_size >= 0, "train.train_eval_size must be >= 0")
@@ -304,7 +316,8 @@ class TrainConfig:
         )
         _check(
             not (self.sync_bn and self.placement == "pipeline"),
-            "train.sync_bn and train.placement=pipeline cannot be combined: no two processes hold the same block",
+            "train.sync_bn and train.placement=pipeline cannot be combined (SyncBatchNorm would synchronise every "
+            "process, not the replicas of a block)",
         )
         _check(
             not self.sync_bn or (self.compile == "none" and not self.recompute_activations),

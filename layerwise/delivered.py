@@ -42,7 +42,7 @@ def checked_model(
     (place_for).
     """
     size, channels, device = cfg.data.image_size, cfg.model.in_channels, precision.device
-    check_size(cfg, num_classes, device, None if mode is None else cfg.train.batch_size // max(1, processes))
+    check_size(cfg, num_classes, device, None if mode is None else cfg.train.batch_size // max(1, processes), mode)
     try:
         net = build_model(cfg.model, num_classes, size)
         set_recompute(net, cfg.train.recompute_activations)

@@ -72,7 +72,9 @@ def trained_activations(
     return per_stage
 
 
-def check_size(cfg: RunConfig, num_classes: int, device: torch.device, batch: int | None = None) -> None:
+def check_size(
+    cfg: RunConfig, num_classes: int, device: torch.device, batch: int | None = None, mode: str | None = None
+) -> None:
     """Refuse, in one line, a network whose fp32 weights exceed this machine's memory, or (with `batch`, the
     images per step of this process) whose activations for a training step exceed the device's."""
     from layerwise.train.stage import plan_stages
@@ -93,7 +95,7 @@ def check_size(cfg: RunConfig, num_classes: int, device: torch.device, batch: in
     if batch is None:
         return
     element = 2 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda") else 4
-    stages = plan_stages(net.J, cfg.train.mode)
+    stages = plan_stages(net.J, mode or cfg.train.mode)  # a pipeline process is sized as a greedy stage
     try:
         needs = trained_activations(net, stages, batch, cfg.model.in_channels, cfg.data.image_size, element,
                                     cfg.train.block_chunks)  # fmt: skip

@@ -3,6 +3,7 @@ learning-rate schedule and momentum resets over a whole stage, the presets' opti
 pixel layout and labels. Tiny tensors, no training runs."""
 
 import copy
+import itertools
 import math
 import re
 import tarfile
@@ -438,3 +439,60 @@ def test_with_both_off_the_loss_and_the_steps_are_todays_bit_for_bit():
             (p**3).sum().backward()
             opt.step()
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "by_hand"),
+    [  # lr 0.1, 2 epochs of 4 steps, W = round(0.5 x 4) = 2 warm-up steps, T = 8
+        ("cosine", [0.05, 0.1, 0.1, 0.05 * (1 + math.cos(math.pi / 6)), 0.05 * (1 + math.cos(math.pi / 3)), 0.05,
+                    0.05 * (1 + math.cos(2 * math.pi / 3)), 0.05 * (1 + math.cos(5 * math.pi / 6))]),
+        ("triangle", [0.05, 0.1, 0.1, 0.1 * 5 / 6, 0.1 * 4 / 6, 0.05, 0.1 * 2 / 6, 0.1 / 6]),
+    ],
+)  # fmt: skip
+def test_the_per_step_schedules_worked_out_by_hand(schedule, by_hand):
+    from layerwise.train.loop import lr_at_step
+
+    cfg = TrainConfig(lr=0.1, epochs_per_block=2, schedule=schedule, warmup_epochs=0.5)
+    assert [lr_at_step(cfg, t // 4, t % 4, 4) for t in range(8)] == pytest.approx(by_hand, rel=1e-12)
+    assert lr_at_step(cfg, 1, 9, 4) == pytest.approx(by_hand[-1])  # past the stage's last step: its rate
+
+
+def test_a_per_step_schedule_sets_each_steps_rate_and_the_step_schedule_each_epochs():
+    """The rate SGD holds at each of an epoch's 4 steps, read inside the step."""
+    from layerwise.device import Precision
+    from layerwise.models import build_model
+    from layerwise.train.loop import StageTraining, lr_at_step, train_epoch
+    from layerwise.train.stage import plan_stages
+
+    class FourBatches:
+        offset, device = 0, torch.device("cpu")
+
+        def __len__(self):
+            return 4
+
+        def global_batch(self, i):
+            return 2
+
+        def batches(self, seed=0, epoch=0):
+            g = torch.Generator().manual_seed(epoch)
+            for _ in range(4):
+                yield torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0, 1])
+
+    def rates(cfg: TrainConfig) -> list[float]:
+        net = build_model(load_preset("demo").model, 3)
+        training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
+        seen, real = [], training.step
+        training.step = lambda *a, **k: seen.append(training.optimizer.param_groups[0]["lr"]) or real(*a, **k)
+        for epoch in range(3):
+            first = training.start_epoch(epoch, steps=4)
+            train_epoch(training, FourBatches(), seed=0, epoch=epoch)
+            assert first == seen[4 * epoch]  # the metrics line's rate: the epoch's first step's
+        return seen
+
+    cosine = TrainConfig(lr=0.1, epochs_per_block=3, schedule="cosine")
+    seen = rates(cosine)
+    assert seen == pytest.approx([lr_at_step(cosine, t // 4, t % 4, 4) for t in range(12)])
+    assert seen[0] == 0.1 and all(a > b for a, b in itertools.pairwise(seen))  # falls at every step
+    assert (
+        rates(TrainConfig(lr=0.1, epochs_per_block=3, lr_step=1, lr_gamma=0.5)) == [0.1] * 4 + [0.05] * 4 + [0.025] * 4
+    )

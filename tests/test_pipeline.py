@@ -291,3 +291,25 @@ def test_two_replicas_of_a_two_process_pipeline_train_as_one_process(tmp_path, d
     for r, s in zip(one, grid, strict=True):
         assert [b["val"]["top1"] for b in r["blocks"]] == [b["val"]["top1"] for b in s["blocks"]]
         assert [b["loss"] for b in r["blocks"]] == pytest.approx([b["loss"] for b in s["blocks"]], rel=1e-4)
+
+
+def test_a_pipeline_process_is_sized_as_one_block_not_the_whole_decoupled_stage(monkeypatch):
+    """check_size with mode="greedy" (what a pipeline process is sized as) counts one block and its head per step;
+    the decoupled stage in one process counts every block's: a device between the two refuses only the latter."""
+    from layerwise import sizing
+    from layerwise.config import parse_assignment
+    from layerwise.models import build_model
+    from layerwise.presets import resolve_config
+    from layerwise.train.stage import plan_stages
+
+    cfg = resolve_config("demo", None, [parse_assignment(a) for a in settings(1)])
+    with torch.device("meta"):
+        net = build_model(cfg.model, 3, 32)
+    args = (net, None, 64, 3, 32, 4)
+    one_block = max(sizing.trained_activations(*args[:1], plan_stages(3, "greedy"), *args[2:]))
+    every_block = sizing.trained_activations(*args[:1], plan_stages(3, "decoupled"), *args[2:])[0]
+    assert one_block < every_block
+    monkeypatch.setattr(sizing, "device_memory", lambda device: (one_block + every_block) // 2)
+    sizing.check_size(cfg, 3, torch.device("cpu"), 64, mode="greedy")
+    with pytest.raises(LayerwiseError, match="decoupled needs at least"):
+        sizing.check_size(cfg, 3, torch.device("cpu"), 64)

@@ -97,6 +97,21 @@ class Optimizers:
             load_optimizer_state(optimizer, saved[str(j)])
 
 
+def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """A per-step schedule (train.schedule cosine or triangle) at step `step` of `steps` in epoch `epoch` of the
+    stage: t = epoch x steps + step of T = epochs_per_block x steps, after W = round(warmup_epochs x steps) linear
+    warm-up steps lr x (t + 1) / W; then cosine lr x (1 + cos(pi (t - W) / (T - W))) / 2, or triangle
+    lr x (T - t) / (T - W)."""
+    total = cfg.epochs_per_block * steps
+    warmup = round(cfg.warmup_epochs * steps)
+    t = min(epoch * steps + step, total - 1)  # a pipeline process with replays may step past its epoch's count
+    if t < warmup:
+        return cfg.lr * (t + 1) / warmup
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+    return cfg.lr * (total - t) / (total - warmup)
+
+
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Step schedule within a stage: lr x gamma^(epoch // lr_step)."""
     return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step)
@@ -163,13 +178,18 @@ class StageTraining:
             model = torch.compile(model, mode=cfg.compile)
         self.model = model
 
-    def start_epoch(self, epoch: int, seed: int = 0) -> float:
-        """Set this epoch's learning rate; at a decay, optionally forget momentum as the released code does. Put
-        the frozen modules back in eval mode (evaluation switches modes). A decoupled stage's blocks draw from
-        random streams of their own, seeded from `seed` (BlockRandomness)."""
-        lr = lr_at(self.cfg, epoch)
-        decay = self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0
-        self.optimizer.set_lr(lr, forget_momentum=decay)
+    def start_epoch(self, epoch: int, seed: int = 0, steps: int = 1) -> float:
+        """Set this epoch's learning rate (its first step's, under a per-step schedule of `steps` per epoch); at a
+        decay of the step schedule, optionally forget momentum as the released code does. Put the frozen modules
+        back in eval mode (evaluation switches modes). A decoupled stage's blocks draw from random streams of their
+        own, seeded from `seed` (BlockRandomness)."""
+        if self.cfg.schedule == "step":
+            lr = lr_at(self.cfg, epoch)
+            decay = self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0
+            self.optimizer.set_lr(lr, forget_momentum=decay)
+        else:
+            lr = lr_at_step(self.cfg, epoch, 0, steps)
+            self.optimizer.set_lr(lr)
         if self.stage.decoupled:
             self.module.randomness = BlockRandomness(seed, self.precision.device)
         self.net.eval()
@@ -276,7 +296,10 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     watch = LossWatch(
         training.cfg.divergence_factor, loader.device, SINGLE if replaying else where, training.loss_level
     )
+    per_step = training.cfg.schedule != "step"
     for i, (x, y) in enumerate(batches):
+        if per_step:
+            training.optimizer.set_lr(lr_at_step(training.cfg, epoch, i, len(loader)))
         weight = len(y) * where.replicas / loader.global_batch(i) if where.data_parallel else 1.0
         loss, logits = training.step(x, y, offset, weight)
         with torch.no_grad():

@@ -216,8 +216,8 @@ class Run:
             placement = Placement.from_json(saved, J)
             if placement.processes != P:
                 raise LayerwiseError(
-                    f"--resume: the run was pipelined over {placement.processes} processes, not {P}; start it with "
-                    f"--nproc-per-node {placement.processes}"
+                    f"--resume: the run was pipelined over {placement.processes} processes per pipeline, not {P}; "
+                    f"resume it with train.pipeline_processes={placement.processes} (or as many processes)"
                 )
             return placement
         if P == J:
@@ -436,7 +436,7 @@ class Run:
         seed = epoch_seed(cfg.seed, stage.index, epoch)
         replica = (seed + 7_919 * self.where.replica) % 2**63  # dropout masks differ between data-parallel processes
         torch.manual_seed(replica)
-        lr = training.start_epoch(epoch, replica)
+        lr = training.start_epoch(epoch, replica, len(loader))
         # one process says it, every process stops; with replays each process checks its own losses alone
         fail = LayerwiseError if self.where.is_main or cfg.replay else QuietError
         kept = f"checkpoints up to the previous epoch are kept in {self.dir.checkpoints}"
