@@ -119,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         result = early_exit_run(args.run_dir, args.data, args.device, args.precision, args.batch_size)
         return print_early_exit(result, args.json)
-    result = evaluate_run(args.run_dir, args.data, args.device, args.batch_size, args.precision)
+    result = evaluate_run(args.run_dir, args.data, args.device, args.batch_size, args.precision, args.flip)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--precision", help="auto, fp32 or bf16 (default: the run's train.precision)")
+    e.add_argument("--flip", action="store_true", help="average each head's scores with the mirrored image's")
     e.add_argument(
         "--early-exit",
         action="store_true",

@@ -219,6 +219,9 @@ class TrainConfig:
     """Clear SGD momentum at each decay, as the released code does by rebuilding its optimizer."""
     ensemble: str = "logits"
     """What the ensemble Z = sum_j 2^j z_j adds up: `logits` (the paper's CIFAR code) or `softmax` (ImageNet)."""
+    eval_flip: bool = False
+    """Test-time flip in the per-epoch evaluation: each head's logits averaged over the image and its mirror (as
+    `layerwise eval --flip`). Off in the paper."""
     train_eval_size: int = 2000
     """Training images (no augmentation, eval mode) scored after every epoch for train top-1/top-5. 0 = none."""
     cache: str = "none"

@@ -110,14 +110,17 @@ def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
     return Delivered(run, cfg, classes, net, heads, path)
 
 
-def evaluate_run(run_dir, data, device: str = "auto", batch_size: int = 256, precision: str | None = None) -> dict:
-    """Score a run's trained heads on data no one trained on, mapping its classes by name, and save the result
-    in the run's eval.json (by data path)."""
+def evaluate_run(
+    run_dir, data, device: str = "auto", batch_size: int = 256, precision: str | None = None, flip: bool = False
+) -> dict:
+    """Score a run's trained heads on data no one trained on, mapping its classes by name (with `flip`, each
+    head's logits averaged with the mirrored image's), and save the result in the run's eval.json (by data
+    path)."""
     cfg = config_from_dict(RunDir(run_dir).saved_config())
     compute = precision_for(resolve_device(device), precision or cfg.train.precision)
     got = load_delivered(run_dir, compute)
     loader = build_eval_loader(cfg.data, data, got.classes, batch_size, compute.device)
-    result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast)}
+    result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast, flip=flip), "flip": flip}
     result.update(checkpoint=str(got.checkpoint), data=str(data))
     got.run.record(got.run.evals, str(Path(data).resolve()), result)  # for `layerwise report`
     return result

@@ -46,8 +46,10 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memo: dict | None = None,
     where: Dist = SINGLE,
+    flip: bool = False,
 ) -> dict:
-    """Top-1/top-5 of each listed head and of the running ensemble over them, as percentages.
+    """Top-1/top-5 of each listed head and of the running ensemble over them, as percentages. With `flip` each
+    head's logits are the mean of the image's and its horizontal mirror's (test-time flip), before the ensemble.
 
     Returns {"blocks": {j: {"top1", "top5", "ensemble_top1", "ensemble_top5"}}, "loss": the last head's loss,
     "losses": {j: each head's loss}, "n"}.
@@ -69,7 +71,7 @@ def evaluate(
     n = 0
     for b, (x, y) in enumerate(loader.batches()):
         with torch.no_grad(), autocast():  # not a decorator: mutmut (docs/testing.md) skips decorated functions
-            logits = net(x, upto=upto, heads=[last] if reuse else blocks)
+            logits = flipped(net, x, flip, upto=upto, heads=[last] if reuse else blocks)
         if reuse:
             (z,) = logits
             e = add_to_ensemble(memo["totals"][b], z, ensemble)
@@ -102,6 +104,14 @@ def figures(blocks: list[int], counts: list[float], n: int) -> dict:
         "losses": dict(zip(blocks, losses, strict=True)),
         "n": n,
     }
+
+
+def flipped(net, x: torch.Tensor, flip: bool, **options) -> list[torch.Tensor]:
+    """net(x, **options); with `flip`, each head's logits averaged over x and x mirrored left to right, from one
+    pass over both (evaluation's BatchNorm treats each image alone)."""
+    if not flip:
+        return net(x, **options)
+    return [(z[: len(x)] + z[len(x) :]) / 2 for z in net(torch.cat([x, x.flip(-1)]), **options)]
 
 
 def summed_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

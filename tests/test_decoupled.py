@@ -131,7 +131,8 @@ def test_every_metrics_line_carries_every_blocks_figures_and_eval_scores_every_h
     assert summary["mode"] == "decoupled" and not RunDir(tmp_path / "run").block(0).exists()
     # eval scores every head of the delivered network, from final.pt, as for any run
     result = evaluate_run(tmp_path / "run", image_folder, device="cpu")
-    assert sorted(result["blocks"]) == [0, 1, 2]
+    assert sorted(result["blocks"]) == [0, 1, 2] and not result["flip"]
+    assert evaluate_run(tmp_path / "run", image_folder, device="cpu", flip=True)["flip"]
 
 
 def test_each_block_draws_its_own_random_stream_whatever_runs_beside_it():

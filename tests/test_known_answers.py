@@ -496,3 +496,35 @@ def test_a_per_step_schedule_sets_each_steps_rate_and_the_step_schedule_each_epo
     assert (
         rates(TrainConfig(lr=0.1, epochs_per_block=3, lr_step=1, lr_gamma=0.5)) == [0.1] * 4 + [0.05] * 4 + [0.025] * 4
     )
+
+
+class RowHead(torch.nn.Module):
+    """One head whose logits are the image's single row of 3 pixels weighted 1, 2, 3: z = (a, 2b, 3c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, upto, heads):
+        self.calls.append(len(x))
+        return [x[:, 0, 0, :] * torch.tensor([1.0, 2.0, 3.0])]
+
+
+class OneRow:
+    device = torch.device("cpu")
+
+    def batches(self):
+        yield torch.tensor([[[[0.9, 0.5, 0.0]]], [[[0.0, 0.5, 0.9]]]]), torch.tensor([2, 2])
+
+
+def test_test_time_flip_averages_each_heads_logits_over_the_image_and_its_mirror():
+    """Image 0's row (0.9, 0.5, 0) scores (0.9, 1.0, 0) and its mirror (0, 0.5, 0.9) scores (0, 1.0, 2.7): the
+    mean (0.45, 1.0, 1.35) answers class 2, the image alone class 1. Image 1 is image 0 mirrored: the same mean."""
+    net = RowHead()
+    plain = evaluate(net, OneRow(), [0])
+    assert plain["blocks"][0]["top1"] == 50.0  # image 1 alone scores (0, 1.0, 2.7): class 2
+    flipped = evaluate(net, OneRow(), [0], flip=True)
+    assert flipped["blocks"][0]["top1"] == 100.0 and flipped["blocks"][0]["ensemble_top1"] == 100.0
+    assert net.calls == [2, 4]  # one pass over the images and their mirrors together
+    by_hand = cross_entropy_by_hand([0.45, 1.0, 1.35], 2)  # both images' mean logits
+    assert flipped["loss"] == pytest.approx(by_hand, rel=1e-6)

@@ -22,6 +22,7 @@ from layerwise.train.pipeline import Placement, ReplayBuffer, balance
 
 TESTS = Path(__file__).parent
 SMALL = ["model.widths=[8,8,16]", "model.downsample_at=[2]", "model.k=2", "train.mode=decoupled"]
+FLIP = "train.eval_flip=true"  # test-time flips in the per-epoch evaluation: pipelined as well
 
 
 def settings(epochs: int = 2, *extra: str) -> list[str]:
@@ -53,7 +54,7 @@ def data(tmp_path_factory) -> Path:
 def pipelined(tmp_path_factory, data) -> Path:
     """Three gloo processes, one block each, 2 epochs of 3 batches (16, 16, 8: the short last batch travels too)."""
     out = tmp_path_factory.mktemp("pipelined") / "run"
-    job = subprocess.run(torchrun(3, *pipeline_train(out, data, settings())), capture_output=True, text=True,
+    job = subprocess.run(torchrun(3, *pipeline_train(out, data, settings(2, FLIP))), capture_output=True, text=True,
                          timeout=240, cwd=TESTS.parent)  # fmt: skip
     assert job.returncode == 0, job.stderr[-3000:]
     return out
@@ -65,7 +66,7 @@ def test_three_pipeline_processes_train_as_one_process_does(tmp_path, data, pipe
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(settings())]) == 0
+        assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(settings(2, FLIP))]) == 0
     finally:
         torch.set_num_threads(threads)
     a, b = weights(tmp_path / "one"), weights(pipelined)
@@ -91,7 +92,7 @@ def test_a_process_that_raises_ends_the_job_with_its_line_and_the_restart_resume
     """Rank 1 raises at its 5th step (epoch 2) of the first attempt: its line is the job's only error; torchrun's
     restart resumes from epoch 1's checkpoint with the stored grouping and ends where the uninterrupted run does."""
     out = tmp_path / "restarted"
-    fault = [str(TESTS / "ddp_fault.py"), *pipeline_train(out, data, settings())[2:]]
+    fault = [str(TESTS / "ddp_fault.py"), *pipeline_train(out, data, settings(2, FLIP))[2:]]
     command = [*torchrun(3, "--max-restarts", "1"), *fault]
     job = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=TESTS.parent,
                          env={**os.environ, "FAIL_AT_STEP": "5"})  # fmt: skip

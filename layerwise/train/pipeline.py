@@ -286,6 +286,7 @@ def evaluate_pipelined(
     where: Dist,
     ensemble: str = "logits",
     autocast=nullcontext,
+    flip: bool = False,
 ) -> dict:
     """`layerwise.evaluate.evaluate` over every head 0..J-1 when this process holds only `stage`'s blocks: the
     first process reads the loader, each one runs its blocks and heads, adds its heads to the running ensemble and
@@ -297,10 +298,13 @@ def evaluate_pipelined(
     batches = loader.batches() if stage.first == 0 else (pipe.recv(3) for _ in range(len(loader)))
     for item in batches:
         x, y, total = (*item, None) if stage.first == 0 else item
+        if flip and stage.first == 0:  # the mirrored images travel with the images (evaluate's `flipped`)
+            x = torch.cat([x, x.flip(-1)])
         with torch.no_grad(), autocast():
             for j in stage.trained_blocks:
                 x = net.blocks[j](x)
                 z = net.heads[j](x)
+                z = (z[: len(y)] + z[len(y) :]) / 2 if flip else z
                 total = add_to_ensemble(total, z, ensemble)
                 counts[j] += torch.stack([*topk_correct(z.float(), y), *topk_correct(total, y), summed_loss(z, y)])
         if pipe.next is not None:

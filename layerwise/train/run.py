@@ -504,10 +504,11 @@ class Run:
                 continue
             if self.placement is not None:
                 scored[key] = evaluate_pipelined(self.net, loader, training.stage, self.net.J, self.pipe, self.where,
-                                                 ensemble, autocast)  # fmt: skip
+                                                 ensemble, autocast, self.cfg.train.eval_flip)  # fmt: skip
             else:
                 memo = memos[key] if frozen else None
-                scored[key] = evaluate(self.net, loader, heads, ensemble, autocast, memo, self.where)
+                flip = self.cfg.train.eval_flip
+                scored[key] = evaluate(self.net, loader, heads, ensemble, autocast, memo, self.where, flip)
 
         def scores(j: int) -> dict[str, Any]:
             return {key: {**result["blocks"][j], "loss": result["losses"][j]} for key, result in scored.items()}
