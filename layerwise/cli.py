@@ -117,13 +117,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.early_exit:
         from layerwise.early_exit import early_exit_run
 
+        if args.flip:
+            raise LayerwiseError("--flip and --early-exit cannot be combined yet: early exit scores one view")
         result = early_exit_run(args.run_dir, args.data, args.device, args.precision, args.batch_size)
         return print_early_exit(result, args.json)
     result = evaluate_run(args.run_dir, args.data, args.device, args.batch_size, args.precision, args.flip)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['n']} images from {args.data}, checkpoint {result['checkpoint']}")
+    flip = ", each head's scores averaged with the mirrored image's" if result["flip"] else ""
+    print(f"{result['n']} images from {args.data}, checkpoint {result['checkpoint']}{flip}")
     print(f"{'block':<6} {'top-1':>7} {'top-5':>7} {'ens top-1':>9} {'ens top-5':>9}")
     for j, b in result["blocks"].items():
         print(f"{j:<6} {b['top1']:>7.2f} {b['top5']:>7.2f} {b['ensemble_top1']:>9.2f} {b['ensemble_top5']:>9.2f}")

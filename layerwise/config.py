@@ -135,6 +135,10 @@ class DataConfig:
     """Side of the training crop and of the images the network sees."""
     crop_padding: int = 4
     """Zero padding before the random crop (`cifar` augmentation)."""
+    cutout: int = 0
+    """Cutout (DeVries & Taylor 2017, `cifar` augmentation): a square of this side, centred at a point drawn
+    uniformly in each training image and clipped at its border, set to the mean colour after the crop and flip.
+    0: off (the paper)."""
     resize_size: int = 256
     """Validation images are resized to this (shorter side), then centre-cropped (`imagenet` augmentation)."""
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
@@ -155,6 +159,10 @@ class DataConfig:
         _check(self.augment in ("cifar", "imagenet"), "data.augment must be 'cifar' or 'imagenet'")
         _check(self.image_size >= 1, "data.image_size must be >= 1")
         _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
+        _check(
+            self.cutout >= 0 and (self.cutout == 0 or self.augment == "cifar"),
+            "data.cutout must be >= 0 and goes with data.augment=cifar (in-memory data)",
+        )
         _check(self.resize_size >= self.image_size, "data.resize_size must be >= data.image_size")
         _check(
             len(self.mean) == len(self.std) and len(self.mean) > 0, "data.mean and data.std need one value per channel"

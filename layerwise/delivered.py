@@ -122,5 +122,6 @@ def evaluate_run(
     loader = build_eval_loader(cfg.data, data, got.classes, batch_size, compute.device)
     result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast, flip=flip), "flip": flip}
     result.update(checkpoint=str(got.checkpoint), data=str(data))
-    got.run.record(got.run.evals, str(Path(data).resolve()), result)  # for `layerwise report`
+    key = str(Path(data).resolve()) + (" (flip)" if flip else "")  # a flipped evaluation beside the plain one
+    got.run.record(got.run.evals, key, result)  # for `layerwise report`
     return result

@@ -62,3 +62,18 @@ def test_cache_needs_in_memory_data(tmp_path, imagenet_folder):
     )
     with pytest.raises(LayerwiseError, match="in-memory data"):
         train(cfg, tmp_path / "run", imagenet_folder)
+
+
+def test_with_cutout_the_cached_prefix_trains_like_the_plain_path(tmp_path, image_folder):
+    """data.cutout belongs to the epoch plan: a cached view holds the same cut-out images the plain path trains on
+    (and a run with cutout differs from one without)."""
+    cut = {"data": {"cutout": 8}}
+    plain = train(tiny_config(epochs=2, **cut), tmp_path / "plain", image_folder)
+    cached = train(tiny_config(epochs=2, train={"cache": "host", "cache_views": 2}, **cut), tmp_path / "cached",
+                   image_folder)  # fmt: skip
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "cached")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-4) for k in a)
+    for p, c in zip(plain["blocks"], cached["blocks"], strict=True):
+        assert p["train_loss"] == pytest.approx(c["train_loss"], abs=1e-4)
+    train(tiny_config(epochs=2), tmp_path / "uncut", image_folder)
+    assert not torch.equal(final_weights(tmp_path / "uncut")["blocks.0.0.weight"], a["blocks.0.0.weight"])

@@ -133,6 +133,8 @@ def test_every_metrics_line_carries_every_blocks_figures_and_eval_scores_every_h
     result = evaluate_run(tmp_path / "run", image_folder, device="cpu")
     assert sorted(result["blocks"]) == [0, 1, 2] and not result["flip"]
     assert evaluate_run(tmp_path / "run", image_folder, device="cpu", flip=True)["flip"]
+    recorded = RunDir(tmp_path / "run").read_evals()  # the flipped evaluation beside the plain one
+    assert sorted(recorded) == [str(image_folder.resolve()), f"{image_folder.resolve()} (flip)"]
 
 
 def test_each_block_draws_its_own_random_stream_whatever_runs_beside_it():

@@ -528,3 +528,41 @@ def test_test_time_flip_averages_each_heads_logits_over_the_image_and_its_mirror
     assert net.calls == [2, 4]  # one pass over the images and their mirrors together
     by_hand = cross_entropy_by_hand([0.45, 1.0, 1.35], 2)  # both images' mean logits
     assert flipped["loss"] == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cy", "cx", "area"),
+    [(4, 4, 16), (0, 0, 4), (7, 7, 9), (0, 5, 8), (3, 7, 12)],  # rows [cy-2, cy+2) and columns likewise, clipped
+)
+def test_cutout_zeroes_a_square_clipped_at_the_border(cy, cx, area):
+    from layerwise.data.loaders import cut_out
+
+    x = torch.ones(1, 3, 8, 8)
+    out = cut_out(x, 4, torch.tensor([cy]), torch.tensor([cx]))
+    zero = out[0, 0] == 0
+    assert int(zero.sum()) == area and torch.equal(out[0, 0], out[0, 2])  # every channel alike
+    rows, cols = zero.nonzero().T.tolist() if area else ([], [])
+    assert set(rows) == set(range(max(cy - 2, 0), min(cy + 2, 8))) and set(cols) == set(
+        range(max(cx - 2, 0), min(cx + 2, 8))
+    )
+
+
+def test_cutout_draws_after_the_crops_and_flips_which_stay_as_they_were():
+    """The epoch plan with cutout on has the same order, crops and flips as without: its centres come last."""
+    from layerwise.data.loaders import Augmentation
+
+    plain = Augmentation.draw(50, 4, torch.Generator().manual_seed(3))
+    cut = Augmentation.draw(50, 4, torch.Generator().manual_seed(3), cutout=8, size=(32, 32))
+    assert torch.equal(plain.dy, cut.dy) and torch.equal(plain.dx, cut.dx) and torch.equal(plain.flip, cut.flip)
+    assert plain.cy is None and cut.cy.min() >= 0 and cut.cy.max() < 32 and len(set(cut.cx.tolist())) > 10
+
+
+def test_a_warm_up_never_fills_the_whole_stage_and_replays_keep_their_epochs_last_rate():
+    from layerwise.train.loop import lr_at_step
+
+    cfg = TrainConfig(lr=0.1, epochs_per_block=2, schedule="triangle", warmup_epochs=1.99)  # W would round to T
+    rates = [lr_at_step(cfg, t // 50, t % 50, 50) for t in range(100)]
+    assert rates[0] == pytest.approx(0.1 / 99) and rates[98] == pytest.approx(0.1)  # W = T - 1 = 99 steps
+    assert rates[99] == pytest.approx(0.1)  # the last step is the schedule's own (triangle: lr (T - t) / (T - W))
+    cosine = TrainConfig(lr=0.1, epochs_per_block=2, schedule="cosine")
+    assert lr_at_step(cosine, 0, 7, 4) == lr_at_step(cosine, 0, 3, 4) > lr_at_step(cosine, 1, 0, 4)

@@ -60,16 +60,26 @@ class Augmentation:
     dy: torch.Tensor  # (N,) in [0, 2 * padding]
     dx: torch.Tensor  # (N,)
     flip: torch.Tensor  # (N,) bool
+    cy: torch.Tensor | None = None  # (N,) cutout centres in [0, H) (data.cutout), or None
+    cx: torch.Tensor | None = None  # (N,) in [0, W)
 
     @staticmethod
-    def draw(n: int, padding: int, generator: torch.Generator) -> Augmentation:
+    def draw(
+        n: int, padding: int, generator: torch.Generator, cutout: int = 0, size: tuple[int, int] = (0, 0)
+    ) -> Augmentation:
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         flip = torch.rand(n, generator=generator) < 0.5
-        return Augmentation(dy, dx, flip)
+        if not cutout:
+            return Augmentation(dy, dx, flip)
+        # drawn after the crops and flips, so that those stay what they are without cutout
+        cy = torch.randint(0, size[0], (n,), generator=generator)
+        cx = torch.randint(0, size[1], (n,), generator=generator)
+        return Augmentation(dy, dx, flip, cy, cx)
 
     def to(self, device: torch.device) -> Augmentation:
-        return Augmentation(self.dy.to(device), self.dx.to(device), self.flip.to(device))
+        moved = [t.to(device) if t is not None else None for t in (self.dy, self.dx, self.flip, self.cy, self.cx)]
+        return Augmentation(*moved)
 
 
 def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -83,6 +93,16 @@ def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> t
     # Gather rows then columns: (B, C, H+2p, W+2p) -> (B, C, H, W+2p) -> (B, C, H, W).
     out = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
     return out.gather(3, cols.expand(b, c, h, w))
+
+
+def cut_out(x: torch.Tensor, side: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): a side x side square centred at (cy, cx) set to 0, clipped at the border.
+    On normalised images 0 is the data's mean colour."""
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device)[None, :] - (cy[:, None] - side // 2)  # (B, H)
+    cols = torch.arange(w, device=x.device)[None, :] - (cx[:, None] - side // 2)  # (B, W)
+    inside = ((rows >= 0) & (rows < side))[:, None, :, None] & ((cols >= 0) & (cols < side))[:, None, None, :]
+    return x.masked_fill(inside, 0.0)
 
 
 def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -169,7 +189,7 @@ class MemoryLoader(Batched):
         self.labels = data.labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.batching = Batching(len(data), batch_size, where if train else SINGLE)
-        self.padding = cfg.crop_padding
+        self.padding, self.cutout = cfg.crop_padding, cfg.cutout
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def epoch_plan(self, seed: int) -> tuple[torch.Tensor, Augmentation]:
@@ -177,7 +197,15 @@ class MemoryLoader(Batched):
         batches and a run can resume on another device)."""
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.labels), generator=g)
-        return order, Augmentation.draw(len(self.labels), self.padding, g)
+        size = tuple(self.images.shape[-2:])
+        return order, Augmentation.draw(len(self.labels), self.padding, g, self.cutout, size)
+
+    def view(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+        """Training images idx as the epoch's augmentation makes them: crop, flip, normalise, then cutout."""
+        x = self.normalize(augment(self.images[idx], self.padding, aug, idx))
+        if not self.cutout:
+            return x
+        return cut_out(x, self.cutout, aug.cy[idx], aug.cx[idx]).contiguous(memory_format=self.normalize.layout)
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
@@ -191,7 +219,7 @@ class MemoryLoader(Batched):
         order, aug = self.epoch_plan(seed)
         order, aug = order.to(self.device), aug.to(self.device)
         for idx in self.batching.shares(order):
-            yield self.normalize(augment(self.images[idx], self.padding, aug, idx)), self.labels[idx]
+            yield self.view(idx, aug), self.labels[idx]
 
 
 class FileDataset(Dataset):

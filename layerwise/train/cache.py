@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.data.loaders import Batched, MemoryLoader, augment
+from layerwise.data.loaders import Batched, MemoryLoader
 from layerwise.device import Precision
 from layerwise.errors import LayerwiseError
 from layerwise.limits import human_bytes as human
@@ -123,7 +123,7 @@ class PrefixCache(Batched):
                 aug = aug.to(self.device)
                 for start in range(0, n, self.batch_size):
                     idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
-                    x = images.normalize(augment(images.images[idx], images.padding, aug, idx))
+                    x = images.view(idx, aug)
                     out = net.forward_features(x, 0, upto)
                     out = out.permute(0, 2, 3, 1) if self.nhwc else out  # channels_last -> NHWC is a free view
                     self.store[v, start : start + len(idx)].copy_(out)

@@ -103,8 +103,8 @@ def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
     warm-up steps lr x (t + 1) / W; then cosine lr x (1 + cos(pi (t - W) / (T - W))) / 2, or triangle
     lr x (T - t) / (T - W)."""
     total = cfg.epochs_per_block * steps
-    warmup = round(cfg.warmup_epochs * steps)
-    t = min(epoch * steps + step, total - 1)  # a pipeline process with replays may step past its epoch's count
+    warmup = min(round(cfg.warmup_epochs * steps), total - 1)  # the warm-up ends before the stage does
+    t = epoch * steps + min(step, steps - 1)  # a pipeline process with replays may step past its epoch's count
     if t < warmup:
         return cfg.lr * (t + 1) / warmup
     if cfg.schedule == "cosine":
