@@ -305,7 +305,7 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
         with torch.no_grad():
             losses, scores = loss.detach().double().view(-1), logits.detach().float().view(len(heads), len(y), -1)
             for h, z in enumerate(scores):
-                sums[rows[h], :4] += torch.stack([losses[h] * len(y), *topk_correct(z, y), losses.new_tensor(len(y))])
+                sums[rows[h], :3] += torch.stack([losses[h] * len(y), *topk_correct(z, y)])
             watch.add(losses.sum(), logits.shape[-1])
         n += len(y)
         if watch.due(i, len(loader)):
@@ -316,6 +316,7 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     if training.downstream is not None:
         training.downstream.send_end()
         training.downstream.flush()
+    sums[rows, 3] = float(n)  # every head of this process saw each of its images (no tensor per step for it)
     sums[rows, 4] = float(getattr(loader, "replays", 0))  # a pipeline process's replay counts (Received)
     sums[rows, 5] = float(getattr(loader, "dropped", 0))
     n = n if where.position == 0 else 0  # a pipeline's processes all see the same images: count them once
