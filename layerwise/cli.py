@@ -134,8 +134,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from layerwise.report import write_report
+    from layerwise.report import comparison_text, load_run, write_report
 
+    if args.table:
+        print(comparison_text([load_run(p) for p in args.run_dirs]))
+        return 0
     out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else "report.html")
     print(f"report written to {write_report(args.run_dirs, out)}")
     return 0
@@ -161,7 +164,7 @@ def print_early_exit(result: dict, as_json: bool) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from layerwise.export import export_run
 
-    print(f"exported to {export_run(args.run_dir, args.format, args.output, args.head, args.ensemble)}")
+    print(f"exported to {export_run(args.run_dir, args.format, args.output, args.head, args.ensemble, args.flip)}")
     return 0
 
 
@@ -170,7 +173,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     failed = 0
     for entry in predict(args.run_dir, args.images, args.top, args.early_exit, args.device, args.batch_size,
-                         args.workers):  # fmt: skip
+                         args.workers, flip=args.flip):  # fmt: skip
         if "error" in entry:
             failed += 1
             print(f"error: {entry['error']}", file=sys.stderr, flush=True)
@@ -365,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="one HTML page with plots for one run, or several side by side")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("-o", "--output", help="the HTML file (default: RUN_DIR/report.html, or ./report.html for several)")
+    r.add_argument(
+        "--table", action="store_true", help="print one line per run (settings that differ, top-1, time), no HTML"
+    )
     r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("export", help="the trained network as a file that runs without layerwise (ONNX, torch.export)")
@@ -373,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     x.add_argument("--head", type=int, help="answer with this head (default: the last trained one)")
     x.add_argument("--ensemble", action="store_true", help="answer with the ensemble of the trained heads")
+    x.add_argument("--flip", action="store_true", help="average each head's logits over the image and its mirror")
     x.add_argument("-o", "--output", help="the file (default: RUN_DIR/model.onnx or model.pt2)")
     x.set_defaults(func=cmd_export)
 
@@ -385,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=64, help="images the network scores at once")
     q.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode images")
     q.add_argument("--early-exit", action="store_true", help="answer at the first confident head (eval calibrates)")
+    q.add_argument("--flip", action="store_true", help="average the logits over the image and its mirror")
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true", help="JSON lines: one object per image, errors included")
     q.set_defaults(func=cmd_predict)

@@ -139,6 +139,14 @@ class DataConfig:
     """Cutout (DeVries & Taylor 2017, `cifar` augmentation): a square of this side, centred at a point drawn
     uniformly in each training image and clipped at its border, set to the mean colour after the crop and flip.
     0: off (the paper)."""
+    mix: str = "none"
+    """`mixup` (Zhang et al. 2018: each training image blended with a partner, lam x image + (1 - lam) x
+    partner) or `cutmix` (Yun et al. 2019: a box of the partner pasted in, lam the share left), with lam ~
+    Beta(mix_alpha, mix_alpha) and a partner per image drawn in the epoch plan (so the prefix cache and resume
+    stay exact); the target is lam on the image's label and 1 - lam on the partner's. `cifar` augmentation only.
+    `none`: off (the paper)."""
+    mix_alpha: float = 1.0
+    """The Beta distribution's parameter for data.mix."""
     resize_size: int = 256
     """Validation images are resized to this (shorter side), then centre-cropped (`imagenet` augmentation)."""
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
@@ -163,6 +171,12 @@ class DataConfig:
             self.cutout >= 0 and (self.cutout == 0 or self.augment == "cifar"),
             "data.cutout must be >= 0 and goes with data.augment=cifar (in-memory data)",
         )
+        _check(self.mix in ("none", "mixup", "cutmix"), f"data.mix must be none, mixup or cutmix (got {self.mix!r})")
+        _check(
+            self.mix == "none" or self.augment == "cifar",
+            "data.mix goes with data.augment=cifar (in-memory data)",
+        )
+        _check(self.mix_alpha > 0, "data.mix_alpha must be > 0")
         _check(self.resize_size >= self.image_size, "data.resize_size must be >= data.image_size")
         _check(
             len(self.mean) == len(self.std) and len(self.mean) > 0, "data.mean and data.std need one value per channel"
@@ -203,6 +217,9 @@ class TrainConfig:
     epochs_per_block: int = 50
     """Epochs for each block in greedy mode; the e2e and decoupled runs train for this many epochs in all (every
     block at once)."""
+    block_epochs: list[int] = field(default_factory=list)
+    """Epochs of each greedy block, one number per block, in place of epochs_per_block (earlier blocks may deserve
+    more or fewer); the e2e and decoupled runs train for their sum. Empty: epochs_per_block for every block."""
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -225,6 +242,16 @@ class TrainConfig:
     lr_gamma: float = 0.2
     reset_momentum_at_decay: bool = True
     """Clear SGD momentum at each decay, as the released code does by rebuilding its optimizer."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the trained stage's weights and BN statistics, updated after each
+    step with decay min(ema, (1 + t) / (10 + t)) at update t (TensorFlow's ExponentialMovingAverage with
+    num_updates). The average is what each epoch evaluates, what the checkpoints keep beside the weights, and what
+    the stage leaves behind: the next greedy block trains on the averaged, frozen prefix. 0: off (the paper)."""
+    sim_loss: float = 0.0
+    """Weight of Nokland & Eidnes's (2019) similarity-matching loss, added to each loss head's cross-entropy: the
+    mean squared difference between the cosine similarities of the batch's block outputs (each channel's
+    standard deviation over the positions, centred over the channels) and those of their targets. Computed on
+    the block's output itself, without the extra conv their code learns for it. 0: off (the paper)."""
     ensemble: str = "logits"
     """What the ensemble Z = sum_j 2^j z_j adds up: `logits` (the paper's CIFAR code) or `softmax` (ImageNet)."""
     eval_flip: bool = False
@@ -268,6 +295,12 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
 
+    def epochs(self, block: int | None = None) -> int:
+        """Epochs of greedy block `block`'s stage, or with None of a stage that trains every block at once."""
+        if not self.block_epochs:
+            return self.epochs_per_block
+        return self.block_epochs[block] if block is not None else sum(self.block_epochs)
+
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"train.mode must be {', '.join(MODES)} (got {self.mode!r})")
         _check(self.placement in ("single", "pipeline"), "train.placement must be 'single' or 'pipeline'")
@@ -287,6 +320,7 @@ class TrainConfig:
             "train.mode=decoupled and train.placement=pipeline",
         )
         _check(self.epochs_per_block >= 1, "train.epochs_per_block must be >= 1")
+        _check(all(e >= 1 for e in self.block_epochs), "train.block_epochs must all be >= 1 (one per block)")
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")
         _check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
@@ -296,8 +330,19 @@ class TrainConfig:
         _check(self.lr_step >= 1, "train.lr_step must be >= 1")
         _check(self.schedule in ("step", "cosine", "triangle"), "train.schedule must be step, cosine or triangle")
         _check(
-            0 <= self.warmup_epochs < self.epochs_per_block and (self.warmup_epochs == 0 or self.schedule != "step"),
-            "train.warmup_epochs must be in [0, epochs_per_block) and goes with train.schedule cosine or triangle",
+            0 <= self.warmup_epochs < min(self.block_epochs or [self.epochs_per_block])
+            and (self.warmup_epochs == 0 or self.schedule != "step"),
+            "train.warmup_epochs must be below every stage's epochs and goes with train.schedule cosine or triangle",
+        )
+        _check(0 <= self.ema < 1, "train.ema must be in [0, 1) (0: off)")
+        _check(
+            self.ema == 0 or self.placement == "single",
+            "train.ema averages the weights one process holds; it cannot be combined with train.placement=pipeline",
+        )
+        _check(self.sim_loss >= 0, "train.sim_loss must be >= 0 (0: off)")
+        _check(
+            not (self.sim_loss and self.block_chunks),
+            "train.sim_loss reads the block's whole output, which train.block_chunks never forms; choose one",
         )
         _check(0 < self.lr_gamma <= 1, "train.lr_gamma must be in (0, 1]")
         _check(self.ensemble in ("logits", "softmax"), "train.ensemble must be 'logits' or 'softmax'")

@@ -86,9 +86,13 @@ class Dist:
         """Give every replica replica 0's buffers (BN running statistics): each process updated its own from its
         own share of the last batch, and the saved checkpoint holds rank 0's (in a pipeline, over `group`, the
         position's data-parallel processes, from replica 0's)."""
+        self.broadcast_tensors(list(module.buffers()), group)
+
+    def broadcast_tensors(self, tensors: list[torch.Tensor], group=None) -> None:
+        """Give every replica replica 0's copy of `tensors` (see broadcast_buffers)."""
         if self.data_parallel:
-            for b in module.buffers():
-                dist.broadcast(b, self.position, group=group)
+            for t in tensors:
+                dist.broadcast(t, self.position, group=group)
 
     def from_main(self, value: T) -> T:
         """Rank 0's `value`, on every process."""

@@ -28,10 +28,14 @@ FORMATS = ("onnx", "pt2")
 
 class Deployable(nn.Module):
     """uint8 images (N, C, H, W), C = model.in_channels -> (N, classes) scores of `heads[-1]`, or with `ensemble`
-    (logits or softmax) the running ensemble over `heads`. Holds only the blocks and heads it needs."""
+    (logits or softmax) the running ensemble over `heads`; with `flip`, each head's logits averaged over the image
+    and its mirror (test-time flip, as `layerwise eval --flip`). Holds only the blocks and heads it needs."""
 
-    def __init__(self, net: StagedNet, heads: list[int], cfg: RunConfig, ensemble: str | None = None):
+    def __init__(
+        self, net: StagedNet, heads: list[int], cfg: RunConfig, ensemble: str | None = None, flip: bool = False
+    ):
         super().__init__()
+        self.flip = flip
         self.last = max(heads)
         self.blocks = nn.ModuleList(net.blocks[: self.last + 1])
         self.heads = nn.ModuleDict({str(j): net.heads[j] for j in (heads if ensemble else [self.last])})
@@ -42,16 +46,22 @@ class Deployable(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.addcmul(self.shift, images.float(), self.scale)
+        n = images.shape[0]
+        if self.flip:  # the images and their mirrors in one batch
+            x = torch.cat([x, x.flip(-1)])
         total = None
         for j, block in enumerate(self.blocks):
             x = block(x)
             if str(j) in self.heads:
                 z = self.heads[str(j)](x)
+                z = (z[:n] + z[n:]) / 2 if self.flip else z
                 total = add_to_ensemble(total, z, self.ensemble) if self.ensemble else z
         return total
 
 
-def deployable(run_dir: str | Path, head: int | None = None, ensemble: bool = False) -> tuple[Deployable, Any]:
+def deployable(
+    run_dir: str | Path, head: int | None = None, ensemble: bool = False, flip: bool = False
+) -> tuple[Deployable, Any]:
     """The run's delivered network as a Deployable on the CPU, in eval mode, and what load_delivered found."""
     from layerwise.delivered import load_delivered
 
@@ -61,12 +71,12 @@ def deployable(run_dir: str | Path, head: int | None = None, ensemble: bool = Fa
     if head is not None and head not in got.heads:
         raise LayerwiseError(f"--head {head} is not one of the run's trained heads {got.heads}")
     heads = got.heads if head is None else [h for h in got.heads if h <= head]
-    model = Deployable(got.net, heads, got.cfg, got.cfg.train.ensemble if ensemble else None)
+    model = Deployable(got.net, heads, got.cfg, got.cfg.train.ensemble if ensemble else None, flip)
     return model.eval().requires_grad_(False), got
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, head: int | None = None,
-               ensemble: bool = False) -> Path:  # fmt: skip
+               ensemble: bool = False, flip: bool = False) -> Path:  # fmt: skip
     """Write the run's network in `fmt` to `out` (default RUN/model.<fmt>); nothing is left behind on an error."""
     if fmt not in FORMATS:
         raise LayerwiseError(f"--format must be {' or '.join(FORMATS)} (got {fmt!r})")
@@ -78,7 +88,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, hea
             raise LayerwiseError(
                 "--format onnx needs the onnx and onnxscript packages: pip install 'layerwise[export]'"
             ) from None
-    model, got = deployable(run_dir, head, ensemble)
+    model, got = deployable(run_dir, head, ensemble, flip)
     size = got.cfg.data.image_size
     example = torch.randint(0, 256, (2, got.cfg.model.in_channels, size, size), dtype=torch.uint8)
     batch = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}

@@ -28,6 +28,7 @@ from layerwise.data.images import IMAGE_EXTENSIONS, read_image
 from layerwise.data.loaders import Normalize, imagenet_transform, to_channels
 from layerwise.device import precision_for, resolve_device
 from layerwise.errors import LayerwiseError
+from layerwise.evaluate import flipped
 from layerwise.train.checkpoint import RunDir
 
 MAX_LINE = 16_384
@@ -178,15 +179,18 @@ def batches(inputs: Iterator[Input], decode, size: int, workers: int) -> Iterato
 
 def predict(run_dir: str | Path, images: Iterable[str], top: int = 5, early_exit: bool = False,
             device: str = "auto", batch_size: int = 64, workers: int = 4,
-            stdin: IO[str] | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
+            stdin: IO[str] | None = None, flip: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
     """For each input (see `expand`), in order: {"image", "head", "top": [{"class", "probability"}, ...]} with the
     top classes of the last delivered head (softmax), or with `early_exit` of the first head as confident as the
-    run's calibrated threshold; or {"image", "error"} for an input that gave no image."""
+    run's calibrated threshold; or {"image", "error"} for an input that gave no image. With `flip`, the head's
+    logits are averaged over the image and its mirror first (test-time flip)."""
     from layerwise.delivered import load_delivered
     from layerwise.early_exit import exits
 
     if top < 1:
         raise LayerwiseError(f"--top must be >= 1 (got {top})")
+    if flip and early_exit:
+        raise LayerwiseError("--flip and --early-exit exclude each other (the exit threshold is calibrated without)")
     if batch_size < 1 or workers < 1:
         raise LayerwiseError(f"--batch-size and --workers must be >= 1 (got {batch_size} and {workers})")
     cfg = config_from_dict(RunDir(run_dir).saved_config())
@@ -209,7 +213,8 @@ def predict(run_dir: str | Path, images: Iterable[str], top: int = 5, early_exit
         if pixels:
             x = normalize(torch.stack(pixels).to(compute.device, non_blocking=True))
             with torch.no_grad(), compute.autocast():
-                probs = torch.stack([z.float().softmax(-1) for z in net(x, max(scored), scored)], 1)  # (N, heads, C)
+                logits = flipped(net, x, flip, upto=max(scored), heads=scored)
+                probs = torch.stack([z.float().softmax(-1) for z in logits], 1)  # (N, heads, C)
             answer = torch.full((len(pixels),), len(scored) - 1)
             if threshold is not None:
                 answer = exits(probs.max(-1).values.cpu(), threshold)

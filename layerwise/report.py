@@ -292,6 +292,52 @@ def results_table(record: RunRecord) -> str:
     return table(header, rows, flags) + note
 
 
+IGNORED_SETTINGS = ("preset", "description", "paper")
+"""Config entries that name or describe a run rather than set it: never "a setting that differs"."""
+
+
+def flat_settings(cfg: RunConfig) -> dict[str, Any]:
+    """model.k, train.lr, ...: every setting of the config under its dotted name."""
+    return {
+        f"{section}.{key}": value
+        for section, values in cfg.to_dict().items()
+        if section not in IGNORED_SETTINGS
+        for key, value in values.items()
+    }
+
+
+def comparison(records: list[RunRecord]) -> tuple[list[str], list[list[Any]]]:
+    """One row per run: its name, the settings in which the runs differ, the last block's and the ensemble's final
+    top-1 (validation, else train_eval; "-" while unfinished) and the training seconds."""
+    settings = [flat_settings(r.cfg) for r in records]
+    differ = [k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings)]
+    differ += sorted({k for s in settings for k in s} - set(settings[0]))  # a setting only newer runs have
+    rows = []
+    for record, values in zip(records, settings, strict=True):
+        final = (record.summary or {}).get("final", {})
+        scored = next((key for key in ("val", "train_eval") if f"{key}_top1" in final), None)
+        changed = ", ".join(f"{k}={values.get(k, '-')}" for k in differ) or "(the same settings)"
+        rows.append([
+            record.path.name,
+            changed,
+            final.get(f"{scored}_top1", "-"),
+            final.get(f"{scored}_ensemble_top1", "-"),
+            (record.summary or {}).get("train_seconds", "-"),
+        ])  # fmt: skip
+    return ["run", "settings that differ", "last block top-1", "ensemble top-1", "train s"], rows
+
+
+def comparison_text(records: list[RunRecord]) -> str:
+    """The comparison as aligned plain text, for a terminal (`layerwise report --table`)."""
+    header, rows = comparison(records)
+    cells = [header, *([f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]  # fmt: skip
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def speed_table(record: RunRecord) -> str:
     rows = []
     for _, group in itertools.groupby(record.rows, key=lambda r: r["stage"]):
@@ -391,6 +437,8 @@ def render(records: list[RunRecord]) -> str:
             alt = "top-1 against training seconds"
             plots += f'<h2>Accuracy against training time</h2><img alt="{alt}" src="data:image/png;base64,{image}">'
 
+    if len(records) > 1:
+        plots = "<h2>Runs compared</h2>" + table(*comparison(records)) + plots
     sections = "\n".join(run_section(r) for r in records)
     return (
         f"<!doctype html><html><head><meta charset=utf-8>"

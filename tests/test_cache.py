@@ -64,12 +64,12 @@ def test_cache_needs_in_memory_data(tmp_path, imagenet_folder):
         train(cfg, tmp_path / "run", imagenet_folder)
 
 
-def test_with_cutout_the_cached_prefix_trains_like_the_plain_path(tmp_path, image_folder):
-    """data.cutout belongs to the epoch plan: a cached view holds the same cut-out images the plain path trains on
-    (and a run with cutout differs from one without)."""
-    cut = {"data": {"cutout": 8}}
-    plain = train(tiny_config(epochs=2, **cut), tmp_path / "plain", image_folder)
-    cached = train(tiny_config(epochs=2, train={"cache": "host", "cache_views": 2}, **cut), tmp_path / "cached",
+@pytest.mark.parametrize("data", [{"cutout": 8}, {"mix": "mixup"}, {"mix": "cutmix", "mix_alpha": 0.5}])
+def test_with_cutout_or_mixing_the_cached_prefix_trains_like_the_plain_path(tmp_path, image_folder, data):
+    """data.cutout and data.mix belong to the epoch plan: a cached view holds the same cut-out or mixed images the
+    plain path trains on, and their targets (and a run with them differs from one without)."""
+    plain = train(tiny_config(epochs=2, data=data), tmp_path / "plain", image_folder)
+    cached = train(tiny_config(epochs=2, train={"cache": "host", "cache_views": 2}, data=data), tmp_path / "cached",
                    image_folder)  # fmt: skip
     a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "cached")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-4) for k in a)

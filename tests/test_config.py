@@ -74,3 +74,31 @@ def test_yaml_exponent_without_dot_is_a_float():
 def test_more_bad_values(assignment, message):
     with pytest.raises(LayerwiseError, match=message):
         resolve_config("demo", None, [parse_assignment(assignment)])
+
+
+@pytest.mark.parametrize(
+    "assignments, message",
+    [
+        (["train.ema=1"], r"train\.ema must be in \[0, 1\)"),
+        (["train.mode=decoupled", "train.placement=pipeline", "train.ema=0.99"], "cannot be combined with train.pla"),
+        (["train.sim_loss=-1"], "train.sim_loss must be >= 0"),
+        (["train.sim_loss=1", "train.block_chunks=2"], "train.block_chunks never forms"),
+        (["data.mix=blend"], "data.mix must be none, mixup or cutmix"),
+        (["data.mix=mixup", "data.augment=imagenet"], "data.mix goes with data.augment=cifar"),
+        (["data.mix_alpha=0"], "data.mix_alpha must be > 0"),
+        (["train.block_epochs=[2, 0, 1]"], "train.block_epochs must all be >= 1"),
+    ],
+)
+def test_the_recipe_settings_refuse_bad_values_in_one_line(assignments, message):
+    with pytest.raises(LayerwiseError, match=message):
+        resolve_config("demo", None, [parse_assignment(a) for a in assignments])
+
+
+def test_block_epochs_of_the_wrong_length_are_refused_before_any_file_is_written(tmp_path, image_folder):
+    from test_train import tiny_config
+
+    from layerwise.train import train
+
+    with pytest.raises(LayerwiseError, match=r"train\.block_epochs has 2 numbers for a network of 3 blocks"):
+        train(tiny_config(train={"block_epochs": [1, 2]}), tmp_path / "run", image_folder)
+    assert not (tmp_path / "run").exists()

@@ -97,6 +97,31 @@ def test_one_head_can_be_exported(run, sample_images, tmp_path):
     assert torch.allclose(scores, eager(run_dir, batch, heads=[0]), atol=1e-5)
 
 
+def test_flip_exports_and_predicts_the_mean_of_each_heads_logits_over_the_image_and_its_mirror(
+    run, sample_images, tmp_path, capsys
+):
+    """Worked out from the eager network: the ensemble of the heads' (z(x) + z(mirror x)) / 2."""
+    run_dir, _ = run
+    paths, batch = sample_images
+    out = tmp_path / "flip.pt2"
+    assert main(["export", str(run_dir), "--format", "pt2", "--ensemble", "--flip", "-o", str(out)]) == 0
+    capsys.readouterr()
+    got = load_delivered(run_dir, precision_for(torch.device("cpu"), "fp32"))
+    x = Normalize(got.cfg.data.mean, got.cfg.data.std, torch.device("cpu"))(batch)
+    with torch.no_grad():
+        plain, mirrored = got.net.eval()(x, heads=got.heads), got.net(x.flip(-1), heads=got.heads)
+        expected = ensemble_scores([(a + b) / 2 for a, b in zip(plain, mirrored, strict=True)], "logits")[-1]
+        scores = torch.export.load(out).module()(batch)
+    assert torch.allclose(scores, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, ensemble_scores(plain, "logits")[-1], atol=1e-4)
+    assert main(["predict", str(run_dir), *map(str, paths[:2]), "--top", "1", "--flip", "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    probs = ((plain[-1] + mirrored[-1]) / 2)[:2].softmax(-1)
+    assert [a["top"][0]["probability"] for a in answers] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
+    assert main(["predict", str(run_dir), str(paths[0]), "--flip", "--early-exit"]) == 2
+    assert "--flip and --early-exit exclude each other" in capsys.readouterr().err
+
+
 def test_a_missing_export_dependency_is_a_one_line_error_and_no_file(run, tmp_path, monkeypatch, capsys):
     run_dir, _ = run
     monkeypatch.setitem(sys.modules, "onnxscript", None)

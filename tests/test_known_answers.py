@@ -566,3 +566,106 @@ def test_a_warm_up_never_fills_the_whole_stage_and_replays_keep_their_epochs_las
     assert rates[99] == pytest.approx(0.1)  # the last step is the schedule's own (triangle: lr (T - t) / (T - W))
     cosine = TrainConfig(lr=0.1, epochs_per_block=2, schedule="cosine")
     assert lr_at_step(cosine, 0, 7, 4) == lr_at_step(cosine, 0, 3, 4) > lr_at_step(cosine, 1, 0, 4)
+
+
+def test_the_weight_average_follows_tensorflows_rule_worked_out_by_hand():
+    """decay 0.3: update 0 uses min(0.3, 1/10) = 0.1, update 1 min(0.3, 2/11) = 2/11, update 2 min(0.3, 3/12) =
+    0.25, update 3 min(0.3, 4/13) = 0.3; the integer buffer is copied."""
+    from layerwise.train.loop import WeightAverage
+
+    module = torch.nn.BatchNorm1d(1)
+    module.weight.data.fill_(0.0)
+    average = WeightAverage(module, decay=0.3)
+    expected = 0.0
+    for t, (w, d) in enumerate(zip([1.0, 2.0, 3.0, 4.0], [0.1, 2 / 11, 0.25, 0.3], strict=True)):
+        module.weight.data.fill_(w)
+        module.num_batches_tracked.fill_(t + 1)
+        assert average.rate() == pytest.approx(d)
+        average.update()
+        expected = d * expected + (1 - d) * w
+    state = average.state_dict()
+    assert state["updates"] == 4 and state["tensors"]["weight"].item() == pytest.approx(expected, rel=1e-6)
+    assert state["tensors"]["num_batches_tracked"].item() == 4
+    with average.in_module():  # the average in place for an evaluation, the weights back afterwards
+        assert module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert module.weight.item() == 4.0
+    average.copy_to_module()
+    assert module.weight.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_similarity_matching_loss_worked_out_by_hand():
+    """Rows (1, 0, -1) and (0, 1, -1) are centred already; normalised, their cosine is 1/2. One-hot labels 0 and 1
+    of two classes centre to (1/2, -1/2) and (-1/2, 1/2): cosine -1. The loss is the mean of the squared
+    differences (0, 1.5^2, 1.5^2, 0) = 1.125."""
+    from layerwise.train.stage import similarities, similarity_loss
+
+    rows = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]])
+    assert similarities(rows) == pytest.approx(torch.tensor([[1.0, 0.5], [0.5, 1.0]]), abs=1e-6)
+    onehot = F.one_hot(torch.tensor([0, 1]), 2).float()
+    assert similarity_loss(rows, onehot).item() == pytest.approx(1.125, rel=1e-6)
+    # a feature map's rows are each channel's standard deviation over the positions: (1, 0, 2) and (0, 1, 2) here
+    maps = torch.stack([torch.tensor([[1.0, -1.0], [0.0, 0.0], [2.0, -2.0]]), torch.tensor([[0.0, 0.0], [1.0, -1.0],
+                        [2.0, -2.0]])]).mul(2**-0.5).view(2, 3, 1, 2)  # fmt: skip
+    centred = torch.tensor([[0.0, -1.0, 1.0], [-1.0, 0.0, 1.0]])
+    assert similarities(maps)[0, 1].item() == pytest.approx(float(F.cosine_similarity(*centred, dim=0)), rel=1e-5)
+
+
+def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
+    """Image i is lam_i x image i + (1 - lam_i) x image partner(i), its target lam_i on its label and the rest on
+    the partner's, with everything else of the plan as it was without mixing."""
+    from layerwise.config import DataConfig
+    from layerwise.data.loaders import Augmentation, MemoryLoader
+    from layerwise.data.sources import Decoded
+
+    images = torch.arange(4, dtype=torch.uint8).mul(60).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
+    data = Decoded(images, torch.tensor([0, 1, 2, 0]))
+    cfg = DataConfig(crop_padding=0, mean=[0.0] * 3, std=[1.0] * 3, mix="mixup", mix_alpha=0.4)
+    loader = MemoryLoader(data, 4, torch.device("cpu"), cfg, True, classes=3)
+    order, aug = loader.epoch_plan(2)
+    g = torch.Generator().manual_seed(2)
+    assert torch.equal(order, torch.randperm(4, generator=g))
+    assert torch.equal(aug.flip, Augmentation.draw(4, 0, g).flip)
+    assert aug.partner.tolist() == [3, 2, 0, 1]  # this seed's partners: no image is its own
+    idx = torch.arange(4)
+    x, y = loader.view(idx, aug), loader.targets(idx, aug)
+    for i in range(4):
+        p, lam = int(aug.partner[i]), float(aug.lam[i])
+        assert x[i, 0, 0, 0].item() == pytest.approx((lam * 60 * i + (1 - lam) * 60 * p) / 255, abs=1e-5)
+        by_hand = torch.zeros(3)
+        by_hand[int(data.labels[i])] += lam
+        by_hand[int(data.labels[p])] += 1 - lam
+        assert y[i] == pytest.approx(by_hand, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("lam", "cy", "cx", "box", "share"),
+    [  # 8 x 8 images: half-sides round(8 sqrt(1 - lam) / 2)
+        (0.75, 4, 4, [2, 6, 2, 6], 0.75),  # sides 4: a 4 x 4 box inside, 16 of 64 pixels pasted
+        (0.75, 0, 7, [0, 2, 5, 8], 58 / 64),  # clipped at the top and the right: 2 x 3 pasted
+        (0.0, 3, 3, [0, 7, 0, 7], 15 / 64),  # sides 8 around (3, 3): rows and columns -1..7 clipped to 0..7
+    ],
+)
+def test_cutmix_pastes_a_clipped_box_and_the_target_share_is_what_is_left(lam, cy, cx, box, share, monkeypatch):
+    from layerwise.data import loaders
+
+    monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self, shape: torch.full(shape, lam))
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint
+    centres = iter([torch.tensor([cy]), torch.tensor([cx])])
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: next(centres) if a[:2] == (0, 8) else real(*a, **k))
+    _, share_drawn, drawn = loaders.mixing(1, g, "cutmix", 1.0, (8, 8))
+    assert drawn[0].tolist() == box and share_drawn.item() == pytest.approx(share)
+    mask = loaders.in_box(torch.Size([8, 8]), drawn)
+    assert int(mask.sum()) == round((1 - share) * 64)
+
+
+def test_block_epochs_give_each_greedy_block_its_own_and_a_whole_network_stage_their_sum():
+    from layerwise.train.loop import stage_epochs
+    from layerwise.train.stage import plan_stages
+
+    cfg = TrainConfig(block_epochs=[3, 1, 2], epochs_per_block=9)
+    assert [stage_epochs(cfg, s) for s in plan_stages(3, "greedy")] == [3, 1, 2]
+    assert stage_epochs(cfg, plan_stages(3, "e2e")[0]) == stage_epochs(cfg, plan_stages(3, "decoupled")[0]) == 6
+    assert stage_epochs(TrainConfig(epochs_per_block=9), plan_stages(3, "greedy")[2]) == 9
+    with pytest.raises(LayerwiseError, match="warmup_epochs must be below every stage's epochs"):
+        TrainConfig(block_epochs=[3, 1, 2], schedule="cosine", warmup_epochs=1)

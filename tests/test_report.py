@@ -61,6 +61,31 @@ def test_a_decoupled_run_is_reported_block_by_block_and_beside_another_against_t
         assert f"<td>{block['stage']}</td><td>{block['val_top1']:.2f}</td><td>{block['val_top5']:.2f}</td>" in page
 
 
+def test_many_runs_compare_in_one_table_of_the_settings_that_differ(pair, tmp_path, capsys):
+    """Three runs differing in train.mode, train.ema and data.mix: one line each, naming those settings alone,
+    with the summaries' final top-1 and training seconds; the HTML page opens with the same table."""
+    root, data, greedy, e2e = pair
+    mixed = train(tiny_config(epochs=2, train={"ema": 0.9}, data={"mix": "mixup"}), root / "mixed", data)
+    runs = [str(root / n) for n in ("greedy", "e2e", "mixed")]
+    assert main(["report", *runs, "--table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[0].split()[:2] == ["run", "settings"] and set(lines[1]) == {"-"}
+    for line, name, summary in zip(lines[2:], ("greedy", "e2e", "mixed"), (greedy, e2e, mixed), strict=True):
+        cells = line.split()
+        assert cells[0] == name
+        assert [float(c) for c in cells[-3:]] == pytest.approx(
+            [summary["final"]["val_top1"], summary["final"]["val_ensemble_top1"], summary["train_seconds"]], abs=0.006
+        )
+    assert "data.mix=none, train.mode=greedy, train.ema=0.0" in lines[2]
+    assert "data.mix=mixup, train.mode=greedy, train.ema=0.9" in lines[4]
+    assert "train.mode=e2e" in lines[3] and "lr=" not in lines[3]  # what they share is left out
+    out = tmp_path / "three.html"
+    assert main(["report", *runs, "-o", str(out)]) == 0
+    page = out.read_text()
+    assert page.index("<h2>Runs compared</h2>") < page.index("<h2>Training curves</h2>")
+    assert "<td>data.mix=mixup, train.mode=greedy, train.ema=0.9</td>" in page
+
+
 @needs_chromium
 def test_a_reader_sees_both_runs_plots_and_numbers(pair, tmp_path, capsys):
     root, _, greedy, e2e = pair

@@ -118,8 +118,16 @@ def test_evaluation_reuses_the_frozen_heads_scores_and_gives_the_same_numbers(im
     assert again == evaluate(net, val, [0, 1, 2], kind) != first
 
 
-def test_resume_ends_with_identical_weights(tmp_path, image_folder):
-    cfg = tiny_config(epochs=2)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"train": {"ema": 0.9, "sim_loss": 0.5, "block_epochs": [2, 2, 1], "schedule": "cosine"},
+          "data": {"mix": "cutmix"}}],
+    ids=["paper", "ema-sim-cutmix-block-epochs"],
+)  # fmt: skip
+def test_resume_ends_with_identical_weights(tmp_path, image_folder, extra):
+    """Stopped mid-stage and resumed, a run ends where an uninterrupted one does: with train.ema the checkpoint
+    carries the average beside the weights."""
+    cfg = tiny_config(epochs=2, **extra)
     full = train(cfg, tmp_path / "full", image_folder)
     seen = []
 
@@ -136,7 +144,8 @@ def test_resume_ends_with_identical_weights(tmp_path, image_folder):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final"] == full["final"]
     rows = RunDir(tmp_path / "cut").read_metrics()
-    assert [(r["stage"], r["epoch"]) for r in rows] == [(s, e) for s in range(3) for e in (1, 2)]
+    epochs = cfg.train.block_epochs or [2, 2, 2]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(s, e + 1) for s in range(3) for e in range(epochs[s])]
 
     def untimed(rows):  # block 1's second epoch: a fresh evaluation memo when resumed, a reused one when not
         return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
@@ -570,3 +579,31 @@ def test_an_epochs_figures_are_means_over_its_images_worked_out_from_its_steps(i
     train_epoch(training, data.train, seed=1)
     assert bars[1]["disable"] is True and bars[1]["desc"] == ""
     assert epochs == [0, 0]  # unless told, the stage's first epoch (a prefix cache's first view)
+
+
+GOLDEN = {  # each epoch's training loss, from commit e40ae10 (before ema, mixing and sim_loss existed)
+    "greedy": [0.8435185790061951, 0.027218941040337084, 0.6912096202373504, 0.029692759551107884,
+               0.6333309967070818, 0.001585270496434532],
+    "cutout-cache": [0.8831591606140137, 0.06830245070159435, 0.789239940047264, 0.048719294182956216,
+                     0.4609016992151737, 0.0006319213774986565],
+    "e2e": [0.5266194343566895, 0.003830413005198352],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("greedy", []), ("cutout-cache", ["data.cutout=8", "train.cache=host"]), ("e2e", ["train.mode=e2e"])],
+)
+def test_with_every_new_setting_off_a_tiny_run_trains_as_before_they_existed(tmp_path, image_folder, name, extra):
+    """The demo preset for 2 epochs per block on the 48-image folder: its losses are the ones measured before
+    train.ema, train.sim_loss, train.block_epochs and data.mix were added (their draws come after the others)."""
+    from layerwise.config import config_from_dict, merge
+    from layerwise.presets import load_preset
+
+    off = ["train.ema=0", "train.sim_loss=0", "train.block_epochs=[]", "data.mix=none"]
+    cfg = load_preset("demo").to_dict()
+    for assignment in [*tiny_overrides(2), *extra, *off]:
+        cfg = merge(cfg, parse_assignment(assignment))
+    train(config_from_dict(cfg), tmp_path / name, image_folder)
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx(GOLDEN[name], rel=1e-5)

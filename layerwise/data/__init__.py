@@ -66,7 +66,7 @@ def build_data(
         train_eval = make_loader(train.subset(order[:train_eval_size]), eval_batch, device, cfg, False, where)
     return DataBundle(
         classes=source.classes,
-        train=make_loader(train, batch_size, device, cfg, True, where),
+        train=make_loader(train, batch_size, device, cfg, True, where, len(source.classes)),
         val=make_loader(val, eval_batch, device, cfg, False, where) if val is not None else None,
         train_eval=train_eval,
         description=description,

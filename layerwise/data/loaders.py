@@ -52,7 +52,8 @@ class Normalize:
 
 @dataclass
 class Augmentation:
-    """Per-image random crop offsets and flips for one epoch, drawn for the whole dataset at once.
+    """Per-image random crop offsets and flips for one epoch, drawn for the whole dataset at once, then what the
+    settings after them ask for (cutout, mixing), each drawn after the others so that they stay as they are.
 
     Indexing by image (not by batch position) lets a cache of augmented views reproduce an epoch exactly.
     """
@@ -62,24 +63,59 @@ class Augmentation:
     flip: torch.Tensor  # (N,) bool
     cy: torch.Tensor | None = None  # (N,) cutout centres in [0, H) (data.cutout), or None
     cx: torch.Tensor | None = None  # (N,) in [0, W)
+    partner: torch.Tensor | None = None  # (N,) the image each one is mixed with (data.mix), or None
+    lam: torch.Tensor | None = None  # (N,) the image's own share of its mixed image and of its target
+    box: torch.Tensor | None = None  # (N, 4) cutmix: rows [top, bottom) and columns [left, right) pasted in
 
     @staticmethod
     def draw(
-        n: int, padding: int, generator: torch.Generator, cutout: int = 0, size: tuple[int, int] = (0, 0)
+        n: int,
+        padding: int,
+        generator: torch.Generator,
+        cutout: int = 0,
+        size: tuple[int, int] = (0, 0),
+        mix: str = "none",
+        alpha: float = 1.0,
     ) -> Augmentation:
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         flip = torch.rand(n, generator=generator) < 0.5
-        if not cutout:
-            return Augmentation(dy, dx, flip)
-        # drawn after the crops and flips, so that those stay what they are without cutout
-        cy = torch.randint(0, size[0], (n,), generator=generator)
-        cx = torch.randint(0, size[1], (n,), generator=generator)
-        return Augmentation(dy, dx, flip, cy, cx)
+        aug = Augmentation(dy, dx, flip)
+        if cutout:  # drawn after the crops and flips, so that those stay what they are without cutout
+            aug.cy = torch.randint(0, size[0], (n,), generator=generator)
+            aug.cx = torch.randint(0, size[1], (n,), generator=generator)
+        if mix != "none":
+            aug.partner, aug.lam, aug.box = mixing(n, generator, mix, alpha, size)
+        return aug
 
     def to(self, device: torch.device) -> Augmentation:
-        moved = [t.to(device) if t is not None else None for t in (self.dy, self.dx, self.flip, self.cy, self.cx)]
-        return Augmentation(*moved)
+        fields = (self.dy, self.dx, self.flip, self.cy, self.cx, self.partner, self.lam, self.box)
+        return Augmentation(*(t.to(device) if t is not None else None for t in fields))
+
+
+def mixing(
+    n: int, generator: torch.Generator, mix: str, alpha: float, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """data.mix's draws for n images: each image's partner (a random permutation), its own share lam ~
+    Beta(alpha, alpha), and for cutmix (Yun et al. 2019) the partner's box: sides H sqrt(1 - lam) and
+    W sqrt(1 - lam) around a uniform centre, clipped at the border, after which lam is 1 - the box's area / HW."""
+    partner = torch.randperm(n, generator=generator)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):  # Beta draws from the global stream only: seed it from the plan
+        torch.manual_seed(seed)
+        lam = torch.distributions.Beta(alpha, alpha).sample((n,))
+    if mix == "mixup":
+        return partner, lam, None
+    h, w = size
+    cy = torch.randint(0, h, (n,), generator=generator)
+    cx = torch.randint(0, w, (n,), generator=generator)
+    half_h = (h * (1 - lam).sqrt() / 2).round().long()
+    half_w = (w * (1 - lam).sqrt() / 2).round().long()
+    box = torch.stack([cy - half_h, cy + half_h, cx - half_w, cx + half_w], 1)
+    box[:, :2] = box[:, :2].clamp(0, h)
+    box[:, 2:] = box[:, 2:].clamp(0, w)
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    return partner, 1 - area.float() / (h * w), box
 
 
 def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -103,6 +139,15 @@ def cut_out(x: torch.Tensor, side: int, cy: torch.Tensor, cx: torch.Tensor) -> t
     cols = torch.arange(w, device=x.device)[None, :] - (cx[:, None] - side // 2)  # (B, W)
     inside = ((rows >= 0) & (rows < side))[:, None, :, None] & ((cols >= 0) & (cols < side))[:, None, None, :]
     return x.masked_fill(inside, 0.0)
+
+
+def in_box(size: torch.Size, box: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) masks, True inside each image's box (top, bottom, left, right), bottom and right excluded."""
+    rows = torch.arange(size[0], device=box.device)[None, :]
+    cols = torch.arange(size[1], device=box.device)[None, :]
+    inside_rows = (rows >= box[:, :1]) & (rows < box[:, 1:2])  # (B, H)
+    inside_cols = (cols >= box[:, 2:3]) & (cols < box[:, 3:4])  # (B, W)
+    return inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
 
 
 def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -183,13 +228,21 @@ class MemoryLoader(Batched):
     """Batches of a decoded dataset held on the device (a Loader)."""
 
     def __init__(
-        self, data: Decoded, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
+        self,
+        data: Decoded,
+        batch_size: int,
+        device: torch.device,
+        cfg: DataConfig,
+        train: bool,
+        where: Dist = SINGLE,
+        classes: int = 0,
     ):
         self.images = to_channels(data.images, len(cfg.mean)).to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.batching = Batching(len(data), batch_size, where if train else SINGLE)
         self.padding, self.cutout = cfg.crop_padding, cfg.cutout
+        self.mix, self.alpha, self.classes = cfg.mix, cfg.mix_alpha, classes
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def epoch_plan(self, seed: int) -> tuple[torch.Tensor, Augmentation]:
@@ -198,14 +251,35 @@ class MemoryLoader(Batched):
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.labels), generator=g)
         size = tuple(self.images.shape[-2:])
-        return order, Augmentation.draw(len(self.labels), self.padding, g, self.cutout, size)
+        return order, Augmentation.draw(len(self.labels), self.padding, g, self.cutout, size, self.mix, self.alpha)
 
-    def view(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-        """Training images idx as the epoch's augmentation makes them: crop, flip, normalise, then cutout."""
+    def augmented(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+        """Training images idx cropped, flipped, normalised, then cut out."""
         x = self.normalize(augment(self.images[idx], self.padding, aug, idx))
         if not self.cutout:
             return x
         return cut_out(x, self.cutout, aug.cy[idx], aug.cx[idx]).contiguous(memory_format=self.normalize.layout)
+
+    def view(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+        """Training images idx as the epoch's augmentation makes them: each one augmented, then (data.mix) mixed
+        with its partner, augmented as that image is in its own place."""
+        x = self.augmented(idx, aug)
+        if aug.partner is None:
+            return x
+        other = self.augmented(aug.partner[idx], aug)
+        if aug.box is None:  # mixup
+            return torch.lerp(other, x, aug.lam[idx].view(-1, 1, 1, 1).to(x.dtype))
+        return torch.where(in_box(x.shape[-2:], aug.box[idx]), other, x)
+
+    def targets(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+        """The labels of training images idx; with data.mix, (B, classes) class probabilities: lam on the image's
+        label and 1 - lam on its partner's."""
+        y = self.labels[idx]
+        if aug.partner is None:
+            return y
+        own = F.one_hot(y, self.classes).float()
+        other = F.one_hot(self.labels[aug.partner[idx]], self.classes).float()
+        return torch.lerp(other, own, aug.lam[idx, None])
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
@@ -219,7 +293,7 @@ class MemoryLoader(Batched):
         order, aug = self.epoch_plan(seed)
         order, aug = order.to(self.device), aug.to(self.device)
         for idx in self.batching.shares(order):
-            yield self.view(idx, aug), self.labels[idx]
+            yield self.view(idx, aug), self.targets(idx, aug)
 
 
 class FileDataset(Dataset):
@@ -303,9 +377,17 @@ class StreamLoader(Batched):
 
 
 def make_loader(
-    examples: Examples, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
+    examples: Examples,
+    batch_size: int,
+    device: torch.device,
+    cfg: DataConfig,
+    train: bool,
+    where: Dist = SINGLE,
+    classes: int = 0,
 ) -> Loader:
     """A training loader over every example (each process takes its share of each batch), or an evaluation
-    loader over this process's shard."""
-    cls = MemoryLoader if isinstance(examples, Decoded) else StreamLoader
-    return cls(examples if train else shard(examples, where), batch_size, device, cfg, train, where)
+    loader over this process's shard. `classes` sizes data.mix's targets."""
+    examples = examples if train else shard(examples, where)
+    if isinstance(examples, Decoded):
+        return MemoryLoader(examples, batch_size, device, cfg, train, where, classes)
+    return StreamLoader(examples, batch_size, device, cfg, train, where)

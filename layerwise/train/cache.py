@@ -116,11 +116,13 @@ class PrefixCache(Batched):
                 f"could not allocate the train.cache={where} store of {human(math.prod(full) * dtype.itemsize)} "
                 f"({str(e).splitlines()[0]}); use fewer train.cache_views or another train.cache"
             ) from None
+        self.targets: list[torch.Tensor] = []  # each view's labels (data.mix: its class probabilities)
         net.eval()
         with torch.no_grad(), precision.autocast():
             for v, seed in enumerate(view_seeds):
                 _, aug = images.epoch_plan(seed)
                 aug = aug.to(self.device)
+                self.targets.append(images.targets(torch.arange(n, device=self.device), aug))
                 for start in range(0, n, self.batch_size):
                     idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
                     x = images.view(idx, aug)
@@ -130,7 +132,7 @@ class PrefixCache(Batched):
 
     def batches(self, seed: int, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, _ = self.images.epoch_plan(seed)  # the plain path's order for this epoch (on the CPU)
-        view = self.store[epoch % self.views]
+        view, targets = self.store[epoch % self.views], self.targets[epoch % self.views]
         on_device = view.device == self.device
         order_here = order.to(view.device)
         for idx in self.images.batching.shares(order_here):
@@ -141,11 +143,11 @@ class PrefixCache(Batched):
                 x = torch.empty((len(idx), *view.shape[1:]), dtype=view.dtype, pin_memory=pinned)
                 torch.index_select(view, 0, idx, out=x)
                 x = x.to(self.device, non_blocking=True)
-            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), self.labels[idx.to(self.labels.device)]
+            yield (x.permute(0, 3, 1, 2) if self.nhwc else x), targets[idx.to(targets.device)]
 
     def close(self) -> None:
         """Free the cache (and delete its file) before the next stage builds its own."""
-        self.store = None
+        self.store, self.targets = None, []
         if self.path is not None:
             root, rel, name = split(self.path, self.root)
             with folder(root, rel) as fd, contextlib.suppress(FileNotFoundError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -46,6 +48,65 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update(flags)
 
 
+class WeightAverage:
+    """train.ema: an exponential moving average of a module's state (its weights and BN statistics; integer
+    buffers, the BN batch counts, are copied). Update t (from 0) moves the average towards the module's state by
+    1 - d_t, with d_t = min(decay, (1 + t) / (10 + t)): TensorFlow's ExponentialMovingAverage with num_updates,
+    so that the average leaves the initial weights behind within the first steps."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        state = module.state_dict()  # tensors sharing the module's storage: they see every update in place
+        self.names, self.live = list(state), list(state.values())
+        self.average = [t.detach().clone() for t in self.live]
+
+    def rate(self) -> float:
+        """d_t of the next update."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1 - self.rate()
+        for average, live in zip(self.average, self.live, strict=True):
+            if average.is_floating_point():
+                average.lerp_(live, weight)
+            else:
+                average.copy_(live)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_module(self) -> None:
+        """Put the average in the module's place for good (the end of a stage)."""
+        for live, average in zip(self.live, self.average, strict=True):
+            live.copy_(average)
+
+    @contextmanager
+    def in_module(self) -> Iterator[None]:
+        """The average in the module's place for the duration, its own state back afterwards."""
+        kept = [t.clone() for t in self.live]
+        self.copy_to_module()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for live, saved in zip(self.live, kept, strict=True):
+                    live.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "tensors": dict(zip(self.names, self.average, strict=True))}
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = state.get("tensors") if isinstance(state, dict) else None
+        if not isinstance(tensors, dict) or list(tensors) != self.names or not isinstance(state.get("updates"), int):
+            raise LayerwiseError("the checkpoint's weight average (train.ema) does not match this stage; start anew")
+        with torch.no_grad():
+            for average, saved in zip(self.average, tensors.values(), strict=True):
+                if not isinstance(saved, torch.Tensor) or saved.shape != average.shape:
+                    raise LayerwiseError("the checkpoint's weight average (train.ema) does not match this stage")
+                average.copy_(saved)
+        self.updates = state["updates"]
+
+
 class Optimizers:
     """The stage's optimizers: one SGD over everything it trains, or (decoupled) one per trained block, over the
     block and its head, as DGL's code has, so that a process holding some of the blocks holds their optimizers.
@@ -56,6 +117,8 @@ class Optimizers:
         self.per_block = isinstance(groups, dict)
         parts = groups if self.per_block else {-1: groups}
         self.optimizers = {j: make_optimizer(params, cfg) for j, params in parts.items()}
+        self.average: WeightAverage | None = None
+        """train.ema's average of the stage, saved and loaded with the optimizers' state under "average"."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers.values():
@@ -83,10 +146,17 @@ class Optimizers:
 
     def state_dict(self) -> dict:
         if not self.per_block:
-            return self.optimizers[-1].state_dict()
-        return {"blocks": {str(j): optimizer.state_dict() for j, optimizer in self.optimizers.items()}}
+            state = self.optimizers[-1].state_dict()
+        else:
+            state = {"blocks": {str(j): optimizer.state_dict() for j, optimizer in self.optimizers.items()}}
+        return state if self.average is None else {**state, "average": self.average.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.average is not None:
+            if not isinstance(state, dict) or "average" not in state:
+                raise LayerwiseError("the checkpoint has no weight average (train.ema); start anew")
+            self.average.load_state_dict(state["average"])
+            state = {key: value for key, value in state.items() if key != "average"}
         if not self.per_block:
             load_optimizer_state(self.optimizers[-1], state)
             return
@@ -97,12 +167,17 @@ class Optimizers:
             load_optimizer_state(optimizer, saved[str(j)])
 
 
-def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
-    """A per-step schedule (train.schedule cosine or triangle) at step `step` of `steps` in epoch `epoch` of the
-    stage: t = epoch x steps + step of T = epochs_per_block x steps, after W = round(warmup_epochs x steps) linear
-    warm-up steps lr x (t + 1) / W; then cosine lr x (1 + cos(pi (t - W) / (T - W))) / 2, or triangle
-    lr x (T - t) / (T - W)."""
-    total = cfg.epochs_per_block * steps
+def stage_epochs(cfg: TrainConfig, stage: Stage) -> int:
+    """The stage's epochs: a greedy block's own (train.block_epochs), or their sum for a stage of every block."""
+    return cfg.epochs(stage.block if stage.finishes_block else None)
+
+
+def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int, epochs: int | None = None) -> float:
+    """A per-step schedule (train.schedule cosine or triangle) at step `step` of `steps` in epoch `epoch` of a
+    stage of `epochs` (default epochs_per_block): t = epoch x steps + step of T = epochs x steps, after
+    W = round(warmup_epochs x steps) linear warm-up steps lr x (t + 1) / W; then cosine
+    lr x (1 + cos(pi (t - W) / (T - W))) / 2, or triangle lr x (T - t) / (T - W)."""
+    total = (epochs or cfg.epochs_per_block) * steps
     warmup = min(round(cfg.warmup_epochs * steps), total - 1)  # the warm-up ends before the stage does
     t = epoch * steps + min(step, steps - 1)  # a pipeline process with replays may step past its epoch's count
     if t < warmup:
@@ -139,6 +214,7 @@ class StageTraining:
         replica_group=None,
     ):
         self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
+        self.epochs = stage_epochs(cfg, stage)
         self.downstream = downstream
         """A pipeline process's link to the next one (train/pipeline.Pipe): each step sends its last block's output
         and the labels there, before its backward pass."""
@@ -153,7 +229,7 @@ class StageTraining:
         device = precision.device
         place_for(net, stage, device)
         self.module = freeze_for(net, stage)
-        self.module.label_smoothing = cfg.label_smoothing
+        self.module.label_smoothing, self.module.sim_loss = cfg.label_smoothing, cfg.sim_loss
         self.module.block_chunks = cfg.block_chunks
         self.module.keep_output = downstream is not None
         if cfg.sync_bn and where.data_parallel:  # replaces the BN modules inside the network's own blocks and head
@@ -164,6 +240,8 @@ class StageTraining:
             self.optimizer = Optimizers(own, cfg)
         else:
             self.optimizer = Optimizers(list(self.module.parameters()), cfg)
+        self.average = WeightAverage(self.module, cfg.ema) if cfg.ema else None
+        self.optimizer.average = self.average
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         model: nn.Module = self.module
@@ -188,7 +266,7 @@ class StageTraining:
             decay = self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0
             self.optimizer.set_lr(lr, forget_momentum=decay)
         else:
-            lr = lr_at_step(self.cfg, epoch, 0, steps)
+            lr = lr_at_step(self.cfg, epoch, 0, steps, self.epochs)
             self.optimizer.set_lr(lr)
         if self.stage.decoupled:
             self.module.randomness = BlockRandomness(seed, self.precision.device)
@@ -215,11 +293,29 @@ class StageTraining:
         total = loss.sum() if loss.dim() else loss
         (total if weight == 1.0 else total * weight).backward()
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         return loss, logits
 
     def sync(self) -> None:
-        """Every process takes rank 0's BN statistics, before evaluation and checkpoints (see Dist)."""
+        """Every process takes rank 0's BN statistics (and averaged ones), before evaluation and checkpoints (see
+        Dist)."""
         self.where.broadcast_buffers(self.module, self.replica_group)
+        if self.average is not None:
+            self.where.broadcast_tensors(self.average.average, self.replica_group)
+
+    @contextmanager
+    def evaluated(self, finished: bool) -> Iterator[None]:
+        """The weights an epoch's evaluation scores: the stage's own, or with train.ema their average, which a
+        `finished` stage keeps for good (the next greedy block trains on it, block{j}.pt and final.pt hold it)."""
+        if self.average is None:
+            yield
+        elif finished:
+            self.average.copy_to_module()
+            yield
+        else:
+            with self.average.in_module():
+                yield
 
 
 DIVERGENCE_WINDOW = 50
@@ -299,13 +395,14 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     per_step = training.cfg.schedule != "step"
     for i, (x, y) in enumerate(batches):
         if per_step:
-            training.optimizer.set_lr(lr_at_step(training.cfg, epoch, i, len(loader)))
+            training.optimizer.set_lr(lr_at_step(training.cfg, epoch, i, len(loader), training.epochs))
         weight = len(y) * where.replicas / loader.global_batch(i) if where.data_parallel else 1.0
         loss, logits = training.step(x, y, offset, weight)
         with torch.no_grad():
             losses, scores = loss.detach().double().view(-1), logits.detach().float().view(len(heads), len(y), -1)
+            labels = y if y.dim() == 1 else y.argmax(1)  # data.mix: the larger share's label
             for h, z in enumerate(scores):
-                sums[rows[h], :3] += torch.stack([losses[h] * len(y), *topk_correct(z, y)])
+                sums[rows[h], :3] += torch.stack([losses[h] * len(y), *topk_correct(z, labels)])
             watch.add(losses.sum(), logits.shape[-1])
         n += len(y)
         if watch.due(i, len(loader)):

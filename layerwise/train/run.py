@@ -42,7 +42,7 @@ from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet, count
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
-from layerwise.train.loop import Diverged, StageTraining, train_epoch
+from layerwise.train.loop import Diverged, StageTraining, stage_epochs, train_epoch
 from layerwise.train.pipeline import (
     GatheredState,
     Pipe,
@@ -186,6 +186,11 @@ class Run:
             # lower bound), then StageTraining places its own group
             mode = "greedy" if where.pipeline > 1 else cfg.train.mode
             net = where.agree(lambda: checked_model(cfg, classes, precision, mode=mode, processes=processes))
+            if cfg.train.block_epochs and len(cfg.train.block_epochs) != net.J:
+                raise LayerwiseError(
+                    f"train.block_epochs has {len(cfg.train.block_epochs)} numbers for a network of {net.J} blocks; "
+                    "give one per block"
+                )
             run = cls(cfg, run_dir, net, bundle, precision, where)
             run.lock, run.resuming = locks[0] if locks else None, resume
             if where.pipeline > 1:
@@ -365,7 +370,7 @@ class Run:
             if main:
                 run.keep_metrics(lambda r: (r["stage"], r["epoch"]) <= (stage.index, epoch))
             log.info("resuming %s after stage %d epoch %d", run.path, stage.index, epoch)
-            if epoch < self.cfg.train.epochs_per_block:
+            if epoch < stage_epochs(self.cfg.train, stage):
                 return Resume(stage.index, epoch, optimizer_state, meta.get("loss_level"))
             if main and stage.finishes_block and not run.block(stage.block).is_file():  # stopped before saving it
                 meta = {"block": stage.block, "stage": stage.index}
@@ -407,7 +412,7 @@ class Run:
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile != "none" else ()
         memos = {"val": {}, "train_eval": {}}  # the frozen heads' scores, kept through the stage's evaluations
         try:
-            for epoch in range(start.epoch, cfg.epochs_per_block):
+            for epoch in range(start.epoch, training.epochs):
                 try:
                     self.train_epoch(training, loader, epoch, memos)
                 except compile_errors as e:
@@ -441,7 +446,7 @@ class Run:
         fail = LayerwiseError if self.where.is_main or cfg.replay else QuietError
         kept = f"checkpoints up to the previous epoch are kept in {self.dir.checkpoints}"
         try:
-            stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{cfg.epochs_per_block}")
+            stats = train_epoch(training, loader, seed, epoch, f"{stage.name} epoch {epoch + 1}/{training.epochs}")
         except Diverged as e:
             what = (
                 "became non-finite"
@@ -468,7 +473,8 @@ class Run:
             )
         training.sync()
         stage = self.stages[stage.index]  # the whole stage (a pipeline process trains a part of it)
-        row = self.epoch_row(stage, epoch, lr, stats, memos, training)
+        with training.evaluated(finished=epoch + 1 == training.epochs):
+            row = self.epoch_row(stage, epoch, lr, stats, memos, training)
         if "val" in row:
             self.val_top1[stage.index] = row["val"]["top1"]
         meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr,
@@ -544,7 +550,7 @@ class Run:
 
     def prefix_cache(self, stage: Stage) -> PrefixCache:
         t0 = time.perf_counter()
-        seeds = [epoch_seed(self.cfg.train.seed, stage.index, v) for v in range(cache_views(self.cfg))]
+        seeds = [epoch_seed(self.cfg.train.seed, stage.index, v) for v in range(cache_views(self.cfg, stage))]
         store = self.cache_store(stage)
         cache = PrefixCache(self.net, stage.first, self.data.train, seeds, store, self.precision, self.dir.path)
         seconds = time.perf_counter() - t0
@@ -584,9 +590,12 @@ class Run:
         log.info("prefix cache: at most %.2f GiB (%s)", copies * needed / 2**30, what)
 
 
-def cache_views(cfg: RunConfig) -> int:
-    """Views beyond the number of epochs would never be read."""
-    return min(cfg.train.cache_views, cfg.train.epochs_per_block)
+def cache_views(cfg: RunConfig, stage: Stage | None = None) -> int:
+    """Views beyond the stage's number of epochs (without a stage: the most of any greedy block's) would never be
+    read."""
+    train = cfg.train
+    epochs = stage_epochs(train, stage) if stage is not None else max(train.block_epochs or [train.epochs_per_block])
+    return min(train.cache_views, epochs)
 
 
 def run_info(cfg: RunConfig, device: torch.device, data, description: str, where: Dist) -> dict[str, Any]:

@@ -108,6 +108,7 @@ class StageModule(nn.Module):
         # other module (your own) is recomputed whole
         self.whole = {id(m): net.recompute and not has_conv_units(m) for m in (*self.blocks, *self.heads)}
         self.label_smoothing = 0.0  # train.label_smoothing, set by StageTraining
+        self.sim_loss = 0.0  # train.sim_loss, set by StageTraining
         self.block_chunks = 0  # train.block_chunks, set by StageTraining
         # the block feeds only its head's half pooling (VGG heads): models/pooled.py
         self.poolable = len(self.blocks) == 1 and chunkable(self.blocks[0], self.heads[-1])
@@ -131,20 +132,49 @@ class StageModule(nn.Module):
             for block in self.blocks:
                 x = self.run(block, x)
             logits = self.run(self.heads[-1], x)
-            return self.cross_entropy(logits, y), logits
+            return self.loss(logits, y, x), logits
         losses, logits = [], []
         for j, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True), start=self.first):
             with self.randomness.block(j) if self.randomness is not None else nullcontext():
                 x = self.run(block, x.detach())  # block j learns from head j alone
                 z = self.run(head, x)
-            losses.append(self.cross_entropy(z, y))
+            losses.append(self.loss(z, y, x))
             logits.append(z)
         if self.keep_output:  # what a pipeline process sends on (train/pipeline.py)
             self.output = x.detach()
         return torch.stack(losses), torch.stack(logits)
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y: labels, or (data.mix) class probabilities."""
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """A loss head's loss: its cross-entropy, plus train.sim_loss x the similarity-matching loss of the block
+        output `features` it read."""
+        loss = self.cross_entropy(logits, y)
+        if not self.sim_loss:
+            return loss
+        targets = y.float() if y.dim() == 2 else F.one_hot(y, logits.shape[-1]).float()
+        return loss + self.sim_loss * similarity_loss(features, targets)
+
+
+def similarities(x: torch.Tensor) -> torch.Tensor:
+    """(B, B) cosine similarities of the batch's rows, each row centred over its entries first (Nokland & Eidnes
+    2019); feature maps (B, C, H, W) with more than one position become each channel's standard deviation over
+    the positions, as in their code."""
+    x = x.float()
+    if x.dim() == 4 and x.shape[2] * x.shape[3] > 1:
+        x = x.flatten(2).std(dim=2)
+    x = x.flatten(1)
+    x = x - x.mean(dim=1, keepdim=True)
+    x = x / (x.norm(dim=1, keepdim=True) + 1e-8)
+    return (x @ x.T).clamp(-1, 1)
+
+
+def similarity_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The similarity-matching loss: the mean squared difference between the similarities of the features and of
+    the targets (one-hot labels or class probabilities)."""
+    return F.mse_loss(similarities(features), similarities(targets))
 
 
 class BlockRandomness:
