@@ -69,9 +69,9 @@ class ModelConfig:
     """resnet's first layers: `imagenet` (7x7 stride-2 conv, max-pool) or `cifar` (3x3 stride-1 conv, no
     max-pool), for 32 px images."""
     head: str = "paper"
-    """The heads the library builds for networks that bring none (model.arch=custom without heads, the split
-    ResNets' local modules): `paper` (k-1 convs, averaging, BN, linear, as above) or `infopro` (InfoPro's: one
-    conv, global pooling, two linear layers)."""
+    """The heads the library builds for SimCNN and for networks that bring none (model.arch=custom without heads,
+    the split ResNets' local modules): `paper` (k-1 convs, averaging, BN, linear, as above) or `infopro`
+    (InfoPro's: one conv, global pooling, two linear layers). VGG-11 keeps the paper's VGG heads."""
     builder: str = ""
     """model.arch=custom: the import path `package.module:function` of a function returning the network's
     stages (a list of nn.Modules), a (stages, heads) pair or a StagedNet. Loading the run later imports it, which
@@ -104,6 +104,9 @@ class ModelConfig:
             f"model.depth and model.split (K) go with model.arch {', '.join(SPLIT_ARCHS)}, and only with them",
         )
         _check(self.head in ("paper", "infopro"), f"model.head must be 'paper' or 'infopro' (got {self.head!r})")
+        _check(
+            self.head == "paper" or self.arch != "vgg11", "model.head=infopro is not for vgg11 (its heads are VGG's)"
+        )
         _check(
             bool(self.builder) == (self.arch == "custom"),
             "model.builder (package.module:function) goes with model.arch=custom, and only with it",
@@ -251,7 +254,8 @@ class TrainConfig:
     """Weight of Nokland & Eidnes's (2019) similarity-matching loss, added to each loss head's cross-entropy: the
     mean squared difference between the cosine similarities of the batch's block outputs (each channel's
     standard deviation over the positions, centred over the channels) and those of their targets. Computed on
-    the block's output itself, without the extra conv their code learns for it. 0: off (the paper)."""
+    the block's output itself, without the extra conv their code learns for it. Under torchrun each process
+    compares its own share of the batch. 0: off (the paper)."""
     ensemble: str = "logits"
     """What the ensemble Z = sum_j 2^j z_j adds up: `logits` (the paper's CIFAR code) or `softmax` (ImageNet)."""
     eval_flip: bool = False
@@ -291,6 +295,10 @@ class TrainConfig:
     above this many times the stage's starting level (the mean of its first 50 steps, at least ln(classes), the
     loss of a uniform guess); a non-finite loss stops it too. Read on the device every 50 steps and at the end
     of each epoch. 0 turns the mean check off (the non-finite check stays)."""
+    tensorboard: bool = False
+    """Also write each epoch's metrics as TensorBoard event files in RUN/tensorboard (rank 0), for those who watch
+    runs there: needs the tensorboard package (pip install 'layerwise[tensorboard]'). Step = the run's epoch count
+    over every stage; a resumed run drops the events of the epochs it trains again."""
     seed: int = 0
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""

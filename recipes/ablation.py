@@ -44,6 +44,7 @@ INGREDIENTS: dict[str, list[str]] = {  # name: --set assignments on top of the d
     "mixup": ["data.mix=mixup", "data.mix_alpha=0.2"],
     "cutmix": ["data.mix=cutmix", "data.mix_alpha=1.0"],
     "ema": ["train.ema=0.99"],
+    "infopro_head": ["model.head=infopro"],
     "sim_1": ["train.sim_loss=1"],
     "sim_10": ["train.sim_loss=10"],
     "early_epochs": ["train.block_epochs=[5,4,3]"],

@@ -429,6 +429,17 @@ def test_each_process_caches_the_whole_prefix_in_its_own_file_and_trains_as_with
     assert not list((out / "cache").glob("*.bin"))  # every process removed its file after its stage
 
 
+def test_the_weight_average_and_mixing_train_under_two_processes_as_in_one(tmp_path, data):
+    """train.ema and data.mix under DDP: every process mixes its share of the plan's mixed images and keeps the same
+    average (rank 0's BN-free weights), ending where one process does."""
+    items = settings(2, *NO_BN, "train.ema=0.9", "data.mix=mixup")
+    run(standalone(*layerwise_train(tmp_path / "two", data, items)))
+    assert main(["-q", "train", "--out", str(tmp_path / "one"), "--data", str(data), *sets(items)]) == 0
+    assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-4)
+    one, two = RunDir(tmp_path / "one").read_metrics(), RunDir(tmp_path / "two").read_metrics()
+    assert [a["val"]["loss"] for a in one] == pytest.approx([b["val"]["loss"] for b in two], rel=1e-4)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_sync_bn_on_two_gpus(tmp_path, data):
     """NCCL with SyncBatchNorm: the trained module's statistics are over the global batch."""

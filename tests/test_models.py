@@ -182,3 +182,15 @@ def test_model_settings_that_do_not_apply_are_refused(values, message):
 
     with pytest.raises(LayerwiseError, match=message):
         ModelConfig(**values)
+
+
+def test_simcnn_takes_infopros_heads_and_vgg11_refuses_them():
+    from layerwise.errors import LayerwiseError
+    from layerwise.models.custom import InfoProHead
+
+    net = build_model(ModelConfig(widths=[16, 64], downsample_at=[1], head="infopro"), 10)
+    assert all(isinstance(h, InfoProHead) for h in net.heads)
+    assert [h[0].out_channels for h in net.heads] == [32, 64]  # a narrow map doubled at stride 2, a wide one kept
+    assert [z.shape for z in net(torch.randn(2, 3, 32, 32))] == [(2, 10), (2, 10)]
+    with pytest.raises(LayerwiseError, match=r"model\.head=infopro is not for vgg11"):
+        ModelConfig(arch="vgg11", widths=[64] * 8, downsample_at=[], head="infopro")

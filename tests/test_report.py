@@ -11,6 +11,7 @@ from test_train import tiny_config
 from torchvision.io import decode_png
 
 from layerwise.cli import main
+from layerwise.errors import LayerwiseError
 from layerwise.train import train
 from layerwise.train.checkpoint import RunDir
 
@@ -171,3 +172,40 @@ def test_a_malformed_metrics_file_is_a_one_line_error(tmp_path, pair, capsys):
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds something layerwise did not write" in err[0]
+
+
+def test_tensorboard_event_files_hold_each_epochs_metrics_and_a_resume_drops_the_epochs_it_redoes(tmp_path, pair):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train import Interrupt
+
+    _, data, _, _ = pair
+    cfg = tiny_config(epochs=2, train={"tensorboard": True})
+    seen = []
+
+    def stop_after_third_epoch(row):
+        seen.append(row)
+        if len(seen) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "run", data, on_epoch_end=stop_after_third_epoch)
+    train(cfg, tmp_path / "run", data, resume=True)
+    rows = RunDir(tmp_path / "run").read_metrics()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for tag, value in [("top1/val", lambda r: r["val"]["top1"]), ("loss/train", lambda r: r["loss"]),
+                       ("ensemble_top1/train_eval", lambda r: r["train_eval"]["ensemble_top1"])]:  # fmt: skip
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == list(range(6))  # the third epoch's first try was dropped
+        assert [s.value for s in scalars] == pytest.approx([value(r) for r in rows], rel=1e-6)
+
+
+def test_tensorboard_without_its_package_is_a_one_line_error_before_anything_is_written(tmp_path, pair, monkeypatch):
+    import sys
+
+    _, data, _, _ = pair
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(LayerwiseError, match=r"pip install 'layerwise\[tensorboard\]'"):
+        train(tiny_config(train={"tensorboard": True}), tmp_path / "run", data)
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.models.blocks import Block
+from layerwise.models.custom import make_head
 from layerwise.models.heads import AuxClassifier, VGGClassifier
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
@@ -13,13 +14,13 @@ from layerwise.models.staged import StagedNet
 
 @register_model("simcnn")
 def simcnn(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
-    """Blocks [P] -> conv3x3 -> [BN] -> ReLU of model.widths, each with the paper's head for model.k."""
+    """Blocks [P] -> conv3x3 -> [BN] -> ReLU of model.widths, each with the paper's head for model.k (or with
+    model.head=infopro, InfoPro's)."""
     blocks, heads, channels = [], [], cfg.in_channels
     for j, width in enumerate(cfg.widths):
         blocks.append(Block(channels, width, "s2d" if j in cfg.downsample_at else None, cfg.batchnorm, _bias(cfg)))
         channels = width
-        aux = cfg.aux_width or max(1, round(cfg.aux_width_factor * width))
-        heads.append(AuxClassifier(width, aux, cfg.k, num_classes, cfg.head_pool, batchnorm=cfg.head_batchnorm))
+        heads.append(make_head(cfg.head, width, num_classes, cfg))
     net = StagedNet(blocks, heads)
     if cfg.bn_weight_init == "uniform":  # PyTorch 0.4's BatchNorm: weight ~ U[0, 1), bias 0
         for m in net.modules():

@@ -40,6 +40,7 @@ from layerwise.distributed import (
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet, count
+from layerwise.safe_io import folder
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
 from layerwise.train.loop import Diverged, StageTraining, stage_epochs, train_epoch
@@ -66,7 +67,15 @@ def epoch_seed(seed: int, stage: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
 
 
-RESUMABLE_CHANGES = ("device", "precision", "recompute_activations", "compile", "divergence_factor", "num_classes")
+RESUMABLE_CHANGES = (
+    "device",
+    "precision",
+    "recompute_activations",
+    "compile",
+    "divergence_factor",
+    "num_classes",
+    "tensorboard",
+)
 """Settings a resumed run may change: they decide how the same training is computed, not what it is."""
 
 
@@ -139,6 +148,7 @@ class Run:
         self.placement: Placement | None = None  # a pipelined run's block groups, one per process
         self.pipe_group = self.replica_group = None
         self.pipe: Pipe | None = None
+        self.board: Board | None = None  # train.tensorboard's event files
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +186,8 @@ class Run:
             log.info(
                 "data: %s; %d train, %d val images", bundle.description, bundle.train.num_examples, bundle.val_images
             )
+            if cfg.train.tensorboard:
+                Board.check()
             if cfg.train.min_gain is not None and bundle.val is None:
                 raise LayerwiseError(
                     "train.min_gain compares the blocks' validation top-1, and this run has none: "
@@ -265,6 +277,9 @@ class Run:
         log.addHandler(self.log_handler)
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         if self.log_handler is not None:
             log.removeHandler(self.log_handler)
             self.log_handler.close()
@@ -280,6 +295,8 @@ class Run:
         """
         self.on_epoch_end = on_epoch_end
         start = self.where.agree(self.resume_point) if self.resuming else Resume()
+        if self.cfg.train.tensorboard and self.where.is_main:  # after resume_point dropped the lines it redoes
+            self.board = Board(self.dir.path, len(self.dir.read_metrics()))
         if self.cfg.train.min_gain is not None:  # the finished stages' scores, which the decisions compare
             self.val_top1 = self.where.from_main(self.finished_val_top1() if self.where.is_main else None)
             self.stopped = next(filter(None, map(self.stop_reason, self.stages[: start.stage])), None)
@@ -486,6 +503,8 @@ class Run:
         line = copy.deepcopy(row)  # on_epoch_end gets row while the worker writes this copy
         self.save(self.dir.last, meta, optimizer, first=lambda: self.dir.append_metrics(line))
         log.info(format_row(row))
+        if self.board is not None:
+            self.board.add(row)
         if self.on_epoch_end is not None:
             self.on_epoch_end(row)
 
@@ -566,7 +585,7 @@ class Run:
         """Size the largest prefix cache of the run and refuse it now if it cannot fit (every process of this node
         holds its own copy in host memory, and of the run on a disk cache)."""
         cfg, images = self.cfg.train, self.data.train
-        folder = self.dir.path / "cache"
+        cache_dir = self.dir.path / "cache"
         if not isinstance(images, MemoryLoader):
             raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
         dtype = self.precision.dtype
@@ -586,8 +605,50 @@ class Run:
         what += f" in each of {copies} processes" if copies > 1 else ""
         if weights(stage):
             what += f" and the {human(weights(stage))} of weights that stage brings to the device"
-        check_cache_fits(copies * needed + weights(stage), cfg.cache, self.device, folder, what)
+        check_cache_fits(copies * needed + weights(stage), cfg.cache, self.device, cache_dir, what)
         log.info("prefix cache: at most %.2f GiB (%s)", copies * needed / 2**30, what)
+
+
+class Board:
+    """train.tensorboard: each epoch's metrics line as scalars in RUN/tensorboard (torch.utils.tensorboard), at
+    step = the run's epoch count. Tags: loss/train, top1/train, lr, images_per_s; loss/S, top1/S and
+    ensemble_top1/S for S = val and train_eval; a decoupled run adds top1/S/block j for each block."""
+
+    @staticmethod
+    def check() -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise LayerwiseError(
+                "train.tensorboard needs the tensorboard package: pip install 'layerwise[tensorboard]'"
+            ) from None
+
+    def __init__(self, run: Path, epochs_done: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        with folder(run, "tensorboard", create=True):  # a real folder of the run, never a link out of it
+            pass
+        # events at steps >= epochs_done are of epochs a resumed run trains again: TensorBoard drops them
+        self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=epochs_done)
+        self.step = epochs_done
+
+    def add(self, row: dict[str, Any]) -> None:
+        scalars = {"loss/train": row["loss"], "top1/train": row["train"]["top1"], "lr": row["lr"],
+                   "images_per_s": row["images_per_s"]}  # fmt: skip
+        for key in ("val", "train_eval"):
+            if key in row:
+                scalars.update({f"loss/{key}": row[key]["loss"], f"top1/{key}": row[key]["top1"],
+                                f"ensemble_top1/{key}": row[key]["ensemble_top1"]})  # fmt: skip
+            for block in row.get("blocks", []):
+                if key in block:
+                    scalars[f"top1/{key}/block {block['block']}"] = block[key]["top1"]
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, self.step)
+        self.writer.flush()
+        self.step += 1
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def cache_views(cfg: RunConfig, stage: Stage | None = None) -> int:
