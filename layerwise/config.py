@@ -138,6 +138,11 @@ class DataConfig:
     """Side of the training crop and of the images the network sees."""
     crop_padding: int = 4
     """Zero padding before the random crop (`cifar` augmentation)."""
+    flip: str = "random"
+    """The training flips (`cifar` augmentation): `random` (each image mirrored with probability 1/2 in each epoch,
+    the paper) or `alternate` (airbench, Jordan 2024: image i mirrored in the epochs e of its stage where i + e is
+    odd, so every image is seen both ways in any two consecutive epochs, half of them mirrored each epoch; the
+    training set's order is already shuffled by the held-out split)."""
     cutout: int = 0
     """Cutout (DeVries & Taylor 2017, `cifar` augmentation): a square of this side, centred at a point drawn
     uniformly in each training image and clipped at its border, set to the mean colour after the crop and flip.
@@ -174,6 +179,8 @@ class DataConfig:
             self.cutout >= 0 and (self.cutout == 0 or self.augment == "cifar"),
             "data.cutout must be >= 0 and goes with data.augment=cifar (in-memory data)",
         )
+        _check(self.flip in ("random", "alternate"), f"data.flip must be random or alternate (got {self.flip!r})")
+        _check(self.flip == "random" or self.augment == "cifar", "data.flip=alternate goes with data.augment=cifar")
         _check(self.mix in ("none", "mixup", "cutmix"), f"data.mix must be none, mixup or cutmix (got {self.mix!r})")
         _check(
             self.mix == "none" or self.augment == "cifar",

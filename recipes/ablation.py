@@ -40,6 +40,7 @@ INGREDIENTS: dict[str, list[str]] = {  # name: --set assignments on top of the d
     "nesterov": ["train.nesterov=true"],
     "cosine": ["train.schedule=cosine"],
     "one_cycle": ["train.schedule=triangle", "train.warmup_epochs=1"],
+    "alternate_flip": ["data.flip=alternate"],
     "cutout": ["data.cutout=12"],
     "mixup": ["data.mix=mixup", "data.mix_alpha=0.2"],
     "cutmix": ["data.mix=cutmix", "data.mix_alpha=1.0"],

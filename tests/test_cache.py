@@ -64,7 +64,9 @@ def test_cache_needs_in_memory_data(tmp_path, imagenet_folder):
         train(cfg, tmp_path / "run", imagenet_folder)
 
 
-@pytest.mark.parametrize("data", [{"cutout": 8}, {"mix": "mixup"}, {"mix": "cutmix", "mix_alpha": 0.5}])
+@pytest.mark.parametrize(
+    "data", [{"cutout": 8}, {"mix": "mixup"}, {"mix": "cutmix", "mix_alpha": 0.5}, {"flip": "alternate"}]
+)
 def test_with_cutout_or_mixing_the_cached_prefix_trains_like_the_plain_path(tmp_path, image_folder, data):
     """data.cutout and data.mix belong to the epoch plan: a cached view holds the same cut-out or mixed images the
     plain path trains on, and their targets (and a run with them differs from one without)."""

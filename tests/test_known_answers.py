@@ -669,3 +669,22 @@ def test_block_epochs_give_each_greedy_block_its_own_and_a_whole_network_stage_t
     assert stage_epochs(TrainConfig(epochs_per_block=9), plan_stages(3, "greedy")[2]) == 9
     with pytest.raises(LayerwiseError, match="warmup_epochs must be below every stage's epochs"):
         TrainConfig(block_epochs=[3, 1, 2], schedule="cosine", warmup_epochs=1)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_leave_the_rest_of_the_plan():
+    """Image i is mirrored where i + epoch is odd: epoch 0 mirrors images 1 and 3, epoch 1 images 0 and 2; the
+    order and crops are the random plan's."""
+    from layerwise.config import DataConfig
+    from layerwise.data.loaders import MemoryLoader
+    from layerwise.data.sources import Decoded
+
+    data = Decoded(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+    alternate = MemoryLoader(data, 4, torch.device("cpu"), DataConfig(flip="alternate"), True)
+    plain = MemoryLoader(data, 4, torch.device("cpu"), DataConfig(), True)
+    for epoch, mirrored in [(0, [False, True, False, True]), (1, [True, False, True, False]), (2, [False, True,
+                            False, True])]:  # fmt: skip
+        (order, aug), (order_plain, aug_plain) = alternate.epoch_plan(7, epoch), plain.epoch_plan(7, epoch)
+        assert aug.flip.tolist() == mirrored
+        assert (
+            torch.equal(order, order_plain) and torch.equal(aug.dy, aug_plain.dy) and torch.equal(aug.dx, aug_plain.dx)
+        )

@@ -596,14 +596,24 @@ GOLDEN = {  # each epoch's training loss, from commit e40ae10 (before ema, mixin
 )
 def test_with_every_new_setting_off_a_tiny_run_trains_as_before_they_existed(tmp_path, image_folder, name, extra):
     """The demo preset for 2 epochs per block on the 48-image folder: its losses are the ones measured before
-    train.ema, train.sim_loss, train.block_epochs and data.mix were added (their draws come after the others)."""
+    train.ema, train.sim_loss, train.block_epochs, data.mix, data.flip and SimCNN's model.head were added (their
+    draws come after the others)."""
     from layerwise.config import config_from_dict, merge
     from layerwise.presets import load_preset
 
-    off = ["train.ema=0", "train.sim_loss=0", "train.block_epochs=[]", "data.mix=none"]
+    off = [
+        "train.ema=0",
+        "train.sim_loss=0",
+        "train.block_epochs=[]",
+        "data.mix=none",
+        "data.flip=random",
+        "model.head=paper",
+    ]
     cfg = load_preset("demo").to_dict()
     for assignment in [*tiny_overrides(2), *extra, *off]:
         cfg = merge(cfg, parse_assignment(assignment))
     train(config_from_dict(cfg), tmp_path / name, image_folder)
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in rows] == pytest.approx(GOLDEN[name], rel=1e-5)
+    # equal to the last bit on the machine that measured them; another CPU, or another thread count, rounds
+    # differently (up to 1e-4 here with one thread), while a shifted random stream moves them by several percent
+    assert [r["loss"] for r in rows] == pytest.approx(GOLDEN[name], rel=1e-3, abs=1e-3)

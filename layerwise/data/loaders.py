@@ -242,16 +242,20 @@ class MemoryLoader(Batched):
         self.batch_size, self.device, self.train = batch_size, device, train
         self.batching = Batching(len(data), batch_size, where if train else SINGLE)
         self.padding, self.cutout = cfg.crop_padding, cfg.cutout
-        self.mix, self.alpha, self.classes = cfg.mix, cfg.mix_alpha, classes
+        self.mix, self.alpha, self.classes, self.flip = cfg.mix, cfg.mix_alpha, classes, cfg.flip
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
-    def epoch_plan(self, seed: int) -> tuple[torch.Tensor, Augmentation]:
-        """This epoch's image order and per-image augmentation (on the CPU, so every device sees the same
-        batches and a run can resume on another device)."""
+    def epoch_plan(self, seed: int, epoch: int = 0) -> tuple[torch.Tensor, Augmentation]:
+        """Epoch `epoch`'s image order and per-image augmentation (on the CPU, so every device sees the same
+        batches and a run can resume on another device). data.flip=alternate replaces the random flips (still
+        drawn, so that the later draws stay as they are) by image i mirrored where i + epoch is odd."""
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.labels), generator=g)
-        size = tuple(self.images.shape[-2:])
-        return order, Augmentation.draw(len(self.labels), self.padding, g, self.cutout, size, self.mix, self.alpha)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g)
+        aug = Augmentation.draw(n, self.padding, g, self.cutout, tuple(self.images.shape[-2:]), self.mix, self.alpha)
+        if self.flip == "alternate":
+            aug.flip = (torch.arange(n) + epoch) % 2 == 1
+        return order, aug
 
     def augmented(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
         """Training images idx cropped, flipped, normalised, then cut out."""
@@ -290,7 +294,7 @@ class MemoryLoader(Batched):
                     self.labels[start : start + self.batch_size],
                 )
             return
-        order, aug = self.epoch_plan(seed)
+        order, aug = self.epoch_plan(seed, epoch)
         order, aug = order.to(self.device), aug.to(self.device)
         for idx in self.batching.shares(order):
             yield self.view(idx, aug), self.targets(idx, aug)

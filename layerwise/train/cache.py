@@ -120,7 +120,7 @@ class PrefixCache(Batched):
         net.eval()
         with torch.no_grad(), precision.autocast():
             for v, seed in enumerate(view_seeds):
-                _, aug = images.epoch_plan(seed)
+                _, aug = images.epoch_plan(seed, v)  # view v is epoch v's
                 aug = aug.to(self.device)
                 self.targets.append(images.targets(torch.arange(n, device=self.device), aug))
                 for start in range(0, n, self.batch_size):
