@@ -344,9 +344,10 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.lr_step >= 1, "train.lr_step must be >= 1")
         _check(self.schedule in ("step", "cosine", "triangle"), "train.schedule must be step, cosine or triangle")
+        greedy = self.mode == "greedy" and self.block_epochs
+        shortest = min(self.block_epochs) if greedy else self.epochs()  # the shortest stage's epochs
         _check(
-            0 <= self.warmup_epochs < min(self.block_epochs or [self.epochs_per_block])
-            and (self.warmup_epochs == 0 or self.schedule != "step"),
+            0 <= self.warmup_epochs < shortest and (self.warmup_epochs == 0 or self.schedule != "step"),
             "train.warmup_epochs must be below every stage's epochs and goes with train.schedule cosine or triangle",
         )
         _check(0 <= self.ema < 1, "train.ema must be in [0, 1) (0: off)")

@@ -101,7 +101,10 @@ def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     check_trusted(cfg.model, run.path)
-    meta, state, _ = load_checkpoint(path)
+    meta, state, optimizer = load_checkpoint(path)
+    average = optimizer.get("average") if isinstance(optimizer, dict) and path == run.last else None
+    if isinstance(average, dict) and isinstance(average.get("tensors"), dict):  # train.ema mid-stage: its average
+        state = {**state, **{k: v for k, v in average["tensors"].items() if k in state}}
     net = checked_model(cfg, len(classes), compute, state)
     stages = plan_stages(net.J, cfg.train.mode)
     heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)

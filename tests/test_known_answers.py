@@ -688,3 +688,20 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_leave_the_
         assert (
             torch.equal(order, order_plain) and torch.equal(aug.dy, aug_plain.dy) and torch.equal(aug.dx, aug_plain.dx)
         )
+
+
+@pytest.mark.parametrize(
+    ("epochs", "rates"),
+    [  # lr 0.1, lr / 5 after 3 of epochs_per_block=4: decay k at round(k x 3 x E / 4), halves up
+        (4, [0.1, 0.1, 0.1, 0.02]),  # the paper's: epoch 3
+        (5, [0.1, 0.1, 0.1, 0.1, 0.02]),  # 3.75 -> 4
+        (3, [0.1, 0.1, 0.02]),  # 2.25 -> 2
+        (2, [0.1, 0.1]),  # 1.5 -> 2, past the stage's last epoch (1): no decay
+        (12, [0.1] * 9 + [0.02] * 3),  # 9, as the end-to-end twin's lr_step=9
+    ],
+)
+def test_the_step_schedule_stretches_to_a_stage_of_other_length(epochs, rates):
+    from layerwise.train.loop import lr_at
+
+    cfg = TrainConfig(lr=0.1, epochs_per_block=4, lr_step=3, lr_gamma=0.2)
+    assert [lr_at(cfg, e, epochs) for e in range(epochs)] == pytest.approx(rates)

@@ -29,6 +29,7 @@ from layerwise.config import DataConfig
 from layerwise.data.images import read_image
 from layerwise.data.sources import Decoded, Examples, Files
 from layerwise.distributed import SINGLE, Dist
+from layerwise.errors import LayerwiseError
 from layerwise.locks import release_inherited_locks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -101,8 +102,8 @@ def mixing(
     W sqrt(1 - lam) around a uniform centre, clipped at the border, after which lam is 1 - the box's area / HW."""
     partner = torch.randperm(n, generator=generator)
     seed = int(torch.randint(0, 2**62, (), generator=generator))
-    with torch.random.fork_rng(devices=[]):  # Beta draws from the global stream only: seed it from the plan
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # Beta draws from the global CPU stream only: seed it from the plan
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed the GPUs' streams too)
         lam = torch.distributions.Beta(alpha, alpha).sample((n,))
     if mix == "mixup":
         return partner, lam, None
@@ -243,6 +244,8 @@ class MemoryLoader(Batched):
         self.batching = Batching(len(data), batch_size, where if train else SINGLE)
         self.padding, self.cutout = cfg.crop_padding, cfg.cutout
         self.mix, self.alpha, self.classes, self.flip = cfg.mix, cfg.mix_alpha, classes, cfg.flip
+        if train and self.mix != "none" and classes < 2:
+            raise LayerwiseError("data.mix needs the number of classes (MemoryLoader's classes) for its targets")
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def epoch_plan(self, seed: int, epoch: int = 0) -> tuple[torch.Tensor, Augmentation]:

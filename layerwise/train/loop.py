@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
-from layerwise.train.stage import BlockRandomness, Stage, freeze_for, frozen_prefix, place_for
+from layerwise.train.stage import BlockRandomness, Stage, freeze_for, frozen_prefix, network_key, place_for
 
 
 def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
@@ -54,10 +55,11 @@ class WeightAverage:
     1 - d_t, with d_t = min(decay, (1 + t) / (10 + t)): TensorFlow's ExponentialMovingAverage with num_updates,
     so that the average leaves the initial weights behind within the first steps."""
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, rename=None):
         self.decay, self.updates = decay, 0
         state = module.state_dict()  # tensors sharing the module's storage: they see every update in place
-        self.names, self.live = list(state), list(state.values())
+        self.names = [rename(k) if rename else k for k in state]  # as saved: the network's names (StageTraining)
+        self.live = list(state.values())
         self.average = [t.detach().clone() for t in self.live]
 
     def rate(self) -> float:
@@ -187,9 +189,19 @@ def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int, epochs: int 
     return cfg.lr * (total - t) / (total - warmup)
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule within a stage: lr x gamma^(epoch // lr_step)."""
-    return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step)
+def decays_by(cfg: TrainConfig, epoch: int, epochs: int | None = None) -> int:
+    """The step schedule's decays up to and including epoch `epoch` of a stage of `epochs` (default
+    epochs_per_block): lr_step counts epochs of epochs_per_block, and a stage of another length (train.block_epochs)
+    has its decays at the same fractions of it, decay k at epoch round(k x lr_step x epochs / epochs_per_block)
+    (halves rounded up). A stage of epochs_per_block epochs decays every lr_step epochs, as the paper's."""
+    stretch = (epochs or cfg.epochs_per_block) / cfg.epochs_per_block
+    return sum(1 for k in range(1, epoch + 1) if math.floor(k * cfg.lr_step * stretch + 0.5) <= epoch)
+
+
+def lr_at(cfg: TrainConfig, epoch: int, epochs: int | None = None) -> float:
+    """Step schedule within a stage: lr x gamma^(decays so far) (see decays_by); lr x gamma^(epoch // lr_step) for
+    a stage of epochs_per_block epochs."""
+    return cfg.lr * cfg.lr_gamma ** decays_by(cfg, epoch, epochs)
 
 
 class StageTraining:
@@ -240,7 +252,7 @@ class StageTraining:
             self.optimizer = Optimizers(own, cfg)
         else:
             self.optimizer = Optimizers(list(self.module.parameters()), cfg)
-        self.average = WeightAverage(self.module, cfg.ema) if cfg.ema else None
+        self.average = WeightAverage(self.module, cfg.ema, partial(network_key, stage)) if cfg.ema else None
         self.optimizer.average = self.average
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
@@ -262,8 +274,9 @@ class StageTraining:
         back in eval mode (evaluation switches modes). A decoupled stage's blocks draw from random streams of their
         own, seeded from `seed` (BlockRandomness)."""
         if self.cfg.schedule == "step":
-            lr = lr_at(self.cfg, epoch)
-            decay = self.cfg.reset_momentum_at_decay and epoch > 0 and epoch % self.cfg.lr_step == 0
+            lr = lr_at(self.cfg, epoch, self.epochs)
+            decays = [decays_by(self.cfg, e, self.epochs) for e in (epoch - 1, epoch)]
+            decay = self.cfg.reset_momentum_at_decay and epoch > 0 and decays[1] > decays[0]
             self.optimizer.set_lr(lr, forget_momentum=decay)
         else:
             lr = lr_at_step(self.cfg, epoch, 0, steps, self.epochs)

@@ -150,12 +150,13 @@ class StageModule(nn.Module):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """A loss head's loss: its cross-entropy, plus train.sim_loss x the similarity-matching loss of the block
-        output `features` it read."""
+        output `features` it read (in float32 under autocast too: its matrix product would run in bf16)."""
         loss = self.cross_entropy(logits, y)
         if not self.sim_loss:
             return loss
         targets = y.float() if y.dim() == 2 else F.one_hot(y, logits.shape[-1]).float()
-        return loss + self.sim_loss * similarity_loss(features, targets)
+        with torch.autocast(features.device.type, enabled=False):
+            return loss + self.sim_loss * similarity_loss(features.float(), targets)
 
 
 def similarities(x: torch.Tensor) -> torch.Tensor:
@@ -208,6 +209,14 @@ class BlockRandomness:
         finally:
             self.states[j] = self._get()
             self._set(outer)
+
+
+def network_key(stage: Stage, key: str) -> str:
+    """A StageModule state_dict key as the network's state_dict names the same tensor: its blocks.i is block
+    first + i, its heads.h the stage's h-th loss head (as a SyncBatchNorm conversion keeps them)."""
+    kind, index, rest = key.split(".", 2)
+    j = stage.trained_blocks[int(index)] if kind == "blocks" else stage.loss_heads[int(index)]
+    return f"{kind}.{j}.{rest}"
 
 
 @torch.no_grad()
