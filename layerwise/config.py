@@ -229,7 +229,9 @@ class TrainConfig:
     block at once)."""
     block_epochs: list[int] = field(default_factory=list)
     """Epochs of each greedy block, one number per block, in place of epochs_per_block (earlier blocks may deserve
-    more or fewer); the e2e and decoupled runs train for their sum. Empty: epochs_per_block for every block."""
+    more or fewer); the e2e and decoupled runs train for their sum. The step schedule's decays keep their places
+    as fractions of each stage (lr_step counts epochs of epochs_per_block). Empty: epochs_per_block for every
+    block."""
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -241,7 +243,8 @@ class TrainConfig:
     reports stays plain cross-entropy. 0 in the paper."""
     weight_decay: float = 5e-4
     lr_step: int = 15
-    """The learning rate is multiplied by lr_gamma every lr_step epochs (counted within each block)."""
+    """The learning rate is multiplied by lr_gamma every lr_step epochs (counted within each block; a stage of
+    another length than epochs_per_block, with train.block_epochs, has its decays at the same fractions of it)."""
     schedule: str = "step"
     """`step` (the paper's: lr x lr_gamma every lr_step epochs, set at each epoch), `cosine` (set at every step,
     from lr down to 0 over the stage) or `triangle` (every step: linearly down to 0, airbench's one-cycle). The

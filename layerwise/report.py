@@ -311,7 +311,6 @@ def comparison(records: list[RunRecord]) -> tuple[list[str], list[list[Any]]]:
     top-1 (validation, else train_eval; "-" while unfinished) and the training seconds."""
     settings = [flat_settings(r.cfg) for r in records]
     differ = [k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings)]
-    differ += sorted({k for s in settings for k in s} - set(settings[0]))  # a setting only newer runs have
     rows = []
     for record, values in zip(records, settings, strict=True):
         final = (record.summary or {}).get("final", {})
@@ -327,10 +326,16 @@ def comparison(records: list[RunRecord]) -> tuple[list[str], list[list[Any]]]:
     return ["run", "settings that differ", "last block top-1", "ensemble top-1", "train s"], rows
 
 
+def printable(text: str) -> str:
+    """Text as a terminal should show it: as written, or quoted when it holds a control character (a run's folder
+    name or a setting's value from someone else)."""
+    return text if text.isprintable() else repr(text)
+
+
 def comparison_text(records: list[RunRecord]) -> str:
     """The comparison as aligned plain text, for a terminal (`layerwise report --table`)."""
     header, rows = comparison(records)
-    cells = [header, *([f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows)]
+    cells = [header, *([printable(f"{v:.2f}" if isinstance(v, float) else str(v)) for v in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in cells]  # fmt: skip

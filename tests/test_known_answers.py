@@ -620,6 +620,8 @@ def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
     images = torch.arange(4, dtype=torch.uint8).mul(60).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
     data = Decoded(images, torch.tensor([0, 1, 2, 0]))
     cfg = DataConfig(crop_padding=0, mean=[0.0] * 3, std=[1.0] * 3, mix="mixup", mix_alpha=0.4)
+    with pytest.raises(LayerwiseError, match=r"data\.mix needs the number of classes"):
+        MemoryLoader(data, 4, torch.device("cpu"), cfg, True)
     loader = MemoryLoader(data, 4, torch.device("cpu"), cfg, True, classes=3)
     order, aug = loader.epoch_plan(2)
     g = torch.Generator().manual_seed(2)

@@ -153,6 +153,34 @@ def test_resume_ends_with_identical_weights(tmp_path, image_folder, extra):
     assert untimed(rows) == untimed(RunDir(tmp_path / "full").read_metrics())
 
 
+def test_an_unfinished_run_with_a_weight_average_delivers_the_average(tmp_path, image_folder):
+    """Mid-stage, last.pt holds the raw weights and the average under the network's names; eval, export and
+    predict (load_delivered) use the average, which the epoch's metrics line scored."""
+    from layerwise.delivered import load_delivered
+
+    cfg = tiny_config(epochs=2, train={"ema": 0.9})
+    seen = []
+
+    def stop_after_third_epoch(row):
+        seen.append(row)
+        if len(seen) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "run", image_folder, on_epoch_end=stop_after_third_epoch)
+    _, raw, optimizer = load_checkpoint(RunDir(tmp_path / "run").last)
+    average = optimizer["average"]["tensors"]
+    assert sorted({k.split(".")[1] for k in average}) == ["1"] and "blocks.1.0.weight" in average  # block 1's stage
+    assert not torch.equal(average["blocks.1.0.weight"], raw["blocks.1.0.weight"])
+    net = load_delivered(tmp_path / "run", Precision(torch.device("cpu"), bf16=False)).net
+    state = net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in average.items())
+    assert torch.equal(state["blocks.0.0.weight"], raw["blocks.0.0.weight"])  # the finished block as saved
+    data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
+    scored = evaluate(net.eval(), data.val, [0, 1])
+    assert scored["blocks"][1]["top1"] == seen[2]["val"]["top1"]
+
+
 def test_run_directory_contents(tmp_path, image_folder):
     summary = train(tiny_config(epochs=1), tmp_path / "run", image_folder)
     run = RunDir(tmp_path / "run")
