@@ -48,7 +48,8 @@ def test_presets_lists_every_preset_with_counts(capsys):
 @pytest.mark.parametrize("preset", SMALL)
 def test_small_presets_train_through_the_cli(preset, tmp_path, image_folder, capsys):
     args = ["train", "--preset", preset, "--data", str(image_folder), "--out", str(tmp_path / "run")]
-    code, out, err = run_cli(args + sets(*tiny_overrides(1)), capsys)
+    warmup = ["train.warmup_epochs=0.5"] if load_preset(preset).train.warmup_epochs else []  # within 1 epoch
+    code, out, err = run_cli(args + sets(*tiny_overrides(1), *warmup), capsys)
     assert code == 0, err
     assert "block 0" in out or "e2e" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -232,14 +233,16 @@ def test_the_device_check_runs_end_to_end_on_the_cpu_at_tiny_size(tmp_path, imag
         ["bash", str(script), str(test_split), "--tiny"], env=env, capture_output=True, text=True, timeout=1800
     )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["step"] for r in lines] == ["k3-paper", "k3-short", "memory-vgg11", "bench-k3"], result.stderr
+    steps = ["k3-paper", "k3-short", "k3-plus-short", "memory-vgg11", "bench-k3"]
+    assert [r["step"] for r in lines] == steps, result.stderr
     assert all(r["exit"] == 0 for r in lines), result.stdout
     paper = lines[0]
     assert paper["goal"] == {"seconds": 90.0, "met": True} and paper["no_validation"] is None
     assert set(paper["per_block_top1"]) == {"block 0", "block 1", "block 2", "block 3"}
     info = json.loads((tmp_path / "out" / "runs" / "k3-paper" / "run.json").read_text())
     assert "validation on" in info["data_description"] and "held out" not in info["data_description"]
-    assert 0 < lines[2]["memory_ratio"] < 1 and lines[2]["goal"]["memory_ratio"] == 0.5
+    assert set(lines[2]["per_block_top1"]) == {"block 0", "block 1", "block 2", "block 3"}  # the modern recipe
+    assert 0 < lines[3]["memory_ratio"] < 1 and lines[3]["goal"]["memory_ratio"] == 0.5
     assert (tmp_path / "out" / "steps.jsonl").read_text().splitlines() == result.stdout.splitlines()
 
 

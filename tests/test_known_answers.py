@@ -21,7 +21,7 @@ from layerwise.evaluate import ensemble_scores, evaluate, topk_correct
 from layerwise.presets import list_presets, load_preset
 from layerwise.train.loop import lr_at
 
-PAPER_PRESETS = [p for p in list_presets() if p.startswith(("cifar10_simcnn", "imagenet_"))]
+PAPER_PRESETS = [p for p in list_presets() if p.startswith(("cifar10_simcnn", "imagenet_")) and not p.endswith("_plus")]
 """The paper's recipes, which its fact sheet pins; every other preset is described in tests/fidelity/own.yaml."""
 
 
