@@ -177,19 +177,11 @@ def test_a_malformed_metrics_file_is_a_one_line_error(tmp_path, pair, capsys):
 def test_tensorboard_event_files_hold_each_epochs_metrics_and_a_resume_drops_the_epochs_it_redoes(tmp_path, pair):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from test_train import Interrupt
+    from test_train import train_until_interrupted
 
     _, data, _, _ = pair
     cfg = tiny_config(epochs=2, train={"tensorboard": True})
-    seen = []
-
-    def stop_after_third_epoch(row):
-        seen.append(row)
-        if len(seen) == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "run", data, on_epoch_end=stop_after_third_epoch)
+    train_until_interrupted(cfg, tmp_path / "run", data)
     train(cfg, tmp_path / "run", data, resume=True)
     rows = RunDir(tmp_path / "run").read_metrics()
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))

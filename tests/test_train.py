@@ -97,6 +97,20 @@ class Interrupt(Exception):
     pass
 
 
+def train_until_interrupted(cfg, out, data, epochs: int = 3) -> list[dict]:
+    """Train, stopping (as an interruption would) after the metrics line of the run's epoch `epochs`; the rows."""
+    seen = []
+
+    def stop(row):
+        seen.append(row)
+        if len(seen) == epochs:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, out, data, on_epoch_end=stop)
+    return seen
+
+
 @pytest.mark.parametrize("kind", ["logits", "softmax"])
 def test_evaluation_reuses_the_frozen_heads_scores_and_gives_the_same_numbers(image_folder, kind):
     """Within greedy stage 2, heads 0-1 are frozen: after the first evaluation only head 2 runs, and every
@@ -129,15 +143,7 @@ def test_resume_ends_with_identical_weights(tmp_path, image_folder, extra):
     carries the average beside the weights."""
     cfg = tiny_config(epochs=2, **extra)
     full = train(cfg, tmp_path / "full", image_folder)
-    seen = []
-
-    def stop_after_third_epoch(row):
-        seen.append(row)
-        if len(seen) == 3:  # block 1, epoch 1: mid-stage, with momentum in the optimizer
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "cut", image_folder, on_epoch_end=stop_after_third_epoch)
+    train_until_interrupted(cfg, tmp_path / "cut", image_folder)  # block 1, epoch 1: mid-stage, with momentum
     resumed = train(cfg, tmp_path / "cut", image_folder, resume=True)
     _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
     _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
@@ -159,15 +165,7 @@ def test_an_unfinished_run_with_a_weight_average_delivers_the_average(tmp_path, 
     from layerwise.delivered import load_delivered
 
     cfg = tiny_config(epochs=2, train={"ema": 0.9})
-    seen = []
-
-    def stop_after_third_epoch(row):
-        seen.append(row)
-        if len(seen) == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "run", image_folder, on_epoch_end=stop_after_third_epoch)
+    seen = train_until_interrupted(cfg, tmp_path / "run", image_folder)
     _, raw, optimizer = load_checkpoint(RunDir(tmp_path / "run").last)
     average = optimizer["average"]["tensors"]
     assert sorted({k.split(".")[1] for k in average}) == ["1"] and "blocks.1.0.weight" in average  # block 1's stage
