@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from layerwise.config import MODES, parse_assignment
+from layerwise.config import MODES, RunConfig, parse_assignment
 from layerwise.distributed import QuietError, from_env, stop_quietly
 from layerwise.errors import LayerwiseError, one_line
-from layerwise.models.custom import check_trusted, trusting
+from layerwise.trust import CONFIG_FILE_FIX, check_trusted, code_named, trusting
 
 log = logging.getLogger("layerwise")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from layerwise.presets import resolve_config
+    from layerwise.presets import resolve
     from layerwise.train import summary_table, train
     from layerwise.train.checkpoint import RunDir
 
@@ -49,13 +49,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise LayerwiseError("--resume needs --out RUN_DIR, the run to continue")
     if args.resume and args.preset is None and args.config is None:  # the run's own config, plus overrides
-        cfg = resolve_config(None, None, overrides, base=RunDir(args.out).saved_config())
-        check_trusted(cfg.model, args.out)  # the run directory's config names the code to import
+        cfg, _ = resolve(None, None, overrides, RunDir(args.out).saved_config())
+        named_by, fix = f"run directory {args.out}", ""  # it is the run's code to import, whoever names it
     else:
-        cfg = resolve_config(args.preset or (None if args.config else "demo"), args.config, overrides)
+        cfg, named_by = resolve(args.preset or (None if args.config else "demo"), args.config, overrides, None)
+        fix = CONFIG_FILE_FIX
     out = (
         Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if args.dry_run:  # imports nothing, so it may show what an untrusted file names
+        print(dry_run(cfg, named_by, out, args), end="")
+        return 0
+    if named_by is not None:
+        check_trusted(cfg.model, named_by, fix)
     if args.download:
         if from_env().active:
             raise LayerwiseError("--download once without torchrun first: every process would write the same files")
@@ -86,6 +92,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(summary_table(summary))
         print(f"run saved in {out}")
     return 0
+
+
+def dry_run(cfg: RunConfig, named_by: str | None, out: Path, args: argparse.Namespace) -> str:
+    """What `train` would do, without doing any of it: the resolved config, the code it would import and call
+    (and whether that needs --trust-code), and where it would read and write. Imports and writes nothing."""
+    code = code_named(cfg.model)
+    if code is None:
+        code = f"none ({cfg.model.arch} is a library architecture: nothing is imported)"
+    elif named_by is not None:
+        code += f"; {named_by} names it, so training needs --trust-code"
+    action = "resume" if args.resume else "create"
+    return (
+        f"{cfg.to_yaml()}# code: {code}\n# data: {args.data or 'the built-in sample'}\n# run directory: {out} "
+        f"({action})\n"
+    )
 
 
 class Terminated(KeyboardInterrupt):
@@ -279,7 +300,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-TRUST_HELP = "import the run's own network code (model.builder); only for runs from a source you trust"
+TRUST_HELP = (
+    "import the network code (model.builder) that a run or config file names; only for files from a source you trust"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first")
     t.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the code it would import and call; import, train and write nothing",
+    )
     t.add_argument("--mode", choices=MODES)
     t.add_argument("--placement", choices=["single", "pipeline"], help="decoupled: one block group per process")
     t.add_argument("--epochs-per-block", type=int)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, brief
 
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 """model.builder's form, package.module:function: nothing else reaches importlib or an error message."""
@@ -98,12 +98,12 @@ class ModelConfig:
         _check(self.head_pool >= 1, "model.head_pool must be >= 1")
         _check(self.in_channels in (1, 3), "model.in_channels must be 1 (grayscale) or 3 (RGB)")
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
-        _check(self.stem in ("imagenet", "cifar"), f"model.stem must be 'imagenet' or 'cifar' (got {self.stem!r})")
+        _check(self.stem in ("imagenet", "cifar"), f"model.stem must be 'imagenet' or 'cifar' (got {brief(self.stem)})")
         _check(
             (self.depth > 0 and self.split > 0) == (self.arch in SPLIT_ARCHS),
             f"model.depth and model.split (K) go with model.arch {', '.join(SPLIT_ARCHS)}, and only with them",
         )
-        _check(self.head in ("paper", "infopro"), f"model.head must be 'paper' or 'infopro' (got {self.head!r})")
+        _check(self.head in ("paper", "infopro"), f"model.head must be 'paper' or 'infopro' (got {brief(self.head)})")
         _check(
             self.head == "paper" or self.arch != "vgg11", "model.head=infopro is not for vgg11 (its heads are VGG's)"
         )
@@ -113,7 +113,7 @@ class ModelConfig:
         )
         _check(
             not self.builder or IMPORT_PATH.fullmatch(self.builder) is not None,
-            f"model.builder must be an import path package.module:function (got {self.builder!r:.80})",
+            f"model.builder must be an import path package.module:function (got {brief(self.builder, 80)})",
         )
         _check(0 <= self.classifier_dropout < 1, "model.classifier_dropout must be in [0, 1)")
         _check(
@@ -179,9 +179,11 @@ class DataConfig:
             self.cutout >= 0 and (self.cutout == 0 or self.augment == "cifar"),
             "data.cutout must be >= 0 and goes with data.augment=cifar (in-memory data)",
         )
-        _check(self.flip in ("random", "alternate"), f"data.flip must be random or alternate (got {self.flip!r})")
+        _check(self.flip in ("random", "alternate"), f"data.flip must be random or alternate (got {brief(self.flip)})")
         _check(self.flip == "random" or self.augment == "cifar", "data.flip=alternate goes with data.augment=cifar")
-        _check(self.mix in ("none", "mixup", "cutmix"), f"data.mix must be none, mixup or cutmix (got {self.mix!r})")
+        _check(
+            self.mix in ("none", "mixup", "cutmix"), f"data.mix must be none, mixup or cutmix (got {brief(self.mix)})"
+        )
         _check(
             self.mix == "none" or self.augment == "cifar",
             "data.mix goes with data.augment=cifar (in-memory data)",
@@ -320,7 +322,7 @@ class TrainConfig:
         return self.block_epochs[block] if block is not None else sum(self.block_epochs)
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, f"train.mode must be {', '.join(MODES)} (got {self.mode!r})")
+        _check(self.mode in MODES, f"train.mode must be {', '.join(MODES)} (got {brief(self.mode)})")
         _check(self.placement in ("single", "pipeline"), "train.placement must be 'single' or 'pipeline'")
         _check(
             self.placement == "single" or self.mode == "decoupled",
@@ -379,7 +381,7 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"train.precision must be {', '.join(PRECISIONS)}")
         _check(
             self.compile in COMPILE_MODES,
-            f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})",
+            f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {brief(self.compile)})",
         )
         _check(
             self.compile == "none" or not self.recompute_activations,
@@ -401,7 +403,7 @@ class TrainConfig:
         )
         _check(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-            f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
+            f"train.device must be auto, cpu, cuda or cuda:N (got {brief(self.device)})",
         )
 
 
@@ -427,7 +429,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self.to_dict())
 
 
 def _check(ok: bool, message: str) -> None:
@@ -436,8 +438,9 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _shown(key: Any) -> str:
-    """A key as an error message shows it: as written, or quoted when it holds a line break or other control."""
-    return key if isinstance(key, str) and key.isprintable() else repr(key)
+    """A key as an error message shows it: as written, or quoted when it holds a line break or other control (or
+    is too long to show whole)."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else brief(key, 60)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -451,22 +454,26 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return _check_type(value, inner[0], where)
     if origin is list:
         if not isinstance(value, list):
-            raise LayerwiseError(f"bad config: {where} must be a list (got {value!r})")
+            raise LayerwiseError(f"bad config: {where} must be a list (got {brief(value)})")
         return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise LayerwiseError(f"bad config: {where} must be a mapping (got {value!r})")
+            raise LayerwiseError(f"bad config: {where} must be a mapping (got {brief(value)})")
         return {str(k): _check_type(v, args[1], f"{where}.{_shown(k)}") for k, v in value.items()}
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not -(2**63) <= value < 2**63:  # torch takes no larger count
+            raise LayerwiseError(f"bad config: {where} must be an int of at most 63 bits (got {brief(value)})")
     elif hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
+        if isinstance(value, int) and not isinstance(value, bool):  # an int too large for a float is not a number
+            with contextlib.suppress(OverflowError):
+                value = float(value)
+        ok = isinstance(value, float) and math.isfinite(value)
     elif hint is str:
         ok = isinstance(value, str)
     elif hint is Any:  # builder arguments: what YAML can hold
@@ -475,7 +482,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         raise TypeError(hint)
     if not ok:
         kind = "a YAML value (numbers, strings, lists, mappings)" if hint is Any else hint.__name__
-        raise LayerwiseError(f"bad config: {where} must be {kind} (got {value!r})"[:300])
+        raise LayerwiseError(f"bad config: {where} must be {kind} (got {brief(value)})")
     return value
 
 
@@ -489,7 +496,7 @@ def _plain(value: Any) -> bool:
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
-        raise LayerwiseError(f"bad config: {where or 'the config'} must be a mapping (got {values!r})")
+        raise LayerwiseError(f"bad config: {where or 'the config'} must be a mapping (got {brief(values)})")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names, key=str)
@@ -521,31 +528,68 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         if isinstance(out.get(key), dict):
             if not isinstance(value, dict):
-                raise LayerwiseError(f"bad config: {key} must be a mapping of settings (got {value!r})")
+                raise LayerwiseError(f"bad config: {key} must be a mapping of settings (got {brief(value)})")
             out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
+class _AliasFound(yaml.YAMLError):
+    """A YAML alias (`*name`) in a config, refused where the document is composed (see _ConfigLoader)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader without aliases. An alias (`*a`) repeats an anchored node (`&a`), so a few hundred
+    bytes of nested aliases describe billions of nodes ("billion laughs"): built as shared references they cost
+    nothing, but everything that walks, copies or prints the config would then take hours. Configs have no use
+    for them (merge keys, `<<: *a`, included), so the first one is refused before it is built."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(f"*{event.anchor} at line {event.start_mark.line + 1}")
+        return super().compose_node(parent, index)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper that writes a value referenced twice out twice, never as an anchor and alias: a
+    saved config.yaml is then one the config loader reads."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def load_yaml(text: str, what: str) -> Any:
-    """yaml.safe_load, its every failure one line naming `what`: a syntax error, or nesting deep enough to exhaust
-    the stack (a RecursionError, which is not a YAMLError)."""
+    """A config's YAML (safe: plain values only, no aliases), its every failure one line naming `what`: a syntax
+    error, an alias, a value Python cannot hold (an integer of thousands of digits, a 13th month), or nesting
+    deep enough to exhaust the stack (a RecursionError, which is not a YAMLError)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_ConfigLoader)
+    except _AliasFound as e:
+        raise LayerwiseError(
+            f"{what} uses a YAML alias ({e}); configs take no anchors or aliases: write the value out"
+        ) from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LayerwiseError(f"{what} is not valid YAML ({first}); fix its syntax") from None
+    except (ValueError, OverflowError) as e:
+        raise LayerwiseError(f"{what} holds a value Python cannot read ({brief(str(e), 80)}); fix it") from None
     except RecursionError:
         raise LayerwiseError(f"{what} is nested too deeply to be a config; fix it") from None
+
+
+def dump_yaml(values: dict[str, Any]) -> str:
+    """YAML of plain values that load_yaml reads back: block style, keys in their order, no aliases."""
+    return yaml.dump(values, Dumper=_ConfigDumper, sort_keys=False)
 
 
 def parse_assignment(text: str) -> dict[str, Any]:
     """`train.lr_step=4` -> {'train': {'lr_step': 4}}; the value is read as YAML."""
     if "=" not in text:
-        raise LayerwiseError(f"bad --set {text!r}: write SECTION.KEY=VALUE, for example train.lr_step=4")
+        raise LayerwiseError(f"bad --set {brief(text)}: write SECTION.KEY=VALUE, for example train.lr_step=4")
     key, raw = text.split("=", 1)
-    value = load_yaml(raw, f"bad --set {text[:60]!r}: the value") if raw.strip() else ""
+    value = load_yaml(raw, f"bad --set {brief(text, 60)}: the value") if raw.strip() else ""
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

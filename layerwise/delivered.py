@@ -18,11 +18,11 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
-from layerwise.models.custom import check_trusted
 from layerwise.models.staged import StagedNet
 from layerwise.sizing import check_size
 from layerwise.train.checkpoint import RunDir, load_checkpoint
 from layerwise.train.stage import place_for, plan_stages
+from layerwise.trust import check_trusted
 
 
 def checked_model(
@@ -100,7 +100,7 @@ def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
     path = run.final if run.final.is_file() else run.last
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
-    check_trusted(cfg.model, run.path)
+    check_trusted(cfg.model, f"run directory {run.path}")
     meta, state, optimizer = load_checkpoint(path)
     average = optimizer.get("average") if isinstance(optimizer, dict) and path == run.last else None
     if isinstance(average, dict) and isinstance(average.get("tensors"), dict):  # train.ema mid-stage: its average

@@ -1,6 +1,6 @@
 """One JSON line for a step of recipes/device_check.sh: its exit status and time, and what it measured.
 
-    python3 recipes/step_report.py NAME EXIT SECONDS LIMIT OUT_DIR
+    python3 recipes/step_report.py NAME EXIT SECONDS LIMIT OUT_DIR      (LIMIT 0: the step had none)
 
 Training steps report the run's summary (or, when the limit stopped them, how far they got); bench steps
 report their images/s and, for the memory step, greedy block 0's memory against end to end's (the step's

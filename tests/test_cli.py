@@ -237,7 +237,10 @@ def test_the_device_check_runs_end_to_end_on_the_cpu_at_tiny_size(tmp_path, imag
     assert [r["step"] for r in lines] == steps, result.stderr
     assert all(r["exit"] == 0 for r in lines), result.stdout
     paper = lines[0]
-    assert paper["goal"] == {"seconds": 90.0, "met": True} and paper["no_validation"] is None
+    assert all(r["limit_s"] == 0 and not r["timed_out"] for r in lines)  # --tiny sets no time limit
+    # the speed goal is judged, whichever way it went on this machine
+    assert paper["goal"] == {"seconds": 90.0, "met": paper["seconds_train_and_eval"] <= 90.0}
+    assert paper["no_validation"] is None
     assert set(paper["per_block_top1"]) == {"block 0", "block 1", "block 2", "block 3"}
     info = json.loads((tmp_path / "out" / "runs" / "k3-paper" / "run.json").read_text())
     assert "validation on" in info["data_description"] and "held out" not in info["data_description"]

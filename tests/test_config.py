@@ -68,7 +68,8 @@ def test_yaml_exponent_without_dot_is_a_float():
     [
         ("model.widths=[1,2", "not valid YAML"),
         ("data.val_size=.inf", "data.val_size must be float"),
-        ("train.seed=99999999999999999999", "train.seed must be in"),
+        ("train.seed=2147483648", "train.seed must be in"),
+        ("train.seed=99999999999999999999", "train.seed must be an int of at most 63 bits"),
     ],
 )
 def test_more_bad_values(assignment, message):

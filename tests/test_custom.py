@@ -255,4 +255,5 @@ def test_your_network_resumes_exactly_with_the_cache_bf16_early_exit_and_predict
     capsys.readouterr()
     for refused in (["predict", run_dir, image], ["export", run_dir, "--format", "pt2"]):  # no --trust-code
         assert main(refused) == 2
-        assert "would import and call tests.custom_nets:good with {'width': 4}" in capsys.readouterr().err
+        code = "import tests.custom_nets (running its top-level code) and call tests.custom_nets:good with {'width': 4}"
+        assert f"would {code}" in capsys.readouterr().err

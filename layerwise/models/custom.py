@@ -2,8 +2,8 @@
 library builds from each stage's output shape.
 
 A run rebuilds the network for `eval`, `export`, `predict` and resume from an import path stored in its config
-(`model.builder: package.module:function`, with `model.builder_args`). Importing it runs code, so loading a
-run directory someone sent you does it only when asked (`--trust-code`, or LAYERWISE_TRUST_CODE=1).
+(`model.builder: package.module:function`, with `model.builder_args`). Importing it runs code, so a builder that a
+file names (a config file, a received run directory) is imported only when asked: layerwise.trust.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,8 +22,6 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.heads import AuxClassifier
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
-
-TRUST_VARIABLE = "LAYERWISE_TRUST_CODE"
 
 
 class InfoProHead(nn.Sequential):
@@ -200,32 +197,6 @@ def import_path(builder: Callable) -> str:
     if not module or "<" in name:
         raise LayerwiseError(f"the builder {builder!r} must be a function defined at a module's top level")
     return f"{module}:{name}"
-
-
-def check_trusted(cfg: ModelConfig, where: str | os.PathLike) -> None:
-    """Refuse to import a run's builder unless the caller opted in (--trust-code, or LAYERWISE_TRUST_CODE=1)."""
-    if cfg.arch == "custom" and os.environ.get(TRUST_VARIABLE, "") != "1":
-        args = repr(cfg.builder_args)
-        args = args if len(args) <= 120 else args[:117] + "..."
-        raise LayerwiseError(
-            f"{where} is built by code: loading it would import and call {cfg.builder} with {args}; if you trust "
-            f"where it came from, pass --trust-code (or set {TRUST_VARIABLE}=1)"
-        )
-
-
-@contextmanager
-def trusting(on: bool) -> Iterator[None]:
-    """LAYERWISE_TRUST_CODE=1 while the block runs, when `on` (--trust-code); as it was afterwards."""
-    before = os.environ.get(TRUST_VARIABLE)
-    if on:
-        os.environ[TRUST_VARIABLE] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(TRUST_VARIABLE, None)
-        else:
-            os.environ[TRUST_VARIABLE] = before
 
 
 @register_model("custom")

@@ -6,12 +6,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from layerwise.config import RunConfig, config_from_dict, load_yaml, merge
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, brief
 from layerwise.limits import SMALL_FILE
 from layerwise.safe_io import read_text
+from layerwise.trust import CONFIG_FILE_FIX, check_trusted
 
 
 def list_presets() -> list[str]:
@@ -24,10 +23,10 @@ def preset_dict(name: str) -> dict[str, Any]:
     """The raw mapping a preset file holds, with its name filled in."""
     if name not in list_presets():
         raise LayerwiseError(
-            f"unknown preset {name!r}; run `layerwise presets` to list them ({', '.join(list_presets())})"
+            f"unknown preset {brief(name, 60)}; run `layerwise presets` to list them ({', '.join(list_presets())})"
         )
     text = resources.files(__package__).joinpath(f"{name}.yaml").read_text()
-    return {"preset": name, **yaml.safe_load(text)}
+    return {"preset": name, **load_yaml(text, f"preset {name}")}
 
 
 def load_preset(name: str) -> RunConfig:
@@ -52,11 +51,35 @@ def resolve_config(
     config_file: str | Path | None = None,
     overrides: list[dict[str, Any]] = (),
     base: dict[str, Any] | None = None,
+    trust_code: bool = False,
 ) -> RunConfig:
-    """Preset (or `base`, a saved run's config), then config file, then overrides (later wins); validated once."""
+    """Preset (or `base`, a saved run's config), then config file, then overrides (later wins); validated once.
+
+    A network builder that the config file names (model.builder) is refused, in one line naming the file, the
+    function and its arguments, unless `trust_code` (--trust-code) or LAYERWISE_TRUST_CODE=1: the file may come
+    from someone else. A builder in `overrides` (--set, or Python) is the caller's own and needs neither."""
+    cfg, named_by = resolve(preset, config_file, overrides, base)
+    if named_by is not None and not trust_code:
+        check_trusted(cfg.model, named_by, CONFIG_FILE_FIX)
+    return cfg
+
+
+def resolve(
+    preset: str | None, config_file: str | Path | None, overrides: list[dict[str, Any]], base: dict[str, Any] | None
+) -> tuple[RunConfig, str | None]:
+    """resolve_config's config, unchecked for trust, and which file names its builder ("config file PATH"), or
+    None when none does (a library architecture, or a builder the overrides give). Imports nothing."""
     values: dict[str, Any] = preset_dict(preset) if preset else dict(base or {})
+    named_by = None
     if config_file is not None:
-        values = merge(values, read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        values = merge(values, from_file)
+        named_by = f"config file {config_file}" if _names_builder(from_file) else None
     for override in overrides:
         values = merge(values, override)
-    return config_from_dict(values)
+        named_by = None if _names_builder(override) else named_by
+    return config_from_dict(values), named_by
+
+
+def _names_builder(values: dict[str, Any]) -> bool:
+    return isinstance(values.get("model"), dict) and "builder" in values["model"]
