@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from layerwise.bench import BenchSpec, bench_model  # noqa: E402
 from layerwise.presets import load_preset  # noqa: E402
-from layerwise.train.checkpoint import RunDir  # noqa: E402
+from layerwise.rundir import RunDir  # noqa: E402
 
 
 def train_command(method: str, out: Path, preset: str, epochs: int, J: int, lr_step: int, processes: int) -> list[str]:

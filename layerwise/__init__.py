@@ -1,12 +1,12 @@
 """layerwise: greedy layerwise training of CNNs (Belilovsky, Eickenberg, Oyallon, ICML 2019)."""
 
-__version__ = "0.1.0"
+from layerwise._version import __version__
 
-__all__ = ["config_for", "fit"]
+__all__ = ["__version__", "config_for", "fit"]
 
 
 def __getattr__(name: str):
-    if name in __all__:  # loaded on first use: `import layerwise` stays light
+    if name in ("config_for", "fit"):  # loaded on first use: `import layerwise` stays light
         from layerwise import api
 
         return getattr(api, name)

@@ -26,17 +26,18 @@ import torch
 
 from layerwise.config import COMPILE_MODES, PRECISIONS, RunConfig
 from layerwise.data.sources import sample_path
-from layerwise.delivered import checked_model
 from layerwise.device import Precision, resolve_device
 from layerwise.distributed import SINGLE, Dist, compute_for, from_env, process_group
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.limits import Budget
 from layerwise.models.blocks import set_recompute
+from layerwise.network import checked_model
 from layerwise.presets import load_preset
+from layerwise.stages import module_bytes, place_for, plan_stages, resident_modules
 from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
 from layerwise.train.loop import StageTraining, make_optimizer
-from layerwise.train.stage import StageModule, frozen_prefix, module_bytes, place_for, plan_stages, resident_modules
+from layerwise.train.stage import StageModule, frozen_prefix
 
 
 def _proc_status(field: str) -> int | None:

@@ -24,8 +24,8 @@ log = logging.getLogger("layerwise")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from layerwise.presets import resolve
+    from layerwise.rundir import RunDir
     from layerwise.train import summary_table, train
-    from layerwise.train.checkpoint import RunDir
 
     overrides = [parse_assignment(a) for a in args.set]
     flags = {
@@ -190,11 +190,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from layerwise.predict import predict
+    from layerwise.predict import Answering, predict
 
     failed = 0
-    for entry in predict(args.run_dir, args.images, args.top, args.early_exit, args.device, args.batch_size,
-                         args.workers, flip=args.flip):  # fmt: skip
+    how = Answering(args.top, args.early_exit, args.flip, args.device, args.batch_size, args.workers)
+    for entry in predict(args.run_dir, args.images, how):
         if "error" in entry:
             failed += 1
             print(f"error: {entry['error']}", file=sys.stderr, flush=True)

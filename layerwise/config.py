@@ -83,9 +83,8 @@ class ModelConfig:
     run takes the number of classes from its data."""
 
     def __post_init__(self) -> None:
-        from layerwise.models.registry import architectures
-
-        _check(self.arch in architectures(), f"model.arch must be one of {', '.join(architectures())}")
+        # model.arch names a registered architecture, which the registry checks when it builds the network (a
+        # user's register_model may add one after the config is read): config.py imports nothing of the models
         _check(1 <= self.k <= 3, f"model.k must be 1, 2 or 3 (got {self.k})")
         _check(len(self.widths) >= 1, "model.widths needs at least one block")
         _check(all(w >= 1 for w in self.widths), "model.widths must all be positive")
@@ -430,6 +429,48 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())
+
+
+def idle_settings(cfg: RunConfig) -> dict[str, str]:
+    """The settings that do nothing in cfg, each with the reason: one the user sets for a new run is refused
+    (refuse_idle) instead of silently ignored. A saved config.yaml records every field, idle ones included, and
+    loads as it is."""
+    t, d, m = cfg.train, cfg.data, cfg.model
+    idle = {}
+    if t.schedule != "step":
+        why = f"train.schedule={t.schedule} sets the rate at every step, without the step schedule's decays"
+        idle.update(dict.fromkeys(["train.lr_step", "train.lr_gamma", "train.reset_momentum_at_decay"], why))
+        if t.block_epochs:  # the step schedule stretches lr_step by epochs_per_block; nothing else reads it
+            idle["train.epochs_per_block"] = "train.block_epochs gives every stage's epochs"
+    if d.augment == "cifar":
+        idle["data.workers"] = "data.augment=cifar keeps the images in memory, without DataLoader workers"
+        idle["data.resize_size"] = "only data.augment=imagenet resizes its validation images"
+    else:
+        idle["data.crop_padding"] = "data.augment=imagenet crops without padding (RandomResizedCrop)"
+    if d.mix == "none":
+        idle["data.mix_alpha"] = "data.mix is none"
+    if t.cache == "none":
+        idle["train.cache_views"] = "train.cache is none"
+    if t.replay == 0:
+        idle["train.replay_reuse"] = "train.replay is 0"
+    if m.head == "infopro":
+        why = "model.head=infopro builds InfoPro's heads, which have a fixed form"
+        keys = ["model.k", "model.aux_width", "model.aux_width_factor", "model.head_pool", "model.head_batchnorm"]
+        idle.update(dict.fromkeys(keys, why))
+    return idle
+
+
+def refuse_idle(cfg: RunConfig, given: set[str]) -> None:
+    """One line for the first setting in `given` (dotted keys the user set: preset, config file, --set) that does
+    nothing in cfg."""
+    idle = idle_settings(cfg)
+    for key in sorted(given & idle.keys()):
+        raise LayerwiseError(f"bad config: {key} has no effect here ({idle[key]}); remove it")
+
+
+def given_keys(values: dict[str, Any]) -> set[str]:
+    """The dotted keys of a (partial) config mapping's settings: {'train': {'lr': 1}} -> {'train.lr'}."""
+    return {f"{section}.{key}" for section, part in values.items() if isinstance(part, dict) for key in part}
 
 
 def _check(ok: bool, message: str) -> None:

@@ -16,7 +16,8 @@ from layerwise.config import RunConfig, config_from_dict
 from layerwise.data import build_data, build_eval_loader
 from layerwise.device import Precision, precision_for, resolve_device
 from layerwise.errors import LayerwiseError
-from layerwise.models.staged import StagedNet, flops_per_image
+from layerwise.models.partition import flops_per_image
+from layerwise.models.staged import StagedNet
 
 if TYPE_CHECKING:
     from layerwise.delivered import Delivered
@@ -133,7 +134,7 @@ def early_exit_run(
     """`layerwise eval RUN --data D --early-exit`: the analysis, saved in RUN/early_exit.json by data path
     (best effort: a run directory that cannot be written still gets its result)."""
     from layerwise.delivered import load_delivered
-    from layerwise.train.checkpoint import RunDir
+    from layerwise.rundir import RunDir
 
     cfg = config_from_dict(RunDir(run_dir).saved_config())
     compute = precision_for(resolve_device(device), precision or cfg.train.precision)

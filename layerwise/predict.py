@@ -29,7 +29,7 @@ from layerwise.data.loaders import Normalize, imagenet_transform, to_channels
 from layerwise.device import precision_for, resolve_device
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import flipped
-from layerwise.train.checkpoint import RunDir
+from layerwise.rundir import RunDir
 
 MAX_LINE = 16_384
 """Characters in one line of a list or of stdin: far more than any path; a longer line is an error entry."""
@@ -177,13 +177,34 @@ def batches(inputs: Iterator[Input], decode, size: int, workers: int) -> Iterato
         pool.shutdown(cancel_futures=True)
 
 
-def predict(run_dir: str | Path, images: Iterable[str], top: int = 5, early_exit: bool = False,
-            device: str = "auto", batch_size: int = 64, workers: int = 4,
-            stdin: IO[str] | None = None, flip: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """For each input (see `expand`), in order: {"image", "head", "top": [{"class", "probability"}, ...]} with the
-    top classes of the last delivered head (softmax), or with `early_exit` of the first head as confident as the
-    run's calibrated threshold; or {"image", "error"} for an input that gave no image. With `flip`, the head's
-    logits are averaged over the image and its mirror first (test-time flip)."""
+@dataclass(frozen=True)
+class Answering:
+    """How `predict` answers: the `top` classes of the last delivered head, or with `early_exit` of the first head
+    as confident as the run's calibrated threshold; with `flip`, the head's logits averaged over the image and its
+    mirror first (test-time flip). `batch_size` images are scored at once on `device`, decoded by `workers`
+    threads."""
+
+    top: int = 5
+    early_exit: bool = False
+    flip: bool = False
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 4
+
+
+def predict(
+    run_dir: str | Path, images: Iterable[str], how: Answering = Answering(), stdin: IO[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """For each input (see `expand`), in order: {"image", "head", "top": [{"class", "probability"}, ...]} (softmax
+    probabilities, as `how` says), or {"image", "error"} for an input that gave no image."""
+    top, early_exit, flip, device, batch_size, workers = (
+        how.top,
+        how.early_exit,
+        how.flip,
+        how.device,
+        how.batch_size,
+        how.workers,
+    )
     from layerwise.delivered import load_delivered
     from layerwise.early_exit import exits
 

@@ -21,8 +21,8 @@ import torch
 
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.errors import LayerwiseError
+from layerwise.rundir import RunDir
 from layerwise.safe_io import write_text
-from layerwise.train.checkpoint import RunDir
 
 log = logging.getLogger("layerwise")
 

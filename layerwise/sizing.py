@@ -77,7 +77,7 @@ def check_size(
 ) -> None:
     """Refuse, in one line, a network whose fp32 weights exceed this machine's memory, or (with `batch`, the
     images per step of this process) whose activations for a training step exceed the device's."""
-    from layerwise.train.stage import plan_stages
+    from layerwise.stages import plan_stages
 
     try:
         with torch.device("meta"):

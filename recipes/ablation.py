@@ -72,11 +72,16 @@ def scaled(settings: list[str], factor: int, whole: bool) -> list[str]:
 
 
 def command(recipe: list[str], seed: int, mode: str, factor: int) -> list[str]:
+    """The run's arguments. The step schedule's settings (lr_step, and epochs_per_block beside block_epochs) go only
+    where they act: layerwise refuses a setting that does nothing."""
     epochs, step = 4 * factor, 3 * factor
     if mode == "e2e":
         epochs, step = 12 * factor, 9 * factor
-    sets = [f"train.lr_step={step}", *scaled(recipe, factor, mode == "e2e")]
-    args = ["--preset", "demo", "--seed", str(seed), "--epochs-per-block", str(epochs)]
+    recipe = scaled(recipe, factor, mode == "e2e")
+    stepped = not any(s.startswith("train.schedule=") and s != "train.schedule=step" for s in recipe)
+    split = any(s.startswith("train.block_epochs=") for s in recipe)
+    sets = [f"train.lr_step={step}"] * stepped + recipe
+    args = ["--preset", "demo", "--seed", str(seed)] + ["--epochs-per-block", str(epochs)] * (stepped or not split)
     args += ["--mode", mode] if mode != "greedy" else []
     return args + [a for s in sets for a in ("--set", s)]
 

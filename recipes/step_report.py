@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from layerwise.train.checkpoint import RunDir
+from layerwise.rundir import RunDir
 
 GOALS = {"k3-paper": ("seconds", 90.0), "memory-vgg11": ("memory_ratio", 0.5)}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from layerwise.data.sources import sample_path
-from layerwise.predict import predict
+from layerwise.predict import Answering, predict
 
 
 def write_images(root: Path, count: int) -> None:
@@ -32,7 +32,7 @@ def write_images(root: Path, count: int) -> None:
 
 def images_per_s(run_dir: str, folder: str, batch: int, workers: int) -> float:
     t0 = time.perf_counter()
-    answered = sum(1 for a in predict(run_dir, [folder], device="cpu", batch_size=batch, workers=workers)
+    answered = sum(1 for a in predict(run_dir, [folder], Answering(device="cpu", batch_size=batch, workers=workers))
                    if "top" in a)  # fmt: skip
     return answered / (time.perf_counter() - t0)
 

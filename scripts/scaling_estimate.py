@@ -18,9 +18,9 @@ import json
 import torch
 
 from layerwise.models import build_model
-from layerwise.models.staged import flops_per_image
+from layerwise.models.partition import flops_per_image
 from layerwise.presets import load_preset
-from layerwise.train.stage import plan_stages
+from layerwise.stages import plan_stages
 
 TRAIN_IMAGES, VAL_IMAGES = 1_281_167, 50_000
 RECIPES = [

@@ -5,8 +5,8 @@ import torch
 from test_train import tiny_config
 
 from layerwise.errors import LayerwiseError
+from layerwise.rundir import RunDir, load_checkpoint
 from layerwise.train import train
-from layerwise.train.checkpoint import RunDir, load_checkpoint
 
 
 def final_weights(path):

@@ -48,8 +48,13 @@ def test_presets_lists_every_preset_with_counts(capsys):
 @pytest.mark.parametrize("preset", SMALL)
 def test_small_presets_train_through_the_cli(preset, tmp_path, image_folder, capsys):
     args = ["train", "--preset", preset, "--data", str(image_folder), "--out", str(tmp_path / "run")]
-    warmup = ["train.warmup_epochs=0.5"] if load_preset(preset).train.warmup_epochs else []  # within 1 epoch
-    code, out, err = run_cli(args + sets(*tiny_overrides(1), *warmup), capsys)
+    recipe = load_preset(preset).train
+    warmup = ["train.warmup_epochs=0.5"] if recipe.warmup_epochs else []  # within 1 epoch
+    tiny = tiny_overrides(1)
+    if recipe.block_epochs:  # one epoch each: epochs_per_block would do nothing there (and is refused)
+        tiny = [a for a in tiny if not a.startswith("train.epochs_per_block=")]
+        tiny.append(f"train.block_epochs={[1] * len(recipe.block_epochs)}")
+    code, out, err = run_cli(args + sets(*tiny, *warmup), capsys)
     assert code == 0, err
     assert "block 0" in out or "e2e" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -59,6 +64,8 @@ def test_small_presets_train_through_the_cli(preset, tmp_path, image_folder, cap
         J = build_model(cfg.model, 3, cfg.data.image_size).J
     assert len(summary["parameters"]["blocks"]) == J
     assert len(summary["blocks"]) == (1 if cfg.train.mode == "e2e" else J)
+    epochs = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(epochs) == (J if cfg.train.mode == "greedy" else 1)  # one epoch per stage, whatever the preset says
 
 
 def test_imagenet_preset_streams_at_tiny_size(tmp_path, imagenet_folder, capsys):

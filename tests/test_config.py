@@ -1,5 +1,7 @@
 """Config validation: wrong types, out-of-range values and unknown keys are one-line errors."""
 
+import re
+
 import pytest
 
 from layerwise.config import config_from_dict, parse_assignment
@@ -103,3 +105,36 @@ def test_block_epochs_of_the_wrong_length_are_refused_before_any_file_is_written
     with pytest.raises(LayerwiseError, match=r"train\.block_epochs has 2 numbers for a network of 3 blocks"):
         train(tiny_config(train={"block_epochs": [1, 2]}), tmp_path / "run", image_folder)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.schedule=cosine", "train.lr_step=4"], "train.lr_step has no effect here (train.schedule=cosine"),
+        (["train.schedule=triangle", "train.reset_momentum_at_decay=false"], "train.reset_momentum_at_decay has no"),
+        (["train.schedule=cosine", "train.block_epochs=[1,2,3]", "train.epochs_per_block=2"], "train.epochs_per_block"),
+        (["data.workers=2"], "data.workers has no effect here (data.augment=cifar keeps the images in memory"),
+        (["data.mix_alpha=0.4"], "data.mix_alpha has no effect here (data.mix is none)"),
+        (["train.cache_views=2"], "train.cache_views has no effect here (train.cache is none)"),
+        (["model.head=infopro", "model.k=2"], "model.k has no effect here (model.head=infopro"),
+    ],
+)
+def test_a_setting_that_does_nothing_is_refused_when_the_user_gives_it(sets, message):
+    with pytest.raises(LayerwiseError, match=re.escape(message)):
+        resolve_config("demo", None, [parse_assignment(s) for s in sets])
+
+
+def test_what_a_preset_or_a_saved_run_holds_is_never_refused_as_idle():
+    """A preset's own settings made idle by an override cannot be removed by the user, and a saved config.yaml
+    records every field: neither is refused. Every preset alone uses all it sets."""
+    from layerwise.config import given_keys, idle_settings
+    from layerwise.presets import list_presets, preset_dict, resolve
+
+    for name in list_presets():
+        assert not given_keys(preset_dict(name)) & idle_settings(resolve_config(name)).keys(), name
+    cfg = resolve_config("demo", None, [parse_assignment("model.head=infopro")])  # demo sets model.k: kept
+    assert cfg.model.head == "infopro" and cfg.model.k == 2
+    saved = resolve_config("demo_plus").to_dict()  # every field, lr_step and epochs_per_block included
+    assert "lr_step" in saved["train"] and saved["train"]["schedule"] == "triangle"
+    resumed, _ = resolve(None, None, [parse_assignment("train.seed=3")], saved)
+    assert resumed.train.seed == 3

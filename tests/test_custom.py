@@ -20,7 +20,8 @@ from layerwise.errors import LayerwiseError
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
 from layerwise.models.custom import InfoProHead
-from layerwise.train.stage import StageModule, freeze_for, frozen_prefix, plan_stages
+from layerwise.stages import plan_stages
+from layerwise.train.stage import StageModule, freeze_for, frozen_prefix
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

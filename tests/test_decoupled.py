@@ -14,8 +14,8 @@ from layerwise.delivered import evaluate_run
 from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
+from layerwise.rundir import RunDir, load_checkpoint
 from layerwise.train import StageTraining, plan_stages, train
-from layerwise.train.checkpoint import RunDir, load_checkpoint
 from layerwise.train.stage import StageModule
 
 CPU = Precision(torch.device("cpu"), bf16=False)

@@ -26,8 +26,8 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
+from layerwise.rundir import RunDir, load_checkpoint
 from layerwise.train import train
-from layerwise.train.checkpoint import RunDir, load_checkpoint
 
 TESTS = Path(__file__).parent
 SMALL = ["model.widths=[8,8,16]", "model.downsample_at=[2]", "model.k=2"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_train import tiny_config
 
+from layerwise.rundir import RunDir, load_checkpoint
 from layerwise.train import train
-from layerwise.train.checkpoint import RunDir, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -90,7 +90,7 @@ def test_recomputed_activations_match_on_the_gpu():
     from test_recompute import MODELS, assert_same_training
 
     from layerwise.models import build_model
-    from layerwise.train.stage import plan_stages
+    from layerwise.stages import plan_stages
 
     torch.manual_seed(0)
     plain = build_model(MODELS["vgg11"], num_classes=4).cuda().to(memory_format=torch.channels_last)
@@ -103,9 +103,9 @@ def test_a_greedy_stage_holds_only_its_own_weights_on_the_gpu():
     """Training places each stage's modules on the GPU and keeps later blocks and heads on the CPU."""
     from test_train import devices
 
-    from layerwise.delivered import checked_model
     from layerwise.device import precision_for
-    from layerwise.train.stage import place_for, plan_stages, resident_modules
+    from layerwise.network import checked_model
+    from layerwise.stages import place_for, plan_stages, resident_modules
 
     cfg = tiny_config(train={"device": "cuda"})
     stages = plan_stages(len(cfg.model.widths), "greedy")

@@ -204,8 +204,8 @@ def test_momentum_is_forgotten_at_each_decay_and_only_there_and_each_step_uses_t
     rate the optimizer really used and that the momentum buffer was empty."""
     from layerwise.device import Precision
     from layerwise.models import build_model
+    from layerwise.stages import plan_stages
     from layerwise.train.loop import StageTraining
-    from layerwise.train.stage import plan_stages
 
     cfg = TrainConfig(lr=0.1, lr_step=lr_step, lr_gamma=0.5, epochs_per_block=5, weight_decay=5e-4)
     net = build_model(load_preset("demo").model, 3).double()  # float64: the step's difference stays exact enough
@@ -379,8 +379,8 @@ def test_label_smoothing_gives_the_smoothed_cross_entropy_of_fixed_logits():
 
     from layerwise.device import Precision
     from layerwise.models.staged import StagedNet
+    from layerwise.stages import plan_stages
     from layerwise.train.loop import StageTraining
-    from layerwise.train.stage import plan_stages
 
     class Fixed(nn.Module):
         def __init__(self):
@@ -421,8 +421,9 @@ def test_with_both_off_the_loss_and_the_steps_are_todays_bit_for_bit():
     """label_smoothing=0 is the plain cross-entropy, and nesterov=False the plain SGD the paper presets always
     had, to the last bit (so the demo's documented numbers cannot move)."""
     from layerwise.models.staged import StagedNet
+    from layerwise.stages import plan_stages
     from layerwise.train.loop import make_optimizer
-    from layerwise.train.stage import StageModule, plan_stages
+    from layerwise.train.stage import StageModule
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
@@ -461,8 +462,8 @@ def test_a_per_step_schedule_sets_each_steps_rate_and_the_step_schedule_each_epo
     """The rate SGD holds at each of an epoch's 4 steps, read inside the step."""
     from layerwise.device import Precision
     from layerwise.models import build_model
+    from layerwise.stages import plan_stages
     from layerwise.train.loop import StageTraining, lr_at_step, train_epoch
-    from layerwise.train.stage import plan_stages
 
     class FourBatches:
         offset, device = 0, torch.device("cpu")
@@ -597,7 +598,7 @@ def test_the_similarity_matching_loss_worked_out_by_hand():
     """Rows (1, 0, -1) and (0, 1, -1) are centred already; normalised, their cosine is 1/2. One-hot labels 0 and 1
     of two classes centre to (1/2, -1/2) and (-1/2, 1/2): cosine -1. The loss is the mean of the squared
     differences (0, 1.5^2, 1.5^2, 0) = 1.125."""
-    from layerwise.train.stage import similarities, similarity_loss
+    from layerwise.train.losses import similarities, similarity_loss
 
     rows = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]])
     assert similarities(rows) == pytest.approx(torch.tensor([[1.0, 0.5], [0.5, 1.0]]), abs=1e-6)
@@ -662,8 +663,8 @@ def test_cutmix_pastes_a_clipped_box_and_the_target_share_is_what_is_left(lam, c
 
 
 def test_block_epochs_give_each_greedy_block_its_own_and_a_whole_network_stage_their_sum():
+    from layerwise.stages import plan_stages
     from layerwise.train.loop import stage_epochs
-    from layerwise.train.stage import plan_stages
 
     cfg = TrainConfig(block_epochs=[3, 1, 2], epochs_per_block=9)
     assert [stage_epochs(cfg, s) for s in plan_stages(3, "greedy")] == [3, 1, 2]
@@ -707,3 +708,26 @@ def test_the_step_schedule_stretches_to_a_stage_of_other_length(epochs, rates):
 
     cfg = TrainConfig(lr=0.1, epochs_per_block=4, lr_step=3, lr_gamma=0.2)
     assert [lr_at(cfg, e, epochs) for e in range(epochs)] == pytest.approx(rates)
+
+
+def test_a_heads_whole_local_loss_with_every_term_on_worked_out_by_hand():
+    """Label smoothing 0.2, mixed (soft) targets and the similarity term at weight 2, on two images of two classes.
+
+    Image 0: logits (ln 3, 0), softmax (3/4, 1/4); target (0.6, 0.4), smoothed to 0.8 x target + 0.1 = (0.58, 0.42);
+    cross-entropy -(0.58 ln 3/4 + 0.42 ln 1/4) = 0.749099. Image 1: logits (0, 0), softmax (1/2, 1/2): ln 2 =
+    0.693147 for any target. Mean: 0.721123.
+    Features (1, 0, -1) and (0, 1, -1): cosine 1/2. Targets (0.6, 0.4) and (1, 0) centre to (0.1, -0.1) and
+    (0.5, -0.5): cosine 1. Squared differences (0, 1/4, 1/4, 0), mean 1/8, times 2: 0.25. Total 0.971123."""
+    from layerwise.config import TrainConfig
+    from layerwise.train.losses import local_loss
+
+    loss = local_loss(TrainConfig(label_smoothing=0.2, sim_loss=2.0))
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    targets = torch.tensor([[0.6, 0.4], [1.0, 0.0]])
+    features = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]])
+    ce = (-(0.58 * math.log(0.75) + 0.42 * math.log(0.25)) + math.log(2.0)) / 2
+    assert ce == pytest.approx(0.721123, abs=1e-6)
+    assert loss(logits, targets, features).item() == pytest.approx(ce + 2 * 0.125, rel=1e-6)
+    assert loss(logits, targets, features).item() == pytest.approx(0.971123, abs=1e-6)
+    plain = local_loss(TrainConfig())  # the paper's: cross-entropy of labels alone, no other term
+    assert plain(logits, torch.tensor([0, 0]), None).item() == pytest.approx((math.log(4 / 3) + math.log(2)) / 2)

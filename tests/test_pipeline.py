@@ -17,7 +17,7 @@ from conftest import tiny_overrides, write_folder
 
 from layerwise.cli import main
 from layerwise.errors import LayerwiseError
-from layerwise.train.checkpoint import RunDir, load_checkpoint
+from layerwise.rundir import RunDir, load_checkpoint
 from layerwise.train.pipeline import Placement, ReplayBuffer, balance
 
 TESTS = Path(__file__).parent
@@ -301,7 +301,7 @@ def test_a_pipeline_process_is_sized_as_one_block_not_the_whole_decoupled_stage(
     from layerwise.config import parse_assignment
     from layerwise.models import build_model
     from layerwise.presets import resolve_config
-    from layerwise.train.stage import plan_stages
+    from layerwise.stages import plan_stages
 
     cfg = resolve_config("demo", None, [parse_assignment(a) for a in settings(1)])
     with torch.device("meta"):

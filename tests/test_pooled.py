@@ -11,8 +11,9 @@ from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
 from layerwise.presets import load_preset
+from layerwise.stages import plan_stages
 from layerwise.train.loop import StageTraining
-from layerwise.train.stage import freeze_for, plan_stages
+from layerwise.train.stage import freeze_for
 
 
 def small_vgg() -> torch.nn.Module:
@@ -34,8 +35,7 @@ def test_a_chunked_block_gives_the_plain_blocks_loss_gradients_and_statistics(bl
         for j in range(block):
             x = net.blocks[j].eval()(x)
     plain, chunked = copy.deepcopy(net), copy.deepcopy(net)
-    a, b = freeze_for(plain, stage), freeze_for(chunked, stage)
-    b.block_chunks = chunks
+    a, b = freeze_for(plain, stage), freeze_for(chunked, stage, block_chunks=chunks)
     assert b.poolable
     (loss_a, logits_a), (loss_b, logits_b) = a(x, y), b(x, y)
     loss_a.backward()
@@ -68,8 +68,7 @@ def test_no_full_resolution_tensor_is_kept_for_the_backward_pass():
     def kept(chunks: int, recompute: bool) -> list[tuple[int, ...]]:
         model = copy.deepcopy(net)
         set_recompute(model, recompute)
-        module = freeze_for(model, plan_stages(model.J, "greedy")[0])
-        module.block_chunks = chunks
+        module = freeze_for(model, plan_stages(model.J, "greedy")[0], block_chunks=chunks)
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
             module(x, y)

@@ -12,9 +12,10 @@ from layerwise.config import ModelConfig, TrainConfig
 from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
+from layerwise.stages import plan_stages
 from layerwise.train import train
 from layerwise.train.loop import StageTraining
-from layerwise.train.stage import freeze_for, plan_stages
+from layerwise.train.stage import freeze_for
 
 MODELS = {
     "simcnn": ModelConfig(k=3, widths=[8, 8, 16], downsample_at=[0, 2]),

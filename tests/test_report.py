@@ -12,8 +12,8 @@ from torchvision.io import decode_png
 
 from layerwise.cli import main
 from layerwise.errors import LayerwiseError
+from layerwise.rundir import RunDir
 from layerwise.train import train
-from layerwise.train.checkpoint import RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")

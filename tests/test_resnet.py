@@ -10,7 +10,8 @@ from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
 from layerwise.models import build_model
 from layerwise.models.custom import InfoProHead
-from layerwise.models.resnet import balanced_ends, torchvision_state_dict
+from layerwise.models.partition import balanced_cut
+from layerwise.models.resnet import torchvision_state_dict
 
 
 def split(arch: str, depth: int, k: int, classes: int = 10, size: int = 32, **model):
@@ -18,11 +19,11 @@ def split(arch: str, depth: int, k: int, classes: int = 10, size: int = 32, **mo
 
 
 def test_balanced_cuts_minimise_the_costliest_module():
-    assert balanced_ends([1, 1, 1, 1], 2) == [2, 4]
-    assert balanced_ends([5, 1, 1, 1, 1, 1], 2) == [1, 6]  # 5 | 5
-    ends = balanced_ends([1, 1, 1, 1, 1, 5], 3)  # 2 | 3 | 5 or 3 | 2 | 5: nothing beats the 5
+    assert balanced_cut([1, 1, 1, 1], 2) == [2, 4]
+    assert balanced_cut([5, 1, 1, 1, 1, 1], 2) == [1, 6]  # 5 | 5
+    ends = balanced_cut([1, 1, 1, 1, 1, 5], 3)  # 2 | 3 | 5 or 3 | 2 | 5: nothing beats the 5
     assert ends[1:] == [5, 6] and ends[0] in (2, 3)
-    assert balanced_ends([9, 1, 1, 1], 2, first=2) == [2, 4]  # the stem (9) never stands alone
+    assert balanced_cut([9, 1, 1, 1], 2, first=2) == [2, 4]  # the stem (9) never stands alone
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from layerwise.cli import main
 from layerwise.config import parse_assignment
 from layerwise.errors import LayerwiseError
 from layerwise.presets import resolve_config
+from layerwise.rundir import RunDir
 from layerwise.safe_io import write_text
 from layerwise.train import train
-from layerwise.train.checkpoint import RunDir
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,16 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, evaluate
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
+from layerwise.rundir import RunDir, load_checkpoint
+from layerwise.stages import module_bytes, place_for, resident_modules
 from layerwise.train import StageTraining, plan_stages, train, train_epoch
-from layerwise.train.checkpoint import RunDir, load_checkpoint
-from layerwise.train.stage import module_bytes, place_for, resident_modules
 
 
 def tiny_config(epochs=2, **extra):
-    overrides = [parse_assignment(a) for a in tiny_overrides(epochs)]
+    tiny, recipe = tiny_overrides(epochs), extra.get("train", {})
+    if recipe.get("block_epochs") and recipe.get("schedule", "step") != "step":  # epochs_per_block would do nothing
+        tiny = [a for a in tiny if not a.startswith("train.epochs_per_block=")]
+    overrides = [parse_assignment(a) for a in tiny]
     overrides.append({"model": {"widths": [8, 8, 16], "downsample_at": [2], "k": 2}})
     overrides.append(extra)
     return resolve_config("demo", None, overrides)
@@ -204,10 +207,10 @@ def test_e2e_trains_every_block_and_the_last_head(tmp_path, image_folder):
 
 def spoil_loss_after_first_epoch(monkeypatch, spoil) -> dict:
     """Make the stages' loss spoil(loss) once the returned switch's "on" is set (by on_epoch_end)."""
-    from layerwise.train import stage
+    from layerwise.train import losses
 
     switch = {"on": False}
-    real = stage.F.cross_entropy
+    real = losses.F.cross_entropy
 
     class FakeF:
         @staticmethod
@@ -215,7 +218,7 @@ def spoil_loss_after_first_epoch(monkeypatch, spoil) -> dict:
             loss = real(logits, y, **options)
             return spoil(loss) if switch["on"] else loss
 
-    monkeypatch.setattr(stage, "F", FakeF)
+    monkeypatch.setattr(losses, "F", FakeF)
     return switch
 
 
@@ -450,8 +453,8 @@ def test_a_failing_compile_is_a_one_line_error_and_the_run_can_go_on_without_it(
 
 @pytest.mark.parametrize("precision, expected", [("auto", False), ("fp32", False), ("bf16", True)])
 def test_the_cpu_runs_channels_last_under_bf16_only(precision, expected):
-    from layerwise.delivered import checked_model
     from layerwise.device import precision_for
+    from layerwise.network import checked_model
 
     net = checked_model(tiny_config(train={"precision": precision}), 4, precision_for(torch.device("cpu"), precision))
     weight = net.blocks[0][0].weight

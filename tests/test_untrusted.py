@@ -195,7 +195,7 @@ def test_a_config_asking_for_any_size_is_refused_before_anything_is_allocated(tm
 def test_the_activation_bound_counts_each_trained_module_output():
     from layerwise.presets import load_preset
     from layerwise.sizing import trained_activations
-    from layerwise.train.stage import plan_stages
+    from layerwise.stages import plan_stages
 
     cfg = load_preset("demo")
     with torch.device("meta"):

@@ -20,6 +20,8 @@ Under autocast the convs run in the autocast dtype and BN's arithmetic in float3
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -120,11 +122,12 @@ class _PooledUnit(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, bias, gamma, beta, mean, invstd = ctx.saved_tensors
         conv, dtype, count = ctx.conv, ctx.dtype, ctx.count
+        unit = _Unit(conv, weight, bias, gamma, beta, mean, invstd, dtype)
         parts, grads = x.tensor_split(ctx.chunks), g.tensor_split(ctx.chunks)
         sum_g, sum_g_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
         with torch.no_grad():
             for part, gp in zip(parts, grads, strict=True):  # pass 1: BN's gradient sums
-                xhat, g_a = _masked(conv, part, gp, weight, bias, mean, invstd, gamma, beta, dtype)
+                xhat, g_a = _masked(unit, part, gp)
                 sum_g += g_a.sum((0, 2, 3))
                 sum_g_xhat += (g_a * xhat).sum((0, 2, 3))
             acc = mean.dtype
@@ -133,7 +136,7 @@ class _PooledUnit(torch.autograd.Function):
             b_grad = torch.zeros_like(bias, dtype=acc) if bias is not None else None
             x_grads = []
             for part, gp in zip(parts, grads, strict=True):  # pass 2: the conv's gradients
-                xhat, g_a = _masked(conv, part, gp, weight, bias, mean, invstd, gamma, beta, dtype)
+                xhat, g_a = _masked(unit, part, gp)
                 g_a.sub_((sum_g / count)[None, :, None, None]).addcmul_(
                     xhat, -(sum_g_xhat / count)[None, :, None, None]
                 )
@@ -160,11 +163,25 @@ def _normalized(z, mean, invstd, gamma, beta) -> torch.Tensor:
     return xhat * gamma.to(acc).view(shape) + beta.to(acc).view(shape)
 
 
-def _masked(conv, part, gp, weight, bias, mean, invstd, gamma, beta, dtype):
-    """(xhat, the gradient at BN's output) of one chunk: the pooled gradient spread over each 2x2 window, / 4,
+class _Unit(NamedTuple):
+    """The conv unit's pieces the backward pass recomputes each chunk from, and the batch's BN statistics."""
+
+    conv: nn.Conv2d
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    dtype: torch.dtype | None
+
+
+def _masked(unit: _Unit, part: torch.Tensor, gp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xhat, the gradient at BN's output) of one chunk: the pooled gradient gp spread over each 2x2 window, / 4,
     where the ReLU passed its input."""
-    shape, acc = (1, -1, 1, 1), mean.dtype
-    xhat = _conv(conv, part, weight, bias, dtype).to(acc).sub_(mean.view(shape)).mul_(invstd.view(shape))
-    passed = (xhat * gamma.to(acc).view(shape)).add_(beta.to(acc).view(shape)) > 0  # where the ReLU passed
+    shape, acc = (1, -1, 1, 1), unit.mean.dtype
+    z = _conv(unit.conv, part, unit.weight, unit.bias, unit.dtype)
+    xhat = z.to(acc).sub_(unit.mean.view(shape)).mul_(unit.invstd.view(shape))
+    passed = (xhat * unit.gamma.to(acc).view(shape)).add_(unit.beta.to(acc).view(shape)) > 0  # where the ReLU passed
     g_a = F.interpolate(gp.to(acc), scale_factor=2, mode="nearest").div_(4).mul_(passed)
     return xhat, g_a

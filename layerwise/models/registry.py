@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, brief
 
 if TYPE_CHECKING:
     from layerwise.config import ModelConfig
@@ -32,14 +32,15 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 
 
 def architectures() -> list[str]:
-    """Names of every registered architecture, sorted."""
-    import layerwise.models  # noqa: F401  (registers the library's own)
-
+    """Names of every registered architecture, sorted. The library's own are registered already: importing this
+    module runs `layerwise/models/__init__.py` first, which imports them."""
     return sorted(_BUILDERS)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
     """Build the staged network a ModelConfig describes. Use `with torch.device("meta")` to size it for free."""
     if cfg.arch not in architectures():
-        raise LayerwiseError(f"bad config: model.arch must be one of {', '.join(architectures())} (got {cfg.arch!r})")
+        raise LayerwiseError(
+            f"bad config: model.arch must be one of {', '.join(architectures())} (got {brief(cfg.arch, 60)})"
+        )
     return _BUILDERS[cfg.arch](cfg, num_classes, image_size)

@@ -24,6 +24,7 @@ from torch import nn
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
 from layerwise.models.custom import make_head
+from layerwise.models.partition import balanced_cut, unit_flops
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
@@ -89,31 +90,6 @@ def even_ends(count: int, k: int) -> list[int]:
     return [round(count * (i + 1) / k) for i in range(k)]
 
 
-def balanced_ends(costs: list[float], k: int, first: int = 1) -> list[int]:
-    """Cut units with `costs` into k contiguous modules minimising the costliest module's cost (dynamic
-    programming); the first module holds at least `first` units (the stem joins the first block)."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(k + 1)]  # best[m][i]: units [0, i) in m modules
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    for i in range(first, n + 1):
-        best[1][i] = prefix[i]
-    for m in range(2, k + 1):
-        for i in range(m, n + 1):
-            for j in range(max(m - 1, first), i):
-                cost = max(best[m - 1][j], prefix[i] - prefix[j])
-                if cost < best[m][i]:
-                    best[m][i], cut[m][i] = cost, j
-    ends, i = [], n
-    for m in range(k, 1, -1):
-        ends.append(i)
-        i = cut[m][i]
-    return [i, *reversed(ends)]
-
-
 def check_split(cfg: ModelConfig, points: int, what: str) -> None:
     if not 1 <= cfg.split <= points:
         raise LayerwiseError(f"bad config: model.split={cfg.split} must be between 1 and {points}, the {what}")
@@ -168,29 +144,6 @@ def cifar_resnet(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> St
     return net
 
 
-def _flops(units: list[nn.Module], shape: tuple[int, ...]) -> tuple[list[float], list[int]]:
-    """Each unit's forward FLOPs and output channels for one image of `shape`, measured on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    costs, channels = [], []
-    with torch.device("meta"):
-        x = torch.empty(1, *shape)
-        for unit in units:
-            probe = _meta_copy(unit).eval()  # one image: BN's batch statistics would need two
-            with FlopCounterMode(display=False) as counter:
-                x = probe(x)
-            costs.append(float(counter.get_total_flops()))
-            channels.append(x.shape[1])
-    return costs, channels
-
-
-def _meta_copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    on_meta = all(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
-    return module if on_meta else copy.deepcopy(module).to("meta")
-
-
 @register_model("resnet")
 def resnet(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNet:
     """torchvision's ResNet of model.depth (18, 34, 50, 101, 152), cut into model.split = K modules at residual
@@ -211,10 +164,10 @@ def resnet(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedN
     blocks = [(f"layer{s}_{b}", block) for s in range(1, 5) for b, block in enumerate(getattr(model, f"layer{s}"))]
     check_split(cfg, len(blocks), f"{len(blocks)} residual blocks of ResNet-{cfg.depth}")
     units = [*stem, *blocks]  # the stem's four layers keep torchvision's names in the first module
-    costs, channels = _flops([u for _, u in units], (cfg.in_channels, image_size, image_size))
-    ends = balanced_ends(costs, cfg.split, first=len(stem) + 1)  # the stem and at least one block
+    costs, shapes = unit_flops([u for _, u in units], (cfg.in_channels, image_size, image_size))
+    ends = balanced_cut(costs, cfg.split, first=len(stem) + 1)  # the stem and at least one block
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), fc=model.fc))
-    return assemble(units, ends, classifier, channels, cfg, num_classes)
+    return assemble(units, ends, classifier, [shape[1] for shape in shapes], cfg, num_classes)
 
 
 @register_model("vgg")
@@ -232,8 +185,8 @@ def vgg(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNet:
     pools = [i + 1 for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     segments = [nn.Sequential(*layers[a:b]) for a, b in zip([0, *pools[:-1]], pools, strict=True)]
     check_split(cfg, len(segments), f"{len(segments)} pooling stages of VGG-{cfg.depth}")
-    costs, _ = _flops(segments, (cfg.in_channels, image_size, image_size))
-    ends = balanced_ends(costs, cfg.split)
+    costs, _ = unit_flops(segments, (cfg.in_channels, image_size, image_size))
+    ends = balanced_cut(costs, cfg.split)
     named = [(f"features_{i}", m) for i, m in enumerate(layers)]
     ends = [pools[e - 1] for e in ends]
     per_layer = []
@@ -250,8 +203,8 @@ def split_modules(units: Sequence[nn.Module], k: int, image: tuple[int, int, int
     units = list(units)
     if not 1 <= k <= len(units):
         raise LayerwiseError(f"cannot cut {len(units)} units into {k} modules; choose K between 1 and {len(units)}")
-    costs, _ = _flops(units, image)
-    ends = balanced_ends(costs, k)
+    costs, _ = unit_flops(units, image)
+    ends = balanced_cut(costs, k)
     return [nn.Sequential(*units[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 

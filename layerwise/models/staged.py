@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layerwise.config import ModelConfig
-
 
 class StagedNet(nn.Module):
     """blocks[j] maps x_j to x_{j+1}; heads[j] maps x_{j+1} to the class scores z_{j+1}.
@@ -56,27 +54,6 @@ class StagedNet(nn.Module):
     def head_parameters(self) -> int:
         """Parameters of all auxiliary heads together (the last one included)."""
         return count(self.heads)
-
-
-def flops_per_image(cfg: ModelConfig, num_classes: int, size: int) -> tuple[list[float], list[float]]:
-    """Forward FLOPs (2 per multiply-add) of each block and each head for one size x size image, counted by
-    torch.utils.flop_counter on the meta device (nothing is allocated)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from layerwise.models.registry import build_model
-
-    with torch.device("meta"):
-        net = build_model(cfg, num_classes, size).eval()
-        x = torch.empty(1, cfg.in_channels, size, size)
-        blocks, heads = [], []
-        for block, head in zip(net.blocks, net.heads, strict=True):
-            with FlopCounterMode(display=False) as counter:
-                x = block(x)
-            blocks.append(float(counter.get_total_flops()))
-            with FlopCounterMode(display=False) as counter:
-                head(x)
-            heads.append(float(counter.get_total_flops()))
-    return blocks, heads
 
 
 def count(module: nn.Module) -> int:

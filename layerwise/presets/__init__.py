@@ -6,7 +6,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from layerwise.config import RunConfig, config_from_dict, load_yaml, merge
+from layerwise.config import RunConfig, config_from_dict, given_keys, load_yaml, merge, refuse_idle
 from layerwise.errors import LayerwiseError, brief
 from layerwise.limits import SMALL_FILE
 from layerwise.safe_io import read_text
@@ -35,14 +35,21 @@ def load_preset(name: str) -> RunConfig:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML config file. It may name a `preset:` to start from and override any part of it."""
+    return _with_preset(_file_values(path))
+
+
+def _with_preset(values: dict[str, Any]) -> dict[str, Any]:
+    return merge(preset_dict(str(values["preset"])), values) if "preset" in values else values
+
+
+def _file_values(path: str | Path) -> dict[str, Any]:
+    """What a config file itself says, without the preset it names."""
     path = Path(path)
     if not path.is_file():
         raise LayerwiseError(f"config file {path} not found; pass an existing YAML file to --config")
     values = load_yaml(read_text(path, SMALL_FILE), f"config file {path}")
     if not isinstance(values, dict):
         raise LayerwiseError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
-    if "preset" in values:
-        values = merge(preset_dict(str(values["preset"])), values)
     return values
 
 
@@ -57,7 +64,9 @@ def resolve_config(
 
     A network builder that the config file names (model.builder) is refused, in one line naming the file, the
     function and its arguments, unless `trust_code` (--trust-code) or LAYERWISE_TRUST_CODE=1: the file may come
-    from someone else. A builder in `overrides` (--set, or Python) is the caller's own and needs neither."""
+    from someone else. A builder in `overrides` (--set, or Python) is the caller's own and needs neither. A setting
+    the config file or the overrides give that does nothing in the result is refused (config.idle_settings); the
+    presets hold none (tested), and what a saved run's config (`base`) holds is never refused."""
     cfg, named_by = resolve(preset, config_file, overrides, base)
     if named_by is not None and not trust_code:
         check_trusted(cfg.model, named_by, CONFIG_FILE_FIX)
@@ -70,15 +79,20 @@ def resolve(
     """resolve_config's config, unchecked for trust, and which file names its builder ("config file PATH"), or
     None when none does (a library architecture, or a builder the overrides give). Imports nothing."""
     values: dict[str, Any] = preset_dict(preset) if preset else dict(base or {})
+    given: set[str] = set()  # the settings the user typed: the config file's own and the overrides
     named_by = None
     if config_file is not None:
-        from_file = read_config_file(config_file)
-        values = merge(values, from_file)
-        named_by = f"config file {config_file}" if _names_builder(from_file) else None
+        own = _file_values(config_file)
+        values = merge(values, _with_preset(own))
+        given |= given_keys(own)
+        named_by = f"config file {config_file}" if _names_builder(own) else None
     for override in overrides:
         values = merge(values, override)
+        given |= given_keys(override)
         named_by = None if _names_builder(override) else named_by
-    return config_from_dict(values), named_by
+    cfg = config_from_dict(values)
+    refuse_idle(cfg, given)
+    return cfg, named_by
 
 
 def _names_builder(values: dict[str, Any]) -> bool:

@@ -1,22 +1,22 @@
 """Training: strategies and their stages, the shared loop, checkpoints and whole runs.
 
-The names below load on first use, so that serving code importing `layerwise.train.checkpoint` or
-`layerwise.train.stage` does not load the run orchestrator (layerwise.train.run).
+The names below load on first use, so that importing one of its modules (bench imports `layerwise.train.stage`)
+does not load the run orchestrator (layerwise.train.run). Stage and plan_stages live in layerwise.stages.
 """
 
 from importlib import import_module
 
+from layerwise.stages import Stage, plan_stages
+
 _WHERE = {
     "Run": "run",
     "train": "run",
-    "Stage": "stage",
     "StageModule": "stage",
-    "plan_stages": "stage",
     "StageTraining": "loop",
     "train_epoch": "loop",
     "summary_table": "summary",
 }
-__all__ = sorted(_WHERE)
+__all__ = ["Run", "Stage", "StageModule", "StageTraining", "plan_stages", "summary_table", "train", "train_epoch"]
 
 
 def __getattr__(name: str):

@@ -6,7 +6,9 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +22,9 @@ from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
-from layerwise.train.stage import BlockRandomness, Stage, freeze_for, frozen_prefix, network_key, place_for
+from layerwise.stages import Stage, place_for
+from layerwise.train.losses import local_loss
+from layerwise.train.stage import BlockRandomness, freeze_for, frozen_prefix, network_key
 
 
 def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
@@ -204,6 +208,23 @@ def lr_at(cfg: TrainConfig, epoch: int, epochs: int | None = None) -> float:
     return cfg.lr * cfg.lr_gamma ** decays_by(cfg, epoch, epochs)
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """How a stage's process is tied to others beyond data parallelism: in a pipeline (train/pipeline.py)."""
+
+    downstream: Any = None
+    """The link to the next pipeline process (train/pipeline.Pipe): each step sends its last block's output and
+    the labels there, before its backward pass."""
+    reported: tuple[int, ...] | None = None
+    """The heads an epoch's figures cover: every pipeline process's (each process fills its own heads' figures,
+    and the all-reduce the rest). None: the stage's loss heads."""
+    replica_group: Any = None
+    """In a pipeline with several replicas, the processes holding this one's blocks (DDP among them)."""
+
+
+ALONE = Wiring()
+
+
 class StageTraining:
     """A stage set up to train: its modules on the device and frozen as Algorithm 1 says, the StageModule it
     trains (in DDP under torchrun, compiled when train.compile asks) and the module's optimizer.
@@ -221,29 +242,19 @@ class StageTraining:
         where: Dist = SINGLE,
         optimizer_state: dict | None = None,
         loss_level: float | None = None,
-        downstream=None,
-        reported: tuple[int, ...] | None = None,
-        replica_group=None,
+        wiring: Wiring = ALONE,
     ):
         self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
         self.epochs = stage_epochs(cfg, stage)
-        self.downstream = downstream
-        """A pipeline process's link to the next one (train/pipeline.Pipe): each step sends its last block's output
-        and the labels there, before its backward pass."""
-        self.replica_group = replica_group
-        """In a pipeline with several replicas, the processes holding this one's blocks (DDP among them)."""
-        self.reported = reported or stage.loss_heads
-        """The heads an epoch's figures cover: the stage's loss heads, or in a pipeline every process's (each
-        process fills its own heads' figures, and the all-reduce the rest)."""
+        self.downstream, self.replica_group = wiring.downstream, wiring.replica_group  # see Wiring
+        self.reported = wiring.reported or stage.loss_heads
+        """The heads an epoch's figures cover (Wiring.reported)."""
         self.loss_level = loss_level
         """The stage's starting loss level, which the divergence check compares with (LossWatch); None until the
         stage's first window is measured, and kept in the epoch checkpoints for resume."""
         device = precision.device
         place_for(net, stage, device)
-        self.module = freeze_for(net, stage)
-        self.module.label_smoothing, self.module.sim_loss = cfg.label_smoothing, cfg.sim_loss
-        self.module.block_chunks = cfg.block_chunks
-        self.module.keep_output = downstream is not None
+        self.module = freeze_for(net, stage, local_loss(cfg), cfg.block_chunks, self.downstream is not None)
         if cfg.sync_bn and where.data_parallel:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         if stage.decoupled:
@@ -259,7 +270,7 @@ class StageTraining:
         model: nn.Module = self.module
         if where.data_parallel:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
             model = DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None, process_group=replica_group
+                model, device_ids=[device] if device.type == "cuda" else None, process_group=self.replica_group
             )
         if cfg.compile != "none":
             # Each stage freezes other modules and recompiles anyway; stale entries would count towards

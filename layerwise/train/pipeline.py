@@ -28,8 +28,9 @@ from layerwise.config import RunConfig
 from layerwise.distributed import Dist
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import add_to_ensemble, figures, summed_loss, topk_correct
+from layerwise.models.partition import balanced_cut
 from layerwise.models.staged import StagedNet
-from layerwise.train.stage import Stage
+from layerwise.stages import Stage
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
 MAX_DIMS = 6
@@ -111,7 +112,18 @@ class Placement:
         """The part of the decoupled stage that position trains: its blocks and their heads, on received input."""
         blocks = self.groups[position]
         first, last = blocks[0], blocks[-1]
-        return Stage(0, "decoupled", first, last, blocks, (), False, False, decoupled=True, receives=first > 0)
+        return Stage(
+            index=0,
+            name="decoupled",
+            first=first,
+            block=last,
+            eval_heads=blocks,
+            frozen_heads=(),
+            cacheable=False,
+            finishes_block=False,
+            decoupled=True,
+            receives=first > 0,
+        )
 
     def to_json(self) -> list[list[int]]:
         return [list(g) for g in self.groups]
@@ -128,30 +140,13 @@ class Placement:
 
 
 def balance(costs: list[float], processes: int) -> Placement:
-    """Cut the blocks, in order, into `processes` groups whose costliest group costs the least (dynamic
-    programming over the cut points; ties go to the earliest cuts)."""
+    """Cut the blocks, in order, into `processes` groups whose costliest group costs the least (the one balanced
+    cut, models.partition's; ties go to the earliest cuts)."""
     J = len(costs)
     if not 1 <= processes <= J:
         raise LayerwiseError(f"{processes} pipeline processes for {J} blocks: each process needs at least one block")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    # best[p][j]: the least possible maximum over the first j blocks cut into p groups; cut[p][j]: its last cut
-    best = [[float("inf")] * (J + 1) for _ in range(processes + 1)]
-    cut = [[0] * (J + 1) for _ in range(processes + 1)]
-    best[0][0] = 0.0
-    for p in range(1, processes + 1):
-        for j in range(p, J + 1):
-            for i in range(p - 1, j):
-                value = max(best[p - 1][i], prefix[j] - prefix[i])
-                if value < best[p][j]:
-                    best[p][j], cut[p][j] = value, i
-    groups, j = [], J
-    for p in range(processes, 0, -1):
-        i = cut[p][j]
-        groups.append(tuple(range(i, j)))
-        j = i
-    return Placement(tuple(reversed(groups)))
+    ends = balanced_cut(costs, processes)
+    return Placement(tuple(tuple(range(a, b)) for a, b in zip([0, *ends[:-1]], ends, strict=True)))
 
 
 def measure_blocks(net: StagedNet, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> list[float]:
@@ -281,7 +276,6 @@ def evaluate_pipelined(
     net: StagedNet,
     loader,
     stage: Stage,
-    J: int,
     pipe: Pipe,
     where: Dist,
     ensemble: str = "logits",
@@ -293,6 +287,7 @@ def evaluate_pipelined(
     passes the output and the ensemble on. Counts are all-reduced, each head's row filled by its process."""
     was_training = net.training
     net.eval()
+    J = net.J
     counts = torch.zeros(J, 5, dtype=torch.float64, device=pipe.device)
     n = 0
     batches = loader.batches() if stage.first == 0 else (pipe.recv(3) for _ in range(len(loader)))

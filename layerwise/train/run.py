@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from layerwise import __version__
+from layerwise._version import __version__
 from layerwise.config import RunConfig, config_from_dict
 from layerwise.data import DataBundle, build_data
 from layerwise.data.loaders import MemoryLoader
-from layerwise.delivered import checked_model
 from layerwise.device import Precision
 from layerwise.distributed import (
     Dist,
@@ -40,10 +39,13 @@ from layerwise.distributed import (
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet, count
+from layerwise.network import checked_model
+from layerwise.rundir import RunDir, load_checkpoint
 from layerwise.safe_io import folder
+from layerwise.stages import Stage, module_bytes, plan_stages, resident_modules
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
-from layerwise.train.checkpoint import BackgroundWriter, RunDir, checkpoint_job, load_checkpoint, save_checkpoint
-from layerwise.train.loop import Diverged, StageTraining, stage_epochs, train_epoch
+from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
+from layerwise.train.loop import Diverged, StageTraining, Wiring, stage_epochs, train_epoch
 from layerwise.train.pipeline import (
     GatheredState,
     Pipe,
@@ -56,7 +58,6 @@ from layerwise.train.pipeline import (
     pipeline_groups,
     pipelined,
 )
-from layerwise.train.stage import Stage, module_bytes, plan_stages, resident_modules
 from layerwise.train.summary import final_scores, format_row, summarize
 
 log = logging.getLogger("layerwise")
@@ -416,8 +417,10 @@ class Run:
             # with replays each process watches its own losses; only rank 0's level is saved: the others measure
             # theirs again when resumed
             level = start.loss_level if not cfg.replay or self.where.is_main else None
-            training = StageTraining(self.net, local, cfg, self.precision, self.where, start.optimizer_state,
-                                     level, downstream, stage.loss_heads, self.replica_group)  # fmt: skip
+            wiring = Wiring(downstream, stage.loss_heads, self.replica_group)
+            training = StageTraining(
+                self.net, local, cfg, self.precision, self.where, start.optimizer_state, level, wiring
+            )
             loader = self.data.train
             if local.first > 0:
                 loader = Received(pipe, self.data.train, local.first, cfg.replay, cfg.replay_reuse)
@@ -528,7 +531,7 @@ class Run:
             if loader is None:
                 continue
             if self.placement is not None:
-                scored[key] = evaluate_pipelined(self.net, loader, training.stage, self.net.J, self.pipe, self.where,
+                scored[key] = evaluate_pipelined(self.net, loader, training.stage, self.pipe, self.where,
                                                  ensemble, autocast, self.cfg.train.eval_flip)  # fmt: skip
             else:
                 memo = memos[key] if frozen else None
