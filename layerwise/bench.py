@@ -36,7 +36,8 @@ from layerwise.network import checked_model
 from layerwise.presets import load_preset
 from layerwise.stages import module_bytes, place_for, plan_stages, resident_modules
 from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
-from layerwise.train.loop import StageTraining, make_optimizer
+from layerwise.train.loop import StageTraining
+from layerwise.train.optim import make_optimizer
 from layerwise.train.stage import StageModule, frozen_prefix
 
 

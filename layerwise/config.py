@@ -302,7 +302,7 @@ class TrainConfig:
     Off by default, as the paper's DataParallel kept per-GPU statistics: each process then normalises with
     its own share's statistics, and rank 0's running statistics are kept. SyncBatchNorm does not run on the CPU."""
     divergence_factor: float = 10.0
-    """Stop a stage whose training loss diverges: a running mean over 50 steps (train.loop's DIVERGENCE_WINDOW)
+    """Stop a stage whose training loss diverges: a running mean over 50 steps (train.divergence's DIVERGENCE_WINDOW)
     above this many times the stage's starting level (the mean of its first 50 steps, at least ln(classes), the
     loss of a uniform guess); a non-finite loss stops it too. Read on the device every 50 steps and at the end
     of each epoch. 0 turns the mean check off (the non-finite check stays)."""

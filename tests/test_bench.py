@@ -12,7 +12,8 @@ from layerwise.config import ModelConfig, TrainConfig
 from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.stages import plan_stages
-from layerwise.train.loop import StageTraining, load_optimizer_state, make_optimizer
+from layerwise.train.loop import StageTraining
+from layerwise.train.optim import load_optimizer_state, make_optimizer
 from layerwise.train.stage import StageModule
 
 CPU = torch.device("cpu")

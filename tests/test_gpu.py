@@ -142,7 +142,7 @@ def allocated(module) -> int:
 
 def test_the_optimizer_is_fused_on_the_gpu():
     from layerwise.config import TrainConfig
-    from layerwise.train.loop import make_optimizer
+    from layerwise.train.optim import make_optimizer
 
     assert make_optimizer([torch.nn.Parameter(torch.zeros(3, device="cuda"))], TrainConfig()).param_groups[0]["fused"]
     assert not make_optimizer([torch.nn.Parameter(torch.zeros(3))], TrainConfig()).param_groups[0]["fused"]

@@ -19,7 +19,7 @@ from layerwise.data.sources import open_eval, open_train
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, evaluate, topk_correct
 from layerwise.presets import list_presets, load_preset
-from layerwise.train.loop import lr_at
+from layerwise.train.schedule import lr_at
 
 PAPER_PRESETS = [p for p in list_presets() if p.startswith(("cifar10_simcnn", "imagenet_")) and not p.endswith("_plus")]
 """The paper's recipes, which its fact sheet pins; every other preset is described in tests/fidelity/own.yaml."""
@@ -402,7 +402,7 @@ def test_label_smoothing_gives_the_smoothed_cross_entropy_of_fixed_logits():
 def test_nesterov_steps_by_hand():
     """w = 1, loss 3w (gradient 3), lr 0.1, momentum 0.9, no weight decay. Nesterov: buffer b = 0.9 b + g and
     step g + 0.9 b, so w1 = 1 - 0.1 * 3 * 1.9 = 0.43 and w2 = 0.43 - 0.1 * 3 * (1 + 0.9 + 0.81) = -0.383."""
-    from layerwise.train.loop import make_optimizer
+    from layerwise.train.optim import make_optimizer
 
     w = torch.nn.Parameter(torch.ones(()))
     optimizer = make_optimizer([w], TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True))
@@ -422,7 +422,7 @@ def test_with_both_off_the_loss_and_the_steps_are_todays_bit_for_bit():
     had, to the last bit (so the demo's documented numbers cannot move)."""
     from layerwise.models.staged import StagedNet
     from layerwise.stages import plan_stages
-    from layerwise.train.loop import make_optimizer
+    from layerwise.train.optim import make_optimizer
     from layerwise.train.stage import StageModule
 
     torch.manual_seed(0)
@@ -451,7 +451,7 @@ def test_with_both_off_the_loss_and_the_steps_are_todays_bit_for_bit():
     ],
 )  # fmt: skip
 def test_the_per_step_schedules_worked_out_by_hand(schedule, by_hand):
-    from layerwise.train.loop import lr_at_step
+    from layerwise.train.schedule import lr_at_step
 
     cfg = TrainConfig(lr=0.1, epochs_per_block=2, schedule=schedule, warmup_epochs=0.5)
     assert [lr_at_step(cfg, t // 4, t % 4, 4) for t in range(8)] == pytest.approx(by_hand, rel=1e-12)
@@ -463,7 +463,8 @@ def test_a_per_step_schedule_sets_each_steps_rate_and_the_step_schedule_each_epo
     from layerwise.device import Precision
     from layerwise.models import build_model
     from layerwise.stages import plan_stages
-    from layerwise.train.loop import StageTraining, lr_at_step, train_epoch
+    from layerwise.train.loop import StageTraining, train_epoch
+    from layerwise.train.schedule import lr_at_step
 
     class FourBatches:
         offset, device = 0, torch.device("cpu")
@@ -559,7 +560,7 @@ def test_cutout_draws_after_the_crops_and_flips_which_stay_as_they_were():
 
 
 def test_a_warm_up_never_fills_the_whole_stage_and_replays_keep_their_epochs_last_rate():
-    from layerwise.train.loop import lr_at_step
+    from layerwise.train.schedule import lr_at_step
 
     cfg = TrainConfig(lr=0.1, epochs_per_block=2, schedule="triangle", warmup_epochs=1.99)  # W would round to T
     rates = [lr_at_step(cfg, t // 50, t % 50, 50) for t in range(100)]
@@ -572,7 +573,7 @@ def test_a_warm_up_never_fills_the_whole_stage_and_replays_keep_their_epochs_las
 def test_the_weight_average_follows_tensorflows_rule_worked_out_by_hand():
     """decay 0.3: update 0 uses min(0.3, 1/10) = 0.1, update 1 min(0.3, 2/11) = 2/11, update 2 min(0.3, 3/12) =
     0.25, update 3 min(0.3, 4/13) = 0.3; the integer buffer is copied."""
-    from layerwise.train.loop import WeightAverage
+    from layerwise.train.ema import WeightAverage
 
     module = torch.nn.BatchNorm1d(1)
     module.weight.data.fill_(0.0)
@@ -664,7 +665,7 @@ def test_cutmix_pastes_a_clipped_box_and_the_target_share_is_what_is_left(lam, c
 
 def test_block_epochs_give_each_greedy_block_its_own_and_a_whole_network_stage_their_sum():
     from layerwise.stages import plan_stages
-    from layerwise.train.loop import stage_epochs
+    from layerwise.train.schedule import stage_epochs
 
     cfg = TrainConfig(block_epochs=[3, 1, 2], epochs_per_block=9)
     assert [stage_epochs(cfg, s) for s in plan_stages(3, "greedy")] == [3, 1, 2]
@@ -704,7 +705,7 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_leave_the_
     ],
 )
 def test_the_step_schedule_stretches_to_a_stage_of_other_length(epochs, rates):
-    from layerwise.train.loop import lr_at
+    from layerwise.train.schedule import lr_at
 
     cfg = TrainConfig(lr=0.1, epochs_per_block=4, lr_step=3, lr_gamma=0.2)
     assert [lr_at(cfg, e, epochs) for e in range(epochs)] == pytest.approx(rates)

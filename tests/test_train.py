@@ -272,7 +272,7 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_last_checkpoint(tmp_p
 
 
 def test_the_loss_watch_flags_a_mean_far_above_the_starting_level_and_non_finite_losses():
-    from layerwise.train.loop import DIVERGENCE_WINDOW, Diverged, LossWatch
+    from layerwise.train.divergence import DIVERGENCE_WINDOW, Diverged, LossWatch
 
     cpu = torch.device("cpu")
     watch = LossWatch(10.0, cpu)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,193 +18,15 @@ from layerwise.config import TrainConfig
 from layerwise.data.loaders import Loader
 from layerwise.device import Precision
 from layerwise.distributed import SINGLE, Dist
-from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
 from layerwise.stages import Stage, place_for
+from layerwise.train.divergence import LossWatch
+from layerwise.train.ema import WeightAverage
 from layerwise.train.losses import local_loss
+from layerwise.train.optim import Optimizers
+from layerwise.train.schedule import decays_by, lr_at, lr_at_step, stage_epochs
 from layerwise.train.stage import BlockRandomness, freeze_for, frozen_prefix, network_key
-
-
-def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
-    """SGD with momentum (Nesterov's with train.nesterov) and weight decay. `fused` (default: on a GPU, when this
-    torch has it) does the whole update in one kernel. The CPU keeps the for-loop update by default: fused rounds
-    differently, which moved the demo's last block from 65.1 to 64.2 % (2026-11-26), and the documented CPU
-    results must stay reproducible."""
-    params = list(params)
-    options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "nesterov": cfg.nesterov}
-    if fused is None:
-        fused = bool(params) and all(p.device.type == "cuda" for p in params)
-    if fused:
-        try:
-            return torch.optim.SGD(params, fused=True, **options)
-        except (TypeError, RuntimeError):  # an older torch without fused SGD
-            pass
-    return torch.optim.SGD(params, **options)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a saved optimizer state but keep this optimizer's implementation (fused, foreach): the saved groups
-    carry the flags of the device the run was on, and a run may resume on another one."""
-    chosen = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, chosen, strict=True):
-        group.update(flags)
-
-
-class WeightAverage:
-    """train.ema: an exponential moving average of a module's state (its weights and BN statistics; integer
-    buffers, the BN batch counts, are copied). Update t (from 0) moves the average towards the module's state by
-    1 - d_t, with d_t = min(decay, (1 + t) / (10 + t)): TensorFlow's ExponentialMovingAverage with num_updates,
-    so that the average leaves the initial weights behind within the first steps."""
-
-    def __init__(self, module: nn.Module, decay: float, rename=None):
-        self.decay, self.updates = decay, 0
-        state = module.state_dict()  # tensors sharing the module's storage: they see every update in place
-        self.names = [rename(k) if rename else k for k in state]  # as saved: the network's names (StageTraining)
-        self.live = list(state.values())
-        self.average = [t.detach().clone() for t in self.live]
-
-    def rate(self) -> float:
-        """d_t of the next update."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self) -> None:
-        weight = 1 - self.rate()
-        for average, live in zip(self.average, self.live, strict=True):
-            if average.is_floating_point():
-                average.lerp_(live, weight)
-            else:
-                average.copy_(live)
-        self.updates += 1
-
-    @torch.no_grad()
-    def copy_to_module(self) -> None:
-        """Put the average in the module's place for good (the end of a stage)."""
-        for live, average in zip(self.live, self.average, strict=True):
-            live.copy_(average)
-
-    @contextmanager
-    def in_module(self) -> Iterator[None]:
-        """The average in the module's place for the duration, its own state back afterwards."""
-        kept = [t.clone() for t in self.live]
-        self.copy_to_module()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for live, saved in zip(self.live, kept, strict=True):
-                    live.copy_(saved)
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "tensors": dict(zip(self.names, self.average, strict=True))}
-
-    def load_state_dict(self, state: dict) -> None:
-        tensors = state.get("tensors") if isinstance(state, dict) else None
-        if not isinstance(tensors, dict) or list(tensors) != self.names or not isinstance(state.get("updates"), int):
-            raise LayerwiseError("the checkpoint's weight average (train.ema) does not match this stage; start anew")
-        with torch.no_grad():
-            for average, saved in zip(self.average, tensors.values(), strict=True):
-                if not isinstance(saved, torch.Tensor) or saved.shape != average.shape:
-                    raise LayerwiseError("the checkpoint's weight average (train.ema) does not match this stage")
-                average.copy_(saved)
-        self.updates = state["updates"]
-
-
-class Optimizers:
-    """The stage's optimizers: one SGD over everything it trains, or (decoupled) one per trained block, over the
-    block and its head, as DGL's code has, so that a process holding some of the blocks holds their optimizers.
-    Every block follows the same step schedule (lr_at). The state_dict of one is the SGD's own (checkpoints of
-    greedy and end-to-end runs are unchanged); of several, {"blocks": {"j": SGD state}}."""
-
-    def __init__(self, groups: dict[int, list[nn.Parameter]] | list[nn.Parameter], cfg: TrainConfig):
-        self.per_block = isinstance(groups, dict)
-        parts = groups if self.per_block else {-1: groups}
-        self.optimizers = {j: make_optimizer(params, cfg) for j, params in parts.items()}
-        self.average: WeightAverage | None = None
-        """train.ema's average of the stage, saved and loaded with the optimizers' state under "average"."""
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-
-    def set_lr(self, lr: float, forget_momentum: bool = False) -> None:
-        for optimizer in self.optimizers.values():
-            if forget_momentum:
-                optimizer.state.clear()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-    @property
-    def state(self) -> dict:
-        """Every optimizer's per-parameter state (the momentum buffers), together."""
-        return {p: state for optimizer in self.optimizers.values() for p, state in optimizer.state.items()}
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for optimizer in self.optimizers.values() for g in optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        if not self.per_block:
-            state = self.optimizers[-1].state_dict()
-        else:
-            state = {"blocks": {str(j): optimizer.state_dict() for j, optimizer in self.optimizers.items()}}
-        return state if self.average is None else {**state, "average": self.average.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.average is not None:
-            if not isinstance(state, dict) or "average" not in state:
-                raise LayerwiseError("the checkpoint has no weight average (train.ema); start anew")
-            self.average.load_state_dict(state["average"])
-            state = {key: value for key, value in state.items() if key != "average"}
-        if not self.per_block:
-            load_optimizer_state(self.optimizers[-1], state)
-            return
-        saved = state.get("blocks") if isinstance(state, dict) else None
-        if not isinstance(saved, dict) or not {str(j) for j in self.optimizers} <= saved.keys():
-            raise LayerwiseError("the checkpoint's optimizer state does not cover this stage's blocks; start anew")
-        for j, optimizer in self.optimizers.items():
-            load_optimizer_state(optimizer, saved[str(j)])
-
-
-def stage_epochs(cfg: TrainConfig, stage: Stage) -> int:
-    """The stage's epochs: a greedy block's own (train.block_epochs), or their sum for a stage of every block."""
-    return cfg.epochs(stage.block if stage.finishes_block else None)
-
-
-def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int, epochs: int | None = None) -> float:
-    """A per-step schedule (train.schedule cosine or triangle) at step `step` of `steps` in epoch `epoch` of a
-    stage of `epochs` (default epochs_per_block): t = epoch x steps + step of T = epochs x steps, after
-    W = round(warmup_epochs x steps) linear warm-up steps lr x (t + 1) / W; then cosine
-    lr x (1 + cos(pi (t - W) / (T - W))) / 2, or triangle lr x (T - t) / (T - W)."""
-    total = (epochs or cfg.epochs_per_block) * steps
-    warmup = min(round(cfg.warmup_epochs * steps), total - 1)  # the warm-up ends before the stage does
-    t = epoch * steps + min(step, steps - 1)  # a pipeline process with replays may step past its epoch's count
-    if t < warmup:
-        return cfg.lr * (t + 1) / warmup
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
-    return cfg.lr * (total - t) / (total - warmup)
-
-
-def decays_by(cfg: TrainConfig, epoch: int, epochs: int | None = None) -> int:
-    """The step schedule's decays up to and including epoch `epoch` of a stage of `epochs` (default
-    epochs_per_block): lr_step counts epochs of epochs_per_block, and a stage of another length (train.block_epochs)
-    has its decays at the same fractions of it, decay k at epoch round(k x lr_step x epochs / epochs_per_block)
-    (halves rounded up). A stage of epochs_per_block epochs decays every lr_step epochs, as the paper's."""
-    stretch = (epochs or cfg.epochs_per_block) / cfg.epochs_per_block
-    return sum(1 for k in range(1, epoch + 1) if math.floor(k * cfg.lr_step * stretch + 0.5) <= epoch)
-
-
-def lr_at(cfg: TrainConfig, epoch: int, epochs: int | None = None) -> float:
-    """Step schedule within a stage: lr x gamma^(decays so far) (see decays_by); lr x gamma^(epoch // lr_step) for
-    a stage of epochs_per_block epochs."""
-    return cfg.lr * cfg.lr_gamma ** decays_by(cfg, epoch, epochs)
 
 
 @dataclass(frozen=True)
@@ -340,56 +161,6 @@ class StageTraining:
         else:
             with self.average.in_module():
                 yield
-
-
-DIVERGENCE_WINDOW = 50
-"""Steps in the running mean that train.divergence_factor checks, and how often the check is read."""
-
-
-class Diverged(Exception):
-    """The stage's training loss diverged at `step` of the epoch: non-finite, or a running mean of `mean`."""
-
-    def __init__(self, step: int, mean: float, limit: float):
-        super().__init__(f"running mean {mean:.4g} at step {step}, limit {limit:.4g}")
-        self.step, self.mean, self.limit = step, mean, limit
-
-
-class LossWatch:
-    """The epoch's last DIVERGENCE_WINDOW step losses on the device, with a flag for a non-finite one: no host
-    sync per step. `check` reads them (one sync, and under DDP one all-reduce, so every process stops together).
-
-    The stage's starting level is the mean of its first window (or of its first epoch, when shorter), and never
-    below ln(classes), the loss of a uniform guess: early spikes raise the level instead of stopping the run.
-    After that, a window whose mean exceeds factor x the level, or any non-finite loss, raises Diverged.
-    """
-
-    def __init__(self, factor: float, device: torch.device, where: Dist = SINGLE, level: float | None = None):
-        self.factor, self.where, self.level = factor, where, level
-        self.window = torch.zeros(DIVERGENCE_WINDOW, dtype=torch.float64, device=device)
-        self.bad = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps, self.classes = 0, 0
-
-    def add(self, loss: torch.Tensor, classes: int) -> None:
-        loss = loss.detach().double()
-        self.window[self.steps % DIVERGENCE_WINDOW] = loss
-        self.bad += (~torch.isfinite(loss)).double()
-        self.steps, self.classes = self.steps + 1, classes
-
-    def due(self, i: int, n: int) -> bool:
-        return (i + 1) % DIVERGENCE_WINDOW == 0 or i + 1 == n
-
-    def check(self) -> None:
-        kept = min(self.steps, DIVERGENCE_WINDOW)
-        bad, mean = self.where.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
-        mean /= self.where.replicas  # a pipeline's processes each add their own heads' losses
-        if bad > 0 or not math.isfinite(mean):
-            raise Diverged(self.steps, math.nan, math.nan)
-        if self.factor <= 0:
-            return
-        if self.level is None:  # the stage's first window: its starting level
-            self.level = max(mean, math.log(max(self.classes, 2)))
-        elif mean > self.factor * self.level:
-            raise Diverged(self.steps, mean, self.factor * self.level)
 
 
 def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int = 0, desc: str = "") -> dict:

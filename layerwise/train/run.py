@@ -45,7 +45,8 @@ from layerwise.safe_io import folder
 from layerwise.stages import Stage, module_bytes, plan_stages, resident_modules
 from layerwise.train.cache import PrefixCache, cache_bytes, check_cache_fits, human, prefix_shapes
 from layerwise.train.checkpoint import BackgroundWriter, checkpoint_job, save_checkpoint
-from layerwise.train.loop import Diverged, StageTraining, Wiring, stage_epochs, train_epoch
+from layerwise.train.divergence import Diverged
+from layerwise.train.loop import StageTraining, Wiring, train_epoch
 from layerwise.train.pipeline import (
     GatheredState,
     Pipe,
@@ -58,6 +59,7 @@ from layerwise.train.pipeline import (
     pipeline_groups,
     pipelined,
 )
+from layerwise.train.schedule import stage_epochs
 from layerwise.train.summary import final_scores, format_row, summarize
 
 log = logging.getLogger("layerwise")
@@ -127,7 +129,7 @@ class Resume:
     epoch: int = 0
     optimizer_state: dict | None = None
     loss_level: float | None = None
-    """The stage's starting loss level for the divergence check (train.loop.LossWatch)."""
+    """The stage's starting loss level for the divergence check (train.divergence.LossWatch)."""
 
 
 class Run:
