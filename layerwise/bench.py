@@ -27,7 +27,7 @@ import torch
 from layerwise.config import COMPILE_MODES, PRECISIONS, RunConfig
 from layerwise.data.sources import sample_path
 from layerwise.device import Precision, resolve_device
-from layerwise.distributed import SINGLE, Dist, compute_for, from_env, process_group
+from layerwise.distributed import SINGLE, Dist, check_batch, compute_for, from_env, process_group
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.limits import Budget
@@ -128,7 +128,7 @@ def time_steps(net, stage, x, y, offset: int, timing: Timing) -> dict:
     them) after `warmup` untimed ones (which compile when cfg.train.compile asks), with only the stage's modules on
     the device. x and y are this process's share of the batch."""
     device = timing.precision.device
-    training = StageTraining(net, stage, timing.cfg.train, timing.precision, timing.where)
+    training = StageTraining(net, stage, timing.cfg.train, timing.precision, timing.where.replicas)
     resident = resident_modules(net, stage)
     # The peak comes from the warm-up steps and one more (the optimizer's state is created in the first); the
     # timed steps follow outside the measurement, whose allocator settings would slow them on the CPU.
@@ -205,6 +205,7 @@ def bench_setup(spec: BenchSpec, where: Dist = SINGLE) -> Bench:
     """The network `train` would build (checked_model), with greedy block 0's modules on the device; the same
     seed in every process."""
     cfg = bench_config(spec)
+    check_batch(cfg.train.batch_size, where.world_size)
     compute = compute_for(cfg.train, where)
     torch.manual_seed(0)
     try:
@@ -326,13 +327,13 @@ def time_checkpoint(net, stage, cfg: RunConfig, device, repeats: int = 3) -> dic
         path = Path(tmp) / "last.pt"
         for _ in range(repeats):
             t0 = time.perf_counter()
-            save_checkpoint(path, meta, net.state_dict(), optimizer.state_dict())
+            save_checkpoint(path, meta, {"model": net.state_dict(), "optimizer": optimizer.state_dict()})
             inline.append(time.perf_counter() - t0)
         with BackgroundWriter() as writer:
             for _ in range(repeats):
                 writer.wait()  # a training epoch outlasts the write before it
                 t0 = time.perf_counter()
-                writer.submit(checkpoint_job(path, meta, net, optimizer))
+                writer.submit(checkpoint_job(path, meta, net, {"optimizer": optimizer.state_dict()}))
                 background.append(time.perf_counter() - t0)
         size = path.stat().st_size
     return {

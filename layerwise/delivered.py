@@ -14,7 +14,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet
 from layerwise.network import checked_model
-from layerwise.rundir import RunDir, load_checkpoint
+from layerwise.rundir import RunDir, read_checkpoint
 from layerwise.stages import plan_stages
 from layerwise.trust import check_trusted
 
@@ -40,8 +40,8 @@ def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
     if not path.is_file():
         raise LayerwiseError(f"{run.path} has no checkpoint yet; train at least one epoch first")
     check_trusted(cfg.model, f"run directory {run.path}")
-    meta, state, optimizer = load_checkpoint(path)
-    average = optimizer.get("average") if isinstance(optimizer, dict) and path == run.last else None
+    meta, state, _, average = read_checkpoint(path)
+    average = average if path == run.last else None
     if isinstance(average, dict) and isinstance(average.get("tensors"), dict):  # train.ema mid-stage: its average
         state = {**state, **{k: v for k, v in average["tensors"].items() if k in state}}
     net = checked_model(cfg, len(classes), compute, state)

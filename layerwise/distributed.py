@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from layerwise.errors import LayerwiseError, one_line
 from layerwise.limits import DIST_TIMEOUT
@@ -33,6 +32,43 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Replicas:
+    """The processes that split each batch (data parallelism), and this one's place among them. A run's processes
+    all do, unless a runner groups them otherwise (a pipeline's replicas: train/pipeline)."""
+
+    index: int = 0
+    count: int = 1
+    group: Any = None
+    """Their torch.distributed process group; None: every process of the run."""
+    root: int = 0
+    """The global rank of replica 0, whose buffers every replica takes (broadcast)."""
+
+    @property
+    def active(self) -> bool:
+        return self.count > 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum t over the replicas, in place (a no-op for one)."""
+        if self.active:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """Give every replica replica 0's copy of `tensors`: each process updated its own BN running statistics
+        from its own share of the last batch, and the saved checkpoint holds replica 0's."""
+        if self.active:
+            for t in tensors:
+                dist.broadcast(t, self.root, group=self.group)
+
+    def shards(self, where: Dist) -> Dist:
+        """The Dist the data loaders shard by: one shard per replica."""
+        return Dist(self.index, self.count, where.local_rank, where.local_world_size)
+
+
+ALONE = Replicas()
+
+
+@dataclass(frozen=True)
 class Dist:
     """Where this process stands in the run: its rank among `world_size` processes, and on its own node."""
 
@@ -40,32 +76,11 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    pipeline: int = 1
-    """Processes per pipeline (--placement pipeline), each holding consecutive blocks; 1: every process holds the
-    whole stage and they split the batch (data parallelism). Rank r is position r % pipeline of replica
-    r // pipeline."""
 
     @property
-    def replicas(self) -> int:
-        """Processes that split each batch (data parallelism)."""
-        return self.world_size // self.pipeline
-
-    @property
-    def replica(self) -> int:
-        return self.rank // self.pipeline
-
-    @property
-    def position(self) -> int:
-        """This process's place in its pipeline: 0 reads the data."""
-        return self.rank % self.pipeline
-
-    @property
-    def data_parallel(self) -> bool:
-        return self.replicas > 1
-
-    def data_view(self) -> Dist:
-        """This process's place among the replicas, which split the data (what the loaders shard by)."""
-        return Dist(self.replica, self.replicas, self.local_rank, self.local_world_size)
+    def replicas(self) -> Replicas:
+        """Every process of the run splitting each batch (data parallelism over all of them)."""
+        return Replicas(self.rank, self.world_size)
 
     @property
     def is_main(self) -> bool:
@@ -81,18 +96,6 @@ class Dist:
         if self.active:
             dist.all_reduce(t)
         return t
-
-    def broadcast_buffers(self, module: nn.Module, group=None) -> None:
-        """Give every replica replica 0's buffers (BN running statistics): each process updated its own from its
-        own share of the last batch, and the saved checkpoint holds rank 0's (in a pipeline, over `group`, the
-        position's data-parallel processes, from replica 0's)."""
-        self.broadcast_tensors(list(module.buffers()), group)
-
-    def broadcast_tensors(self, tensors: list[torch.Tensor], group=None) -> None:
-        """Give every replica replica 0's copy of `tensors` (see broadcast_buffers)."""
-        if self.data_parallel:
-            for t in tensors:
-                dist.broadcast(t, self.position, group=group)
 
     def from_main(self, value: T) -> T:
         """Rank 0's `value`, on every process."""
@@ -169,10 +172,10 @@ def device_for(name: str, where: Dist) -> str:
     return f"cuda:{where.local_rank}"
 
 
-def check_batch(batch_size: int, where: Dist) -> None:
-    if batch_size % where.replicas:
+def check_batch(batch_size: int, replicas: int) -> None:
+    if batch_size % replicas:
         raise LayerwiseError(
-            f"train.batch_size={batch_size} is the global batch and must divide by the {where.replicas} "
+            f"train.batch_size={batch_size} is the global batch and must divide by the {replicas} "
             "processes; change --batch-size or --nproc-per-node"
         )
 
@@ -182,7 +185,6 @@ def compute_for(cfg: TrainConfig, where: Dist) -> Precision:
     cannot run there. `train` and `bench` both start here."""
     from layerwise.device import precision_for, resolve_device
 
-    check_batch(cfg.batch_size, where)
     device = resolve_device(device_for(cfg.device, where))
     if cfg.sync_bn and where.active and device.type != "cuda":
         raise LayerwiseError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU (gloo)")

@@ -65,8 +65,7 @@ def evaluate(
     upto, last = max(blocks), blocks[-1]
     keep = memo is not None and len(blocks) > 1  # only heads before the last one can be frozen
     reuse = keep and "counts" in memo
-    # per head: top-1, top-5, ensemble top-1, ensemble top-5 hits, summed cross-entropy
-    counts = torch.zeros(len(blocks), 5, dtype=torch.float64, device=loader.device)
+    counts = torch.zeros(len(blocks), len(COUNTS), dtype=torch.float64, device=loader.device)  # (heads, COUNTS)
     totals = []  # the frozen heads' running ensemble, per batch
     n = 0
     for b, (x, y) in enumerate(loader.batches()):
@@ -74,12 +73,11 @@ def evaluate(
             logits = flipped(net, x, flip, upto=upto, heads=[last] if reuse else blocks)
         if reuse:
             (z,) = logits
-            e = add_to_ensemble(memo["totals"][b], z, ensemble)
-            counts[-1] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y), summed_loss(z, y)])
+            counts[-1] += counted(z, add_to_ensemble(memo["totals"][b], z, ensemble), y)
         else:
             scores = ensemble_scores(logits, kind=ensemble)
             for i, (z, e) in enumerate(zip(logits, scores, strict=True)):
-                counts[i] += torch.stack([*topk_correct(z.float(), y), *topk_correct(e, y), summed_loss(z, y)])
+                counts[i] += counted(z, e, y)
             if keep:
                 totals.append(scores[-2])
         n += len(y)
@@ -88,16 +86,27 @@ def evaluate(
     elif keep:  # this process's counts: each process keeps a memo of its own shard
         memo.update(counts=counts[:-1].clone(), totals=totals)
     net.train(was_training)
-    *counts_flat, n = where.sum(torch.cat([counts.flatten(), counts.new_tensor([n])])).tolist()
-    return figures(blocks, counts_flat, int(n))
+    return figures(blocks, counts, n, where)
 
 
-def figures(blocks: list[int], counts: list[float], n: int) -> dict:
-    """evaluate()'s result from the summed counts (5 per head, in the order of `blocks`) over n images."""
-    per_head = torch.tensor(counts, dtype=torch.float64).view(len(blocks), 5)
+COUNTS = ("top1", "top5", "ensemble_top1", "ensemble_top5", "loss")
+"""The columns of evaluation counts, one row per head: hits, hits of the running ensemble, summed loss."""
+
+
+def counted(z: torch.Tensor, total: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One head's (len(COUNTS),) counts over a batch: its logits z (B, classes), the ensemble `total` up to it."""
+    return torch.stack([*topk_correct(z.float(), y), *topk_correct(total, y), summed_loss(z, y)])
+
+
+def figures(blocks: list[int], counts: torch.Tensor, n: int, where: Dist = SINGLE) -> dict:
+    """evaluate()'s result from the counts (len(blocks), len(COUNTS)) over n images, both summed over `where`'s
+    processes first."""
+    *flat, n = where.sum(torch.cat([counts.flatten(), counts.new_tensor([n])])).tolist()
+    per_head = torch.tensor(flat, dtype=torch.float64).view(len(blocks), len(COUNTS))
+    n = int(n)
     pct = (100.0 * per_head[:, :4] / max(n, 1)).tolist()
     losses = (per_head[:, 4] / max(n, 1)).tolist()
-    names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
+    names = COUNTS[:4]
     return {
         "blocks": {j: dict(zip(names, row, strict=False)) for j, row in zip(blocks, pct, strict=False)},
         "loss": losses[-1],

@@ -10,12 +10,15 @@ import io
 import json
 import logging
 import os
+import platform
 import stat
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from layerwise._version import __version__
 from layerwise.config import load_yaml
 from layerwise.errors import LayerwiseError, one_line
 from layerwise.limits import METRICS_FILE, RUN_FILE, SMALL_FILE
@@ -25,19 +28,38 @@ from layerwise.safe_io import folder, open_append, read_text, write_text
 log = logging.getLogger("layerwise")
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
-    """(meta, model state_dict, optimizer state_dict or None). Never unpickles arbitrary objects."""
+class Checkpoint(NamedTuple):
+    """A checkpoint's parts: its JSON metadata, the network's state_dict, and for an epoch checkpoint the
+    optimizer's state and train.ema's average (None where absent)."""
+
+    meta: dict[str, Any]
+    model: dict
+    optimizer: dict | None
+    average: dict | None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint file's parts. Never unpickles arbitrary objects. Checkpoints written before 2026-12-07 kept
+    train.ema's average inside the optimizer's state, under "average": it is read from there."""
     try:
         with open(path, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise ValueError("not a regular file")
             payload = torch.load(f, map_location="cpu", weights_only=True)
-        return json.loads(payload["meta"]), payload["model"], payload.get("optimizer")
+        optimizer, average = payload.get("optimizer"), payload.get("average")
+        if average is None and isinstance(optimizer, dict) and "average" in optimizer:  # the older layout
+            average, optimizer = optimizer["average"], {k: v for k, v in optimizer.items() if k != "average"}
+        return Checkpoint(json.loads(payload["meta"]), payload["model"], optimizer, average)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
         raise LayerwiseError(
             f"checkpoint {path} is unreadable ({type(e).__name__}); delete it: training resumes and eval "
             "reads from the newest checkpoint left"
         ) from None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict | None]:
+    """(meta, model state_dict, optimizer state_dict or None): read_checkpoint's first three parts."""
+    return read_checkpoint(path)[:3]
 
 
 class RunDir:
@@ -193,3 +215,20 @@ class RunLogHandler(logging.FileHandler):
 
     def _open(self):
         return io.TextIOWrapper(open_append(Path(self.baseFilename), self.root), encoding="utf-8")
+
+
+def run_info(device: torch.device, data, description: str, where) -> dict[str, Any]:
+    """run.json's facts about a run as it starts (or resumes): versions, device, processes, data, time."""
+    return {
+        "layerwise": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "processes": where.world_size,
+        "data": str(data) if data is not None else "built-in sample",
+        "data_path": str(Path(data).resolve()) if data is not None else None,
+        "data_description": description,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),  # torchrun's job; its restarts resume
+    }

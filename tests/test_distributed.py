@@ -287,7 +287,7 @@ def test_only_a_restart_of_the_job_that_started_a_run_resumes_it_by_itself(
 ):
     """torchrun's restart count above 0, and run.json naming this job's id; torchrun's default id "none" (no
     --standalone, no --rdzv-id) names no job in particular."""
-    from layerwise.train.run import elastic_restart_of
+    from layerwise.train.resume import elastic_restart_of
 
     for key, value in {"TORCHELASTIC_RESTART_COUNT": attempt, "TORCHELASTIC_RUN_ID": job}.items():
         if value is None:

@@ -18,7 +18,8 @@ from conftest import tiny_overrides, write_folder
 from layerwise.cli import main
 from layerwise.errors import LayerwiseError
 from layerwise.rundir import RunDir, load_checkpoint
-from layerwise.train.pipeline import Placement, ReplayBuffer, balance
+from layerwise.train.pipeline.placement import Placement, balance
+from layerwise.train.pipeline.replay import ReplayBuffer
 
 TESTS = Path(__file__).parent
 SMALL = ["model.widths=[8,8,16]", "model.downsample_at=[2]", "model.k=2", "train.mode=decoupled"]

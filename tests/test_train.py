@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
 from layerwise.device import Precision
-from layerwise.distributed import Dist
+from layerwise.distributed import Replicas
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, evaluate
 from layerwise.models import build_model
@@ -163,14 +163,15 @@ def test_resume_ends_with_identical_weights(tmp_path, image_folder, extra):
 
 
 def test_an_unfinished_run_with_a_weight_average_delivers_the_average(tmp_path, image_folder):
-    """Mid-stage, last.pt holds the raw weights and the average under the network's names; eval, export and
-    predict (load_delivered) use the average, which the epoch's metrics line scored."""
+    """Mid-stage, last.pt holds the raw weights and, under its own key, the average under the network's names;
+    eval, export and predict (load_delivered) use the average, which the epoch's metrics line scored."""
     from layerwise.delivered import load_delivered
 
     cfg = tiny_config(epochs=2, train={"ema": 0.9})
     seen = train_until_interrupted(cfg, tmp_path / "run", image_folder)
-    _, raw, optimizer = load_checkpoint(RunDir(tmp_path / "run").last)
-    average = optimizer["average"]["tensors"]
+    payload = torch.load(RunDir(tmp_path / "run").last, weights_only=True)
+    assert {"model", "optimizer", "average"} <= payload.keys() and "average" not in payload["optimizer"]
+    raw, average = payload["model"], payload["average"]["tensors"]
     assert sorted({k.split(".")[1] for k in average}) == ["1"] and "blocks.1.0.weight" in average  # block 1's stage
     assert not torch.equal(average["blocks.1.0.weight"], raw["blocks.1.0.weight"])
     net = load_delivered(tmp_path / "run", Precision(torch.device("cpu"), bf16=False)).net
@@ -180,6 +181,22 @@ def test_an_unfinished_run_with_a_weight_average_delivers_the_average(tmp_path, 
     data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
     scored = evaluate(net.eval(), data.val, [0, 1])
     assert scored["blocks"][1]["top1"] == seen[2]["val"]["top1"]
+
+
+def test_a_checkpoint_with_the_average_inside_the_optimizer_state_still_resumes(tmp_path, image_folder):
+    """Before 2026-12-07 train.ema's average was saved inside the optimizer's state: such a last.pt resumes to
+    the same end as an uninterrupted run."""
+    cfg = tiny_config(epochs=2, train={"ema": 0.9})
+    train(cfg, tmp_path / "full", image_folder)
+    train_until_interrupted(cfg, tmp_path / "cut", image_folder)
+    last = RunDir(tmp_path / "cut").last
+    payload = torch.load(last, weights_only=True)
+    payload["optimizer"] = {**payload["optimizer"], "average": payload.pop("average")}  # the older layout
+    torch.save(payload, last)
+    train(cfg, tmp_path / "cut", image_folder, resume=True)
+    _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
+    _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_run_directory_contents(tmp_path, image_folder):
@@ -472,7 +489,7 @@ def test_without_validation_the_run_trains_on_every_image_and_says_its_figures_a
     names = ("top1", "top5", "ensemble_top1", "ensemble_top5")
     assert summary["final"] == {f"train_eval_{k}": rows[-1]["train_eval"][k] for k in names}
     assert "train_eval" in summary["no_validation"]
-    from layerwise.train.summary import summary_table
+    from layerwise.train.metrics import summary_table
 
     assert "no validation" in summary_table(summary)
 
@@ -604,7 +621,7 @@ def test_an_epochs_figures_are_means_over_its_images_worked_out_from_its_steps(i
     assert got["images_per_s"] == pytest.approx(n / got["seconds"], rel=1e-12) and 0 < got["seconds"] <= elapsed
     # one progress bar over the epoch's batches, which disappears when done (None: shown on a terminal only)
     assert bars == [{"total": 4, "desc": "block 1", "leave": False, "disable": None}]
-    training.where = Dist(rank=1)  # a process other than rank 0 shows none
+    training.replicas = Replicas(index=1)  # a process other than the first shows none
     train_epoch(training, data.train, seed=1)
     assert bars[1]["disable"] is True and bars[1]["desc"] == ""
     assert epochs == [0, 0]  # unless told, the stage's first epoch (a prefix cache's first view)

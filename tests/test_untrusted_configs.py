@@ -223,7 +223,7 @@ IMPORT_SITES = {
     ("data/cifar.py", "CifarUnpickler.find_class", "find_class"): "CIFAR-10 pickles",
 }
 ALLOWED_LOADS = {
-    ("rundir.py", "load_checkpoint", "torch.load"),  # weights_only=True, asserted below
+    ("rundir.py", "read_checkpoint", "torch.load"),  # weights_only=True, asserted below
     ("data/cifar.py", "load_batch", "load"),  # CifarUnpickler(...).load(): the allow-list above
     ("config.py", "load_yaml", "yaml.load"),  # Loader=_ConfigLoader, asserted below: safe, and no aliases
 }

@@ -14,7 +14,7 @@ _WHERE = {
     "StageModule": "stage",
     "StageTraining": "loop",
     "train_epoch": "loop",
-    "summary_table": "summary",
+    "summary_table": "metrics",
 }
 __all__ = ["Run", "Stage", "StageModule", "StageTraining", "plan_stages", "summary_table", "train", "train_epoch"]
 

@@ -10,6 +10,7 @@ image's crop and flip repeat every `views` epochs (the cost of caching, measured
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -18,12 +19,18 @@ from pathlib import Path
 
 import torch
 
+from layerwise.config import TrainConfig
 from layerwise.data.loaders import Batched, MemoryLoader
 from layerwise.device import Precision
+from layerwise.distributed import Dist
 from layerwise.errors import LayerwiseError
 from layerwise.limits import human_bytes as human
 from layerwise.models.staged import StagedNet
 from layerwise.safe_io import folder, split
+from layerwise.stages import Stage, module_bytes, plan_stages, resident_modules
+from layerwise.train.schedule import stage_epochs
+
+log = logging.getLogger("layerwise")
 
 
 def prefix_shapes(net: StagedNet, image: torch.Tensor) -> list[tuple[int, ...]]:
@@ -69,6 +76,39 @@ def check_cache_fits(needed: int, where: str, device: torch.device, folder: Path
             f"train.cache={where} needs {human(needed)} for {what} but only {human(available)} is free; "
             f"lower train.cache_views, or use train.cache={others}"
         )
+
+
+def cache_views(cfg: TrainConfig, stage: Stage | None = None) -> int:
+    """train.cache_views, but no more than the stage's epochs (without a stage: the most of any greedy block's):
+    views beyond them would never be read."""
+    epochs = stage_epochs(cfg, stage) if stage is not None else max(cfg.block_epochs or [cfg.epochs_per_block])
+    return min(cfg.cache_views, epochs)
+
+
+def check_cache(net: StagedNet, images, cfg: TrainConfig, precision: Precision, where: Dist, cache_dir: Path) -> None:
+    """Size the largest prefix cache of a run and refuse it now if it cannot fit (every process of this node
+    holds its own copy in host memory, and of the run on a disk cache)."""
+    if not isinstance(images, MemoryLoader):
+        raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
+    device, dtype = precision.device, precision.dtype
+    shapes = prefix_shapes(net, images.normalize(images.images[:1]))
+    n, views = images.num_examples, cache_views(cfg)
+    on_gpu = cfg.cache == "device" and device.type == "cuda"
+    copies = 1 if on_gpu else where.world_size if cfg.cache == "disk" else where.local_world_size
+
+    def weights(stage: Stage) -> int:  # a GPU cache must leave room for the weights the stage brings there
+        return module_bytes(resident_modules(net, stage), off=device) if on_gpu else 0
+
+    cached = [s for s in plan_stages(net.J, "greedy") if s.cacheable]
+    stage = max(cached, key=lambda s: cache_bytes(n, views, shapes[s.first], dtype) + weights(s))
+    needed = cache_bytes(n, views, shapes[stage.first], dtype)
+    shape = "x".join(map(str, shapes[stage.first]))
+    what = f"block {stage.first}'s input ({views} view(s) of {n} images at {shape}, {dtype})"
+    what += f" in each of {copies} processes" if copies > 1 else ""
+    if weights(stage):
+        what += f" and the {human(weights(stage))} of weights that stage brings to the device"
+    check_cache_fits(copies * needed + weights(stage), cfg.cache, device, cache_dir, what)
+    log.info("prefix cache: at most %.2f GiB (%s)", copies * needed / 2**30, what)
 
 
 class PrefixCache(Batched):

@@ -17,30 +17,26 @@ from layerwise.safe_io import atomic_write, write_text
 log = logging.getLogger("layerwise")
 
 
-def save_checkpoint(
-    path: Path, meta: dict[str, Any], model: dict, optimizer: dict | None = None, root: Path | None = None
-) -> None:
-    """Tensors in a torch file (loadable with weights_only=True), metadata as JSON inside it and beside it; `root`
-    is the run directory the path is in (no link below it is followed)."""
-    payload = {"meta": json.dumps(meta), "model": model}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer
+def save_checkpoint(path: Path, meta: dict[str, Any], states: dict[str, dict], root: Path | None = None) -> None:
+    """Tensors in a torch file (loadable with weights_only=True): `states`, the network's under "model" and in an
+    epoch checkpoint the optimizer's and train.ema's average's (rundir.read_checkpoint); the metadata as JSON
+    inside it and beside it. `root` is the run directory the path is in (no link below it is followed)."""
+    payload = {"meta": json.dumps(meta), **states}
     atomic_write(path, lambda f: torch.save(payload, f), root)
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n", root)
 
 
 def checkpoint_job(
-    path: Path, meta: dict, net: torch.nn.Module, optimizer=None, first=None, root: Path | None = None
+    path: Path, meta: dict, net: torch.nn.Module, states: dict | None = None, first=None, root: Path | None = None
 ) -> Callable[[], None]:
-    """Snapshot the weights (and optimizer state) now, before the next step changes them; the returned job runs
-    `first`, if given, then saves the snapshot (for a BackgroundWriter)."""
-    model_state = cpu_snapshot(net.state_dict())
-    optimizer_state = cpu_snapshot(optimizer.state_dict()) if optimizer is not None else None
+    """Snapshot the weights (and `states`, an epoch's optimizer and average) now, before the next step changes
+    them; the returned job runs `first`, if given, then saves the snapshot (for a BackgroundWriter)."""
+    snapshot = cpu_snapshot({"model": net.state_dict(), **(states or {})})
 
     def job() -> None:
         if first is not None:
             first()
-        save_checkpoint(path, meta, model_state, optimizer_state, root)
+        save_checkpoint(path, meta, snapshot, root)
 
     return job
 

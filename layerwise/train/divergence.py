@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
-from layerwise.distributed import SINGLE, Dist
+from layerwise.distributed import ALONE
 
 DIVERGENCE_WINDOW = 50
 """Steps in the running mean that train.divergence_factor checks, and how often the check is read."""
@@ -20,6 +21,14 @@ class Diverged(Exception):
         self.step, self.mean, self.limit = step, mean, limit
 
 
+class Summed(Protocol):
+    """The processes whose step losses a check adds up (Replicas), counted as `count` copies of the batch's loss."""
+
+    count: int
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
 class LossWatch:
     """The epoch's last DIVERGENCE_WINDOW step losses on the device, with a flag for a non-finite one: no host
     sync per step. `check` reads them (one sync, and under DDP one all-reduce, so every process stops together).
@@ -29,8 +38,8 @@ class LossWatch:
     After that, a window whose mean exceeds factor x the level, or any non-finite loss, raises Diverged.
     """
 
-    def __init__(self, factor: float, device: torch.device, where: Dist = SINGLE, level: float | None = None):
-        self.factor, self.where, self.level = factor, where, level
+    def __init__(self, factor: float, device: torch.device, over: Summed = ALONE, level: float | None = None):
+        self.factor, self.over, self.level = factor, over, level
         self.window = torch.zeros(DIVERGENCE_WINDOW, dtype=torch.float64, device=device)
         self.bad = torch.zeros((), dtype=torch.float64, device=device)
         self.steps, self.classes = 0, 0
@@ -46,8 +55,8 @@ class LossWatch:
 
     def check(self) -> None:
         kept = min(self.steps, DIVERGENCE_WINDOW)
-        bad, mean = self.where.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
-        mean /= self.where.replicas  # a pipeline's processes each add their own heads' losses
+        bad, mean = self.over.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
+        mean /= self.over.count
         if bad > 0 or not math.isfinite(mean):
             raise Diverged(self.steps, math.nan, math.nan)
         if self.factor <= 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -17,7 +16,8 @@ from tqdm import tqdm
 from layerwise.config import TrainConfig
 from layerwise.data.loaders import Loader
 from layerwise.device import Precision
-from layerwise.distributed import SINGLE, Dist
+from layerwise.distributed import ALONE, Replicas
+from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
 from layerwise.stages import Stage, place_for
@@ -29,23 +29,6 @@ from layerwise.train.schedule import decays_by, lr_at, lr_at_step, stage_epochs
 from layerwise.train.stage import BlockRandomness, freeze_for, frozen_prefix, network_key
 
 
-@dataclass(frozen=True)
-class Wiring:
-    """How a stage's process is tied to others beyond data parallelism: in a pipeline (train/pipeline.py)."""
-
-    downstream: Any = None
-    """The link to the next pipeline process (train/pipeline.Pipe): each step sends its last block's output and
-    the labels there, before its backward pass."""
-    reported: tuple[int, ...] | None = None
-    """The heads an epoch's figures cover: every pipeline process's (each process fills its own heads' figures,
-    and the all-reduce the rest). None: the stage's loss heads."""
-    replica_group: Any = None
-    """In a pipeline with several replicas, the processes holding this one's blocks (DDP among them)."""
-
-
-ALONE = Wiring()
-
-
 class StageTraining:
     """A stage set up to train: its modules on the device and frozen as Algorithm 1 says, the StageModule it
     trains (in DDP under torchrun, compiled when train.compile asks) and the module's optimizer.
@@ -54,29 +37,22 @@ class StageTraining:
     the frozen blocks run outside it, without gradients, and their weights are never all-reduced.
     """
 
-    def __init__(
-        self,
-        net: StagedNet,
-        stage: Stage,
-        cfg: TrainConfig,
-        precision: Precision,
-        where: Dist = SINGLE,
-        optimizer_state: dict | None = None,
-        loss_level: float | None = None,
-        wiring: Wiring = ALONE,
-    ):
-        self.net, self.stage, self.cfg, self.precision, self.where = net, stage, cfg, precision, where
+    keeps_output = False
+    """Whether the StageModule keeps its last block's output after each forward pass (a subclass's `forwarded`
+    reads it)."""
+
+    def __init__(self, net: StagedNet, stage: Stage, cfg: TrainConfig, precision: Precision, replicas=ALONE):
+        self.net, self.stage, self.cfg, self.precision = net, stage, cfg, precision
+        self.replicas: Replicas = replicas
+        """The processes that split each batch (DDP among them)."""
         self.epochs = stage_epochs(cfg, stage)
-        self.downstream, self.replica_group = wiring.downstream, wiring.replica_group  # see Wiring
-        self.reported = wiring.reported or stage.loss_heads
-        """The heads an epoch's figures cover (Wiring.reported)."""
-        self.loss_level = loss_level
+        self.loss_level: float | None = None
         """The stage's starting loss level, which the divergence check compares with (LossWatch); None until the
         stage's first window is measured, and kept in the epoch checkpoints for resume."""
         device = precision.device
         place_for(net, stage, device)
-        self.module = freeze_for(net, stage, local_loss(cfg), cfg.block_chunks, self.downstream is not None)
-        if cfg.sync_bn and where.data_parallel:  # replaces the BN modules inside the network's own blocks and head
+        self.module = freeze_for(net, stage, local_loss(cfg), cfg.block_chunks, self.keeps_output)
+        if cfg.sync_bn and replicas.active:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         if stage.decoupled:
             parts = zip(stage.trained_blocks, self.module.blocks, self.module.heads, strict=True)
@@ -85,13 +61,10 @@ class StageTraining:
         else:
             self.optimizer = Optimizers(list(self.module.parameters()), cfg)
         self.average = WeightAverage(self.module, cfg.ema, partial(network_key, stage)) if cfg.ema else None
-        self.optimizer.average = self.average
-        if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
         model: nn.Module = self.module
-        if where.data_parallel:  # starts from rank 0's weights and buffers; all-reduces gradients in the backward pass
+        if replicas.active:  # starts from replica 0's weights and buffers; all-reduces gradients in the backward pass
             model = DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None, process_group=self.replica_group
+                model, device_ids=[device] if device.type == "cuda" else None, process_group=replicas.group
             )
         if cfg.compile != "none":
             # Each stage freezes other modules and recompiles anyway; stale entries would count towards
@@ -99,6 +72,26 @@ class StageTraining:
             torch.compiler.reset()
             model = torch.compile(model, mode=cfg.compile)
         self.model = model
+
+    def load_state(self, state: dict[str, Any] | None, loss_level: float | None = None) -> None:
+        """Continue a stage from an epoch checkpoint's `state()` (its optimizer and train.ema's average; None: the
+        stage's start) and its divergence check from `loss_level`."""
+        self.loss_level = loss_level
+        if state is None:
+            return
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.average is not None:
+            if state.get("average") is None:
+                raise LayerwiseError("the checkpoint has no weight average (train.ema); start anew")
+            self.average.load_state_dict(state["average"])
+
+    def state(self) -> dict[str, Any]:
+        """What an epoch checkpoint keeps besides the network: the optimizer's state and train.ema's average."""
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
 
     def start_epoch(self, epoch: int, seed: int = 0, steps: int = 1) -> float:
         """Set this epoch's learning rate (its first step's, under a per-step schedule of `steps` per epoch); at a
@@ -132,9 +125,7 @@ class StageTraining:
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             loss, logits = self.model(frozen_prefix(self.net, self.stage, x, offset), y)
-        if self.downstream is not None:  # the next process starts on this batch while this one updates
-            self.downstream.send(self.module.output, y)
-            self.module.output = None  # the pipe holds it until sent
+        self.forwarded(y)
         total = loss.sum() if loss.dim() else loss
         (total if weight == 1.0 else total * weight).backward()
         self.optimizer.step()
@@ -142,12 +133,14 @@ class StageTraining:
             self.average.update()
         return loss, logits
 
+    def forwarded(self, y: torch.Tensor) -> None:
+        """Runs after each step's forward pass, before its backward pass: a hook for subclasses."""
+
     def sync(self) -> None:
-        """Every process takes rank 0's BN statistics (and averaged ones), before evaluation and checkpoints (see
-        Dist)."""
-        self.where.broadcast_buffers(self.module, self.replica_group)
+        """Every replica takes replica 0's BN statistics (and averaged ones), before evaluation and checkpoints."""
+        self.replicas.broadcast(list(self.module.buffers()))
         if self.average is not None:
-            self.where.broadcast_tensors(self.average.average, self.replica_group)
+            self.replicas.broadcast(self.average.average)
 
     @contextmanager
     def evaluated(self, finished: bool) -> Iterator[None]:
@@ -163,6 +156,65 @@ class StageTraining:
                 yield
 
 
+class Tally:
+    """An epoch's sums per reported head, on the device: one row per head, one named column per figure."""
+
+    COLUMNS = ("loss", "top1", "top5", "images")
+    """loss x images, top-1 hits, top-5 hits, images"""
+
+    def __init__(self, reported: tuple[int, ...], heads: tuple[int, ...], device: torch.device, extra=()):
+        self.reported, self.columns = reported, (*self.COLUMNS, *extra)
+        self.rows = [reported.index(j) for j in heads]  # where this process's heads go among the reported ones
+        self.sums = torch.zeros(len(reported), len(self.columns), dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One step's losses (H,) or () and logits (H, B, classes) or (B, classes), of this process's heads."""
+        losses = loss.detach().double().view(-1)  # (H,)
+        scores = logits.detach().float().view(len(self.rows), len(y), -1)  # (H, B, classes)
+        labels = y if y.dim() == 1 else y.argmax(1)  # data.mix: the larger share's label
+        for h, z in enumerate(scores):
+            self.sums[self.rows[h], :3] += torch.stack([losses[h] * len(y), *topk_correct(z, labels)])
+        self.n += len(y)
+
+    def set(self, column: str, value: float) -> None:
+        """The same `value` in `column` of every head of this process."""
+        self.sums[self.rows, self.columns.index(column)] = value
+
+    def figures(self, sum, images: int, t0: float) -> dict:
+        """The epoch's figures after `sum` added every process's sums (and `images`, the images it counts): the
+        last reported head's loss, top-1 and top-5, and with several heads each one's under "heads"."""
+        self.set("images", float(self.n))  # every head of this process saw each of its images
+        *flat, images = sum(torch.cat([self.sums.flatten(), self.sums.new_tensor([images])])).tolist()
+        seconds = time.perf_counter() - t0  # since the epoch's start (perf_counter's t0)
+        width = len(self.columns)
+        figures = {}
+        for j, i in zip(self.reported, range(0, len(flat), width), strict=True):
+            row = dict(zip(self.columns, flat[i : i + width], strict=True))
+            figures[j] = {"loss": row["loss"] / row["images"], "top1": 100.0 * row["top1"] / row["images"],
+                          "top5": 100.0 * row["top5"] / row["images"]}  # fmt: skip
+            figures[j].update({k: int(row[k]) for k in self.columns[len(self.COLUMNS) :]})
+        out = {**figures[self.reported[-1]], "images_per_s": images / seconds, "seconds": seconds}
+        if len(self.reported) > 1:
+            out["heads"] = figures
+        return out
+
+
+def run_steps(training: StageTraining, loader: Loader, seed: int, epoch: int, desc: str, shown: bool):
+    """Train on every batch `loader` yields for the epoch, step by step; yields each step's (index, batch size,
+    loss, logits) (a progress bar when `shown`)."""
+    offset, steps = loader.offset, len(loader)
+    batches = tqdm(loader.batches(seed, epoch), total=steps, desc=desc, leave=False, disable=None if shown else True)
+    per_step = training.cfg.schedule != "step"
+    parallel = training.replicas
+    for i, (x, y) in enumerate(batches):
+        if per_step:
+            training.optimizer.set_lr(lr_at_step(training.cfg, epoch, i, steps, training.epochs))
+        weight = len(y) * parallel.count / loader.global_batch(i) if parallel.active else 1.0
+        loss, logits = training.step(x, y, offset, weight)
+        yield i, y, loss, logits
+
+
 def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int = 0, desc: str = "") -> dict:
     """One pass over the training data. Sums stay on the device; the only host sync is at the end.
 
@@ -171,57 +223,15 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     top-1/top-5 are the stage's last loss head's; a stage with several (decoupled) adds each one's under "heads".
     The divergence check watches the sum of the heads' losses.
     """
-    where = training.where
-    offset = loader.offset
-    heads, reported = training.stage.loss_heads, training.reported
-    rows = [reported.index(j) for j in heads]  # where this process's heads go among the reported ones
-    # per reported head: loss * n, top-1 hits, top-5 hits, images; replayed steps, fresh batches dropped unused
-    sums = torch.zeros(len(reported), 6, dtype=torch.float64, device=loader.device)
-    n = 0
+    heads, replicas = training.stage.loss_heads, training.replicas
+    tally = Tally(heads, heads, loader.device)
+    watch = LossWatch(training.cfg.divergence_factor, loader.device, replicas, training.loss_level)
     t0 = time.perf_counter()
-    batches = tqdm(
-        loader.batches(seed, epoch), total=len(loader), desc=desc, leave=False, disable=None if where.is_main else True
-    )
-    # a pipeline with replays trains a different number of steps in each process: each checks its own losses
-    replaying = training.cfg.replay > 0
-    watch = LossWatch(
-        training.cfg.divergence_factor, loader.device, SINGLE if replaying else where, training.loss_level
-    )
-    per_step = training.cfg.schedule != "step"
-    for i, (x, y) in enumerate(batches):
-        if per_step:
-            training.optimizer.set_lr(lr_at_step(training.cfg, epoch, i, len(loader), training.epochs))
-        weight = len(y) * where.replicas / loader.global_batch(i) if where.data_parallel else 1.0
-        loss, logits = training.step(x, y, offset, weight)
+    for i, y, loss, logits in run_steps(training, loader, seed, epoch, desc, shown=replicas.index == 0):
         with torch.no_grad():
-            losses, scores = loss.detach().double().view(-1), logits.detach().float().view(len(heads), len(y), -1)
-            labels = y if y.dim() == 1 else y.argmax(1)  # data.mix: the larger share's label
-            for h, z in enumerate(scores):
-                sums[rows[h], :3] += torch.stack([losses[h] * len(y), *topk_correct(z, labels)])
-            watch.add(losses.sum(), logits.shape[-1])
-        n += len(y)
+            tally.add(loss, logits, y)
+            watch.add(loss.detach().double().view(-1).sum(), logits.shape[-1])
         if watch.due(i, len(loader)):
             watch.check()
-    if replaying:
-        watch.check()  # the steps since the last check (a process with replays ends past len(loader))
     training.loss_level = watch.level
-    if training.downstream is not None:
-        training.downstream.send_end()
-        training.downstream.flush()
-    sums[rows, 3] = float(n)  # every head of this process saw each of its images (no tensor per step for it)
-    sums[rows, 4] = float(getattr(loader, "replays", 0))  # a pipeline process's replay counts (Received)
-    sums[rows, 5] = float(getattr(loader, "dropped", 0))
-    n = n if where.position == 0 else 0  # a pipeline's processes all see the same images: count them once
-    *flat, n = where.sum(torch.cat([sums.flatten(), sums.new_tensor([n])])).tolist()
-    seconds = time.perf_counter() - t0
-    figures = {}
-    for j, (loss_sum, top1, top5, images, replays, dropped) in zip(
-        reported, (flat[i : i + 6] for i in range(0, len(flat), 6)), strict=True
-    ):
-        figures[j] = {"loss": loss_sum / images, "top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images}
-        if replaying:
-            figures[j].update(replays=int(replays), dropped=int(dropped))
-    out = {**figures[reported[-1]], "images_per_s": n / seconds, "seconds": seconds}
-    if len(reported) > 1:
-        out["heads"] = figures
-    return out
+    return tally.figures(replicas.sum, tally.n, t0)

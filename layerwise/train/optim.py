@@ -7,7 +7,6 @@ from torch import nn
 
 from layerwise.config import TrainConfig
 from layerwise.errors import LayerwiseError
-from layerwise.train.ema import WeightAverage
 
 
 def make_optimizer(params, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
@@ -46,8 +45,6 @@ class Optimizers:
         self.per_block = isinstance(groups, dict)
         parts = groups if self.per_block else {-1: groups}
         self.optimizers = {j: make_optimizer(params, cfg) for j, params in parts.items()}
-        self.average: WeightAverage | None = None
-        """train.ema's average of the stage, saved and loaded with the optimizers' state under "average"."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers.values():
@@ -75,17 +72,10 @@ class Optimizers:
 
     def state_dict(self) -> dict:
         if not self.per_block:
-            state = self.optimizers[-1].state_dict()
-        else:
-            state = {"blocks": {str(j): optimizer.state_dict() for j, optimizer in self.optimizers.items()}}
-        return state if self.average is None else {**state, "average": self.average.state_dict()}
+            return self.optimizers[-1].state_dict()
+        return {"blocks": {str(j): optimizer.state_dict() for j, optimizer in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.average is not None:
-            if not isinstance(state, dict) or "average" not in state:
-                raise LayerwiseError("the checkpoint has no weight average (train.ema); start anew")
-            self.average.load_state_dict(state["average"])
-            state = {key: value for key, value in state.items() if key != "average"}
         if not self.per_block:
             load_optimizer_state(self.optimizers[-1], state)
             return

@@ -1,14 +1,107 @@
-"""A run's summary (summary.json): each stage's last epoch, the delivered network's scores and sizes, and the
-table and log lines that show them."""
+"""A run's figures: each epoch's metrics line (metrics.jsonl), its TensorBoard scalars (train.tensorboard), and
+the summary (summary.json: each stage's last epoch, the delivered network's scores and sizes), with the table and
+log lines that show them."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 from layerwise.config import RunConfig
 from layerwise.errors import LayerwiseError
 from layerwise.models.staged import StagedNet, count
+from layerwise.safe_io import folder
+from layerwise.stages import Stage
+
+
+def epoch_row(stage: Stage, epoch: int, lr: float, stats: dict, scored: dict[str, dict]) -> dict[str, Any]:
+    """One metrics line: the stage's last loss head's training figures (`stats`, train_epoch's) and its `scored`
+    evaluations ({"val" or "train_eval": evaluate's result}, with the ensemble over the stage's heads). A stage
+    with several loss heads (decoupled) adds every block's figures under "blocks" (schema: docs/decisions.md)."""
+
+    def scores(j: int) -> dict[str, Any]:
+        return {key: {**result["blocks"][j], "loss": result["losses"][j]} for key, result in scored.items()}
+
+    row = {
+        "stage": stage.index,
+        "stage_name": stage.name,
+        "block": stage.block,
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": stats["loss"],
+        "train": {"top1": stats["top1"], "top5": stats["top5"]},
+        **{k: v for k, v in scores(stage.block).items() if k == "val"},
+        "images_per_s": stats["images_per_s"],
+        "seconds": stats["seconds"],
+        **{k: v for k, v in scores(stage.block).items() if k == "train_eval"},  # the lines' order of old
+    }
+    if "heads" in stats:
+        row["blocks"] = [
+            {"block": j, "lr": lr, "loss": figures["loss"],
+             "train": {"top1": figures["top1"], "top5": figures["top5"]}, **scores(j),
+             **{k: v for k, v in figures.items() if k not in ("loss", "top1", "top5")}}
+            for j, figures in stats["heads"].items()
+        ]  # fmt: skip
+    return row
+
+
+class Callback:
+    """A function of each epoch's metrics line, as a sink (train's `on_epoch_end`)."""
+
+    def __init__(self, function):
+        self.add = function
+
+    def close(self) -> None:
+        pass
+
+
+def sinks(cfg: RunConfig, run: Path, main: bool, epochs_done: int) -> list:
+    """Where each epoch's metrics line goes besides metrics.jsonl: TensorBoard (train.tensorboard, rank 0).
+    A sink has add(row) and close()."""
+    return [Board(run, epochs_done)] if cfg.train.tensorboard and main else []
+
+
+class Board:
+    """train.tensorboard: each epoch's metrics line as scalars in RUN/tensorboard (torch.utils.tensorboard), at
+    step = the run's epoch count. Tags: loss/train, top1/train, lr, images_per_s; loss/S, top1/S and
+    ensemble_top1/S for S = val and train_eval; a decoupled run adds top1/S/block j for each block."""
+
+    @staticmethod
+    def check() -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise LayerwiseError(
+                "train.tensorboard needs the tensorboard package: pip install 'layerwise[tensorboard]'"
+            ) from None
+
+    def __init__(self, run: Path, epochs_done: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        with folder(run, "tensorboard", create=True):  # a real folder of the run, never a link out of it
+            pass
+        # events at steps >= epochs_done are of epochs a resumed run trains again: TensorBoard drops them
+        self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=epochs_done)
+        self.step = epochs_done
+
+    def add(self, row: dict[str, Any]) -> None:
+        scalars = {"loss/train": row["loss"], "top1/train": row["train"]["top1"], "lr": row["lr"],
+                   "images_per_s": row["images_per_s"]}  # fmt: skip
+        for key in ("val", "train_eval"):
+            if key in row:
+                scalars.update({f"loss/{key}": row[key]["loss"], f"top1/{key}": row[key]["top1"],
+                                f"ensemble_top1/{key}": row[key]["ensemble_top1"]})  # fmt: skip
+            for block in row.get("blocks", []):
+                if key in block:
+                    scalars[f"top1/{key}/block {block['block']}"] = block[key]["top1"]
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, self.step)
+        self.writer.flush()
+        self.step += 1
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def format_row(row: dict[str, Any]) -> str:

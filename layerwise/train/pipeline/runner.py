@@ -1,0 +1,226 @@
+"""The pipeline's StageRunner: this process's blocks of the decoupled stage, trained on what the process before it
+sends, with an epoch loop and an evaluation of their own (the package's docstring says how)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerwise.config import RunConfig
+from layerwise.distributed import ALONE, Dist, Replicas
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate import COUNTS, add_to_ensemble, counted, figures
+from layerwise.models.staged import StagedNet
+from layerwise.stages import Stage
+from layerwise.train.checkpoint import cpu_snapshot
+from layerwise.train.divergence import LossWatch
+from layerwise.train.loop import StageTraining, Tally, run_steps
+from layerwise.train.pipeline.pipe import Pipe
+from layerwise.train.pipeline.placement import Placement, place_blocks
+from layerwise.train.pipeline.replay import Received
+from layerwise.train.resume import Resume
+from layerwise.train.runner import Parts, StageRunner
+
+
+@dataclass(frozen=True)
+class Seat:
+    """A pipeline process's place: its data-parallel replicas (the same blocks in other pipelines) and its link to
+    the processes before and after it."""
+
+    replicas: Replicas
+    pipe: Pipe
+
+
+class PipelineTraining(StageTraining):
+    """StageTraining of a pipeline process's blocks: after each forward pass the last block's output goes on to the
+    next process with the labels, which starts on the batch while this one updates."""
+
+    def __init__(self, net: StagedNet, stage: Stage, cfg, precision, seat: Seat):
+        self.downstream = seat.pipe if seat.pipe.next is not None else None
+        super().__init__(net, stage, cfg, precision, seat.replicas)
+
+    @property
+    def keeps_output(self) -> bool:
+        return self.downstream is not None
+
+    def forwarded(self, y: torch.Tensor) -> None:
+        if self.downstream is not None:
+            self.downstream.send(self.module.output, y)
+            self.module.output = None  # the pipe holds it until sent
+
+
+@dataclass(frozen=True)
+class AllHeads:
+    """What the pipeline's divergence check adds up: every process's own heads' losses, over the run's processes,
+    counted once per replica of the pipeline."""
+
+    where: Dist
+    count: int
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.where.sum(t)
+
+
+def processes_per_pipeline(where: Dist, cfg: RunConfig) -> int:
+    """P: the processes torchrun started form world / P replicas of a P-process pipeline (train.pipeline_processes;
+    0: one pipeline of every process). Refused in one line when there is a single process or P does not divide the
+    processes."""
+    P = cfg.train.pipeline_processes or where.world_size
+    if not where.active or P < 2:
+        raise LayerwiseError(
+            "train.placement=pipeline runs one group of blocks per process: start it with torchrun "
+            "--nproc-per-node N, and P = train.pipeline_processes (default N) between 2 and the number of blocks"
+        )
+    if where.world_size % P:
+        raise LayerwiseError(
+            f"train.pipeline_processes={P} must divide the {where.world_size} processes torchrun started (each "
+            "replica of the pipeline has P of them)"
+        )
+    if cfg.train.replay and where.world_size > P:
+        raise LayerwiseError(
+            "train.replay cannot be combined with replicas of the pipeline (train.pipeline_processes below the "
+            "processes): with replays the replicas train different numbers of steps, which DDP cannot all-reduce"
+        )
+    return P
+
+
+class PipelineRunner(StageRunner):
+    """train.placement=pipeline: rank r is position r % P of pipeline replica r // P and holds the blocks of
+    Placement.groups[r % P]; the replicas of a position split each batch (DDP among them)."""
+
+    def __init__(self, parts: Parts, replicas: Replicas, resuming: bool = False):
+        super().__init__(parts, replicas, resuming)
+        where, cfg = parts.where, parts.cfg.train
+        self.P = where.world_size // replicas.count
+        self.position = where.rank % self.P
+        self.judges_alone = cfg.replay > 0  # with replays each process trains its own number of steps
+        # every process makes every replica's pipeline group, in the same order (torch.distributed.new_group)
+        groups = [dist.new_group([r * self.P + p for p in range(self.P)]) for r in range(replicas.count)]
+        prev = where.rank - 1 if self.position > 0 else None
+        next = where.rank + 1 if self.position + 1 < self.P else None
+        self.pipe = Pipe(prev, next, parts.precision.device, groups[replicas.index])
+        self.placement: Placement = where.agree(lambda: place_blocks(parts, self.P, resuming))
+        self.part = self.placement.stage(self.position)  # this process's blocks of the stage
+
+    @staticmethod
+    def replicas_for(where: Dist, cfg: RunConfig) -> Replicas:
+        P = processes_per_pipeline(where, cfg)
+        R, position = where.world_size // P, where.rank % P
+        # the data-parallel group of each position, made on every process in the same order
+        groups = [dist.new_group([r * P + p for r in range(R)]) for p in range(P)] if R > 1 else [None] * P
+        return Replicas(index=where.rank // P, count=R, group=groups[position], root=position)
+
+    @staticmethod
+    def sized_as(mode: str) -> str:
+        # a pipeline process holds a group of blocks, at least one: sized as a greedy stage is (a lower bound)
+        return "greedy"
+
+    def info(self) -> dict[str, Any]:
+        return {"pipeline": self.placement.to_json()}  # resume reuses the grouping
+
+    @contextmanager
+    def prepare(self, stage: Stage, start: Resume) -> Iterator[int]:
+        parts, cfg = self.parts, self.parts.cfg.train
+        training = PipelineTraining(parts.net, self.part, cfg, parts.precision, Seat(self.replicas, self.pipe))
+        # with replays each process watches its own losses; only rank 0's level is saved: the others measure
+        # theirs again when resumed
+        level = start.loss_level if not cfg.replay or parts.where.is_main else None
+        training.load_state(start.state, level)
+        self.training, self.loader = training, parts.data.train
+        if self.part.first > 0:
+            self.loader = Received(self.pipe, parts.data.train, self.part.first, cfg.replay, cfg.replay_reuse)
+        try:
+            yield training.epochs
+        finally:
+            self.training = self.loader = None
+
+    def train(self, seed: int, epoch: int, desc: str) -> dict:
+        """train_epoch for a pipeline process: its figures cover the whole stage's heads (each process fills its
+        own, the all-reduce the rest), with replays each process checks its own losses, and the epoch's end is
+        sent on."""
+        training, loader, where, cfg = self.training, self.loader, self.parts.where, self.parts.cfg.train
+        replaying = cfg.replay > 0
+        extra = ("replays", "dropped") if replaying else ()
+        reported = tuple(range(self.parts.net.J))
+        tally = Tally(reported, training.stage.loss_heads, loader.device, extra)
+        over = ALONE if replaying else AllHeads(where, self.replicas.count)
+        watch = LossWatch(cfg.divergence_factor, loader.device, over, training.loss_level)
+        t0 = time.perf_counter()
+        for i, y, loss, logits in run_steps(training, loader, seed, epoch, desc, shown=where.is_main):
+            with torch.no_grad():
+                tally.add(loss, logits, y)
+                watch.add(loss.detach().double().view(-1).sum(), logits.shape[-1])
+            if watch.due(i, len(loader)):
+                watch.check()
+        if replaying:
+            watch.check()  # the steps since the last check (a process with replays ends past len(loader))
+            tally.set("replays", float(getattr(loader, "replays", 0)))
+            tally.set("dropped", float(getattr(loader, "dropped", 0)))
+        training.loss_level = watch.level
+        if self.pipe.next is not None:
+            self.pipe.send_end()
+            self.pipe.flush()
+        images = tally.n if self.position == 0 else 0  # every process sees the same images: count them once
+        return tally.figures(where.sum, images, t0)
+
+    def evaluate(self, stage: Stage, loader, memo: dict) -> dict:
+        """evaluate() over every head 0..J-1 when this process holds only its blocks: the first process reads the
+        loader, each one runs its blocks and heads, adds its heads to the running ensemble and passes the output
+        and the ensemble on. Counts are all-reduced, each head's row filled by its process."""
+        net, part, pipe, cfg = self.parts.net, self.part, self.pipe, self.parts.cfg.train
+        flip = cfg.eval_flip
+        was_training = net.training
+        net.eval()
+        counts = torch.zeros(net.J, len(COUNTS), dtype=torch.float64, device=pipe.device)  # (J, COUNTS)
+        n = 0
+        batches = loader.batches() if part.first == 0 else (pipe.recv(3) for _ in range(len(loader)))
+        for item in batches:
+            x, y, total = (*item, None) if part.first == 0 else item
+            if flip and part.first == 0:  # the mirrored images travel with the images (evaluate's `flipped`)
+                x = torch.cat([x, x.flip(-1)])
+            with torch.no_grad(), self.parts.precision.autocast():
+                for j in part.trained_blocks:
+                    x = net.blocks[j](x)
+                    z = net.heads[j](x)
+                    z = (z[: len(y)] + z[len(y) :]) / 2 if flip else z
+                    total = add_to_ensemble(total, z, cfg.ensemble)
+                    counts[j] += counted(z, total, y)
+            if pipe.next is not None:
+                pipe.send(x, y, total)
+            n += len(y)
+        pipe.flush()
+        net.train(was_training)
+        return figures(list(range(net.J)), counts, n if part.first == 0 else 0, self.parts.where)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0 gathers every process's blocks and optimizers, and saves them all."""
+        meta = {"loss_level": self.training.loss_level, "pipeline": self.placement.to_json()}
+        return meta, {"optimizer": self.gather_to_main()}
+
+    def gather_to_main(self) -> dict | None:
+        """After an epoch: every process sends its blocks' and heads' weights and buffers and their optimizers'
+        states to rank 0, which loads the weights into its network (where they sit on the CPU). Returns, on rank 0,
+        the optimizer state of every block ({"blocks": {"j": state}}) for the checkpoint; None elsewhere. Replicas
+        of a pipeline hold the same weights (DDP): rank 0 takes replica 0's."""
+        net, where = self.parts.net, self.parts.where
+        prefixes = tuple(f"{kind}.{j}." for j in self.part.trained_blocks for kind in ("blocks", "heads"))
+        mine = {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
+        payload = (cpu_snapshot(mine), cpu_snapshot(self.training.optimizer.state_dict()["blocks"]))
+        gathered = [None] * where.world_size if where.is_main else None
+        dist.gather_object(payload, gathered, dst=0)
+        if not where.is_main:
+            return None
+        own = net.state_dict()
+        blocks = {}
+        for weights, states in gathered[: self.P]:  # replica 0's processes
+            with torch.no_grad():
+                for key, value in weights.items():
+                    own[key].copy_(value)
+            blocks.update(states)
+        return {"blocks": blocks}
