@@ -9,7 +9,8 @@ from torch.nn import functional as F
 
 from layerwise.config import DataConfig
 from layerwise.data import build_data, build_eval_loader, hold_out, sample_path
-from layerwise.data.loaders import Augmentation, MemoryLoader, crop, flip
+from layerwise.data.augment import Augmentation, crop, flip
+from layerwise.data.loaders import MemoryLoader
 from layerwise.data.sources import Decoded, Files, open_eval, open_train
 from layerwise.errors import LayerwiseError
 
@@ -19,8 +20,8 @@ CPU = torch.device("cpu")
 def test_random_crop_takes_windows_of_the_zero_padded_image():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, 255, (400, 3, 6, 6), dtype=torch.uint8)
-    aug = Augmentation.draw(len(x), 2, g)
-    out = crop(x, 2, aug.dy, aug.dx)
+    plan = Augmentation((6, 6), padding=2).draw(len(x), g)
+    out = crop(x, 2, plan.dy, plan.dx)
     padded = F.pad(x, (2, 2, 2, 2))
     seen = set()
     for i in range(len(x)):
@@ -38,7 +39,7 @@ def test_random_crop_takes_windows_of_the_zero_padded_image():
 def test_random_flip_flips_about_half():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(2000 * 4, dtype=torch.float32).reshape(2000, 1, 1, 4)
-    out = flip(x, Augmentation.draw(len(x), 0, g).flip)
+    out = flip(x, Augmentation((1, 4), padding=0).draw(len(x), g).flip)
     flipped = (out[:, 0, 0, 0] != x[:, 0, 0, 0]).float().mean().item()
     assert 0.45 < flipped < 0.55
     assert torch.equal(out.sort(-1).values, x)

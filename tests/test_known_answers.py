@@ -537,7 +537,7 @@ def test_test_time_flip_averages_each_heads_logits_over_the_image_and_its_mirror
     [(4, 4, 16), (0, 0, 4), (7, 7, 9), (0, 5, 8), (3, 7, 12)],  # rows [cy-2, cy+2) and columns likewise, clipped
 )
 def test_cutout_zeroes_a_square_clipped_at_the_border(cy, cx, area):
-    from layerwise.data.loaders import cut_out
+    from layerwise.data.augment import cut_out
 
     x = torch.ones(1, 3, 8, 8)
     out = cut_out(x, 4, torch.tensor([cy]), torch.tensor([cx]))
@@ -551,10 +551,10 @@ def test_cutout_zeroes_a_square_clipped_at_the_border(cy, cx, area):
 
 def test_cutout_draws_after_the_crops_and_flips_which_stay_as_they_were():
     """The epoch plan with cutout on has the same order, crops and flips as without: its centres come last."""
-    from layerwise.data.loaders import Augmentation
+    from layerwise.data.augment import Augmentation
 
-    plain = Augmentation.draw(50, 4, torch.Generator().manual_seed(3))
-    cut = Augmentation.draw(50, 4, torch.Generator().manual_seed(3), cutout=8, size=(32, 32))
+    plain = Augmentation((32, 32), padding=4).draw(50, torch.Generator().manual_seed(3))
+    cut = Augmentation((32, 32), padding=4, cutout=8).draw(50, torch.Generator().manual_seed(3))
     assert torch.equal(plain.dy, cut.dy) and torch.equal(plain.dx, cut.dx) and torch.equal(plain.flip, cut.flip)
     assert plain.cy is None and cut.cy.min() >= 0 and cut.cy.max() < 32 and len(set(cut.cx.tolist())) > 10
 
@@ -616,7 +616,8 @@ def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
     """Image i is lam_i x image i + (1 - lam_i) x image partner(i), its target lam_i on its label and the rest on
     the partner's, with everything else of the plan as it was without mixing."""
     from layerwise.config import DataConfig
-    from layerwise.data.loaders import Augmentation, MemoryLoader
+    from layerwise.data.augment import Augmentation
+    from layerwise.data.loaders import MemoryLoader
     from layerwise.data.sources import Decoded
 
     images = torch.arange(4, dtype=torch.uint8).mul(60).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
@@ -625,15 +626,15 @@ def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
     with pytest.raises(LayerwiseError, match=r"data\.mix needs the number of classes"):
         MemoryLoader(data, 4, torch.device("cpu"), cfg, True)
     loader = MemoryLoader(data, 4, torch.device("cpu"), cfg, True, classes=3)
-    order, aug = loader.epoch_plan(2)
+    order, plan = loader.epoch_plan(2)
     g = torch.Generator().manual_seed(2)
     assert torch.equal(order, torch.randperm(4, generator=g))
-    assert torch.equal(aug.flip, Augmentation.draw(4, 0, g).flip)
-    assert aug.partner.tolist() == [3, 2, 0, 1]  # this seed's partners: no image is its own
+    assert torch.equal(plan.flip, Augmentation((2, 2), padding=0).draw(4, g).flip)
+    assert plan.partner.tolist() == [3, 2, 0, 1]  # this seed's partners: no image is its own
     idx = torch.arange(4)
-    x, y = loader.view(idx, aug), loader.targets(idx, aug)
+    x, y = plan.view(loader.images, idx, loader.normalize), plan.targets(loader.labels, idx)
     for i in range(4):
-        p, lam = int(aug.partner[i]), float(aug.lam[i])
+        p, lam = int(plan.partner[i]), float(plan.lam[i])
         assert x[i, 0, 0, 0].item() == pytest.approx((lam * 60 * i + (1 - lam) * 60 * p) / 255, abs=1e-5)
         by_hand = torch.zeros(3)
         by_hand[int(data.labels[i])] += lam
@@ -650,16 +651,16 @@ def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
     ],
 )
 def test_cutmix_pastes_a_clipped_box_and_the_target_share_is_what_is_left(lam, cy, cx, box, share, monkeypatch):
-    from layerwise.data import loaders
+    from layerwise.data import augment
 
     monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self, shape: torch.full(shape, lam))
     g = torch.Generator().manual_seed(0)
     real = torch.randint
     centres = iter([torch.tensor([cy]), torch.tensor([cx])])
     monkeypatch.setattr(torch, "randint", lambda *a, **k: next(centres) if a[:2] == (0, 8) else real(*a, **k))
-    _, share_drawn, drawn = loaders.mixing(1, g, "cutmix", 1.0, (8, 8))
+    _, share_drawn, drawn = augment.mixing(1, g, "cutmix", 1.0, (8, 8))
     assert drawn[0].tolist() == box and share_drawn.item() == pytest.approx(share)
-    mask = loaders.in_box(torch.Size([8, 8]), drawn)
+    mask = augment.in_box(torch.Size([8, 8]), drawn)
     assert int(mask.sum()) == round((1 - share) * 64)
 
 
@@ -687,10 +688,12 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_leave_the_
     plain = MemoryLoader(data, 4, torch.device("cpu"), DataConfig(), True)
     for epoch, mirrored in [(0, [False, True, False, True]), (1, [True, False, True, False]), (2, [False, True,
                             False, True])]:  # fmt: skip
-        (order, aug), (order_plain, aug_plain) = alternate.epoch_plan(7, epoch), plain.epoch_plan(7, epoch)
-        assert aug.flip.tolist() == mirrored
+        (order, plan), (order_plain, plan_plain) = alternate.epoch_plan(7, epoch), plain.epoch_plan(7, epoch)
+        assert plan.flip.tolist() == mirrored
         assert (
-            torch.equal(order, order_plain) and torch.equal(aug.dy, aug_plain.dy) and torch.equal(aug.dx, aug_plain.dx)
+            torch.equal(order, order_plain)
+            and torch.equal(plan.dy, plan_plain.dy)
+            and torch.equal(plan.dx, plan_plain.dx)
         )
 
 

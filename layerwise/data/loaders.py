@@ -1,7 +1,8 @@
 """Batch iterators. Both kinds yield normalised float batches already on the training device.
 
 `MemoryLoader` keeps small datasets (CIFAR-10: 150 MB as uint8) on the device and augments whole batches
-with vectorised ops, so no worker process or host->device copy sits in the training loop. `StreamLoader`
+with vectorised ops (the epoch plan of `augment.py`), so no worker process or host->device copy sits in the
+training loop. `StreamLoader`
 decodes files in DataLoader workers (ImageNet) and ships uint8 crops, normalised only after the copy.
 Randomness comes from a generator seeded per epoch, so a resumed run sees exactly the batches it would have.
 
@@ -17,19 +18,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from layerwise.config import DataConfig
+from layerwise.data.augment import Augmentation, EpochPlan
 from layerwise.data.images import read_image
 from layerwise.data.sources import Decoded, Examples, Files
 from layerwise.distributed import SINGLE, Dist
-from layerwise.errors import LayerwiseError
 from layerwise.locks import release_inherited_locks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -49,115 +48,6 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.float(), self.scale).contiguous(memory_format=self.layout)
-
-
-@dataclass
-class Augmentation:
-    """Per-image random crop offsets and flips for one epoch, drawn for the whole dataset at once, then what the
-    settings after them ask for (cutout, mixing), each drawn after the others so that they stay as they are.
-
-    Indexing by image (not by batch position) lets a cache of augmented views reproduce an epoch exactly.
-    """
-
-    dy: torch.Tensor  # (N,) in [0, 2 * padding]
-    dx: torch.Tensor  # (N,)
-    flip: torch.Tensor  # (N,) bool
-    cy: torch.Tensor | None = None  # (N,) cutout centres in [0, H) (data.cutout), or None
-    cx: torch.Tensor | None = None  # (N,) in [0, W)
-    partner: torch.Tensor | None = None  # (N,) the image each one is mixed with (data.mix), or None
-    lam: torch.Tensor | None = None  # (N,) the image's own share of its mixed image and of its target
-    box: torch.Tensor | None = None  # (N, 4) cutmix: rows [top, bottom) and columns [left, right) pasted in
-
-    @staticmethod
-    def draw(
-        n: int,
-        padding: int,
-        generator: torch.Generator,
-        cutout: int = 0,
-        size: tuple[int, int] = (0, 0),
-        mix: str = "none",
-        alpha: float = 1.0,
-    ) -> Augmentation:
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < 0.5
-        aug = Augmentation(dy, dx, flip)
-        if cutout:  # drawn after the crops and flips, so that those stay what they are without cutout
-            aug.cy = torch.randint(0, size[0], (n,), generator=generator)
-            aug.cx = torch.randint(0, size[1], (n,), generator=generator)
-        if mix != "none":
-            aug.partner, aug.lam, aug.box = mixing(n, generator, mix, alpha, size)
-        return aug
-
-    def to(self, device: torch.device) -> Augmentation:
-        fields = (self.dy, self.dx, self.flip, self.cy, self.cx, self.partner, self.lam, self.box)
-        return Augmentation(*(t.to(device) if t is not None else None for t in fields))
-
-
-def mixing(
-    n: int, generator: torch.Generator, mix: str, alpha: float, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """data.mix's draws for n images: each image's partner (a random permutation), its own share lam ~
-    Beta(alpha, alpha), and for cutmix (Yun et al. 2019) the partner's box: sides H sqrt(1 - lam) and
-    W sqrt(1 - lam) around a uniform centre, clipped at the border, after which lam is 1 - the box's area / HW."""
-    partner = torch.randperm(n, generator=generator)
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
-    with torch.random.fork_rng(devices=[]):  # Beta draws from the global CPU stream only: seed it from the plan
-        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed the GPUs' streams too)
-        lam = torch.distributions.Beta(alpha, alpha).sample((n,))
-    if mix == "mixup":
-        return partner, lam, None
-    h, w = size
-    cy = torch.randint(0, h, (n,), generator=generator)
-    cx = torch.randint(0, w, (n,), generator=generator)
-    half_h = (h * (1 - lam).sqrt() / 2).round().long()
-    half_w = (w * (1 - lam).sqrt() / 2).round().long()
-    box = torch.stack([cy - half_h, cy + half_h, cx - half_w, cx + half_w], 1)
-    box[:, :2] = box[:, :2].clamp(0, h)
-    box[:, 2:] = box[:, 2:].clamp(0, w)
-    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
-    return partner, 1 - area.float() / (h * w), box
-
-
-def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """torchvision's RandomCrop(size, padding) with zero fill, at per-image offsets (dy, dx)."""
-    if padding == 0:
-        return x
-    b, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    # Gather rows then columns: (B, C, H+2p, W+2p) -> (B, C, H, W+2p) -> (B, C, H, W).
-    out = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
-    return out.gather(3, cols.expand(b, c, h, w))
-
-
-def cut_out(x: torch.Tensor, side: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
-    """Cutout (DeVries & Taylor 2017): a side x side square centred at (cy, cx) set to 0, clipped at the border.
-    On normalised images 0 is the data's mean colour."""
-    h, w = x.shape[-2:]
-    rows = torch.arange(h, device=x.device)[None, :] - (cy[:, None] - side // 2)  # (B, H)
-    cols = torch.arange(w, device=x.device)[None, :] - (cx[:, None] - side // 2)  # (B, W)
-    inside = ((rows >= 0) & (rows < side))[:, None, :, None] & ((cols >= 0) & (cols < side))[:, None, None, :]
-    return x.masked_fill(inside, 0.0)
-
-
-def in_box(size: torch.Size, box: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) masks, True inside each image's box (top, bottom, left, right), bottom and right excluded."""
-    rows = torch.arange(size[0], device=box.device)[None, :]
-    cols = torch.arange(size[1], device=box.device)[None, :]
-    inside_rows = (rows >= box[:, :1]) & (rows < box[:, 1:2])  # (B, H)
-    inside_cols = (cols >= box[:, 2:3]) & (cols < box[:, 3:4])  # (B, W)
-    return inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
-
-
-def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Horizontal flip of the images where mask is True."""
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
-
-
-def augment(x: torch.Tensor, padding: int, aug: Augmentation, idx: torch.Tensor) -> torch.Tensor:
-    return flip(crop(x, padding, aug.dy[idx], aug.dx[idx]), aug.flip[idx])
 
 
 class Batching:
@@ -242,51 +132,16 @@ class MemoryLoader(Batched):
         self.labels = data.labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.batching = Batching(len(data), batch_size, where if train else SINGLE)
-        self.padding, self.cutout = cfg.crop_padding, cfg.cutout
-        self.mix, self.alpha, self.classes, self.flip = cfg.mix, cfg.mix_alpha, classes, cfg.flip
-        if train and self.mix != "none" and classes < 2:
-            raise LayerwiseError("data.mix needs the number of classes (MemoryLoader's classes) for its targets")
+        size = tuple(self.images.shape[-2:])  # (H, W)
+        self.augmentation = Augmentation.from_config(cfg, size, classes) if train else None
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
-    def epoch_plan(self, seed: int, epoch: int = 0) -> tuple[torch.Tensor, Augmentation]:
-        """Epoch `epoch`'s image order and per-image augmentation (on the CPU, so every device sees the same
-        batches and a run can resume on another device). data.flip=alternate replaces the random flips (still
-        drawn, so that the later draws stay as they are) by image i mirrored where i + epoch is odd."""
+    def epoch_plan(self, seed: int, epoch: int = 0) -> tuple[torch.Tensor, EpochPlan]:
+        """Epoch `epoch`'s image order and per-image augmentation, drawn on the CPU from one generator seeded with
+        `seed` (so every device sees the same batches and a run can resume on another device)."""
         g = torch.Generator().manual_seed(seed)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=g)
-        aug = Augmentation.draw(n, self.padding, g, self.cutout, tuple(self.images.shape[-2:]), self.mix, self.alpha)
-        if self.flip == "alternate":
-            aug.flip = (torch.arange(n) + epoch) % 2 == 1
-        return order, aug
-
-    def augmented(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-        """Training images idx cropped, flipped, normalised, then cut out."""
-        x = self.normalize(augment(self.images[idx], self.padding, aug, idx))
-        if not self.cutout:
-            return x
-        return cut_out(x, self.cutout, aug.cy[idx], aug.cx[idx]).contiguous(memory_format=self.normalize.layout)
-
-    def view(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-        """Training images idx as the epoch's augmentation makes them: each one augmented, then (data.mix) mixed
-        with its partner, augmented as that image is in its own place."""
-        x = self.augmented(idx, aug)
-        if aug.partner is None:
-            return x
-        other = self.augmented(aug.partner[idx], aug)
-        if aug.box is None:  # mixup
-            return torch.lerp(other, x, aug.lam[idx].view(-1, 1, 1, 1).to(x.dtype))
-        return torch.where(in_box(x.shape[-2:], aug.box[idx]), other, x)
-
-    def targets(self, idx: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-        """The labels of training images idx; with data.mix, (B, classes) class probabilities: lam on the image's
-        label and 1 - lam on its partner's."""
-        y = self.labels[idx]
-        if aug.partner is None:
-            return y
-        own = F.one_hot(y, self.classes).float()
-        other = F.one_hot(self.labels[aug.partner[idx]], self.classes).float()
-        return torch.lerp(other, own, aug.lam[idx, None])
+        order = torch.randperm(len(self.labels), generator=g)
+        return order, self.augmentation.draw(len(self.labels), g, epoch)
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
         n = len(self.labels)
@@ -297,10 +152,10 @@ class MemoryLoader(Batched):
                     self.labels[start : start + self.batch_size],
                 )
             return
-        order, aug = self.epoch_plan(seed, epoch)
-        order, aug = order.to(self.device), aug.to(self.device)
+        order, plan = self.epoch_plan(seed, epoch)
+        order, plan = order.to(self.device), plan.to(self.device)
         for idx in self.batching.shares(order):
-            yield self.view(idx, aug), self.targets(idx, aug)
+            yield plan.view(self.images, idx, self.normalize), plan.targets(self.labels, idx)
 
 
 class FileDataset(Dataset):

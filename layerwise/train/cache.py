@@ -160,12 +160,12 @@ class PrefixCache(Batched):
         net.eval()
         with torch.no_grad(), precision.autocast():
             for v, seed in enumerate(view_seeds):
-                _, aug = images.epoch_plan(seed, v)  # view v is epoch v's
-                aug = aug.to(self.device)
-                self.targets.append(images.targets(torch.arange(n, device=self.device), aug))
+                _, plan = images.epoch_plan(seed, v)  # view v is epoch v's
+                plan = plan.to(self.device)
+                self.targets.append(plan.targets(images.labels, torch.arange(n, device=self.device)))
                 for start in range(0, n, self.batch_size):
                     idx = torch.arange(start, min(start + self.batch_size, n), device=self.device)
-                    x = images.view(idx, aug)
+                    x = plan.view(images.images, idx, images.normalize)
                     out = net.forward_features(x, 0, upto)
                     out = out.permute(0, 2, 3, 1) if self.nhwc else out  # channels_last -> NHWC is a free view
                     self.store[v, start : start + len(idx)].copy_(out)
