@@ -54,6 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg, named_by = resolve(args.preset or (None if args.config else "demo"), args.config, overrides, None)
         fix = CONFIG_FILE_FIX
+    if args.out is None and from_env().active:  # each process would take its own time in the default name
+        raise LayerwiseError("under torchrun give --out RUN_DIR: every process must write to the same run directory")
     out = (
         Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     )

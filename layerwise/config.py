@@ -423,6 +423,10 @@ class RunConfig:
             len(self.data.mean) == self.model.in_channels,
             f"data.mean and data.std need model.in_channels={self.model.in_channels} values",
         )
+        _check(
+            self.train.cache == "none" or self.data.augment == "cifar",
+            "train.cache needs in-memory data (data.augment=cifar); set train.cache=none",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

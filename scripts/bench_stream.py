@@ -20,7 +20,7 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
 from layerwise.config import DataConfig
-from layerwise.data.loaders import StreamLoader
+from layerwise.data.loaders import Feed, StreamLoader
 from layerwise.data.sources import Files, sample_path
 
 
@@ -43,7 +43,7 @@ def make_images(root: Path, count: int, size: tuple[int, int], quality: int) -> 
 
 def epoch_seconds(files: Files, workers: int, batch: int) -> float:
     cfg = DataConfig(augment="imagenet", image_size=224, resize_size=256, workers=workers)
-    loader = StreamLoader(files, batch, torch.device("cpu"), cfg, train=True)
+    loader = StreamLoader(files, cfg, Feed(batch, torch.device("cpu"), train=True))
     for _ in loader.batches(seed=0):  # warm-up: page cache, worker start-up paths
         pass
     t0 = time.perf_counter()

@@ -140,6 +140,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, image_folder, capsys, make_args
     assert message in error_line(err)
 
 
+def test_under_torchrun_the_run_directory_is_named(tmp_path, capsys, monkeypatch):
+    """The default run directory carries the time: processes started a second apart would each write their own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli(["train"], capsys)
+    assert code == 2 and "under torchrun give --out" in error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_existing_run_is_not_overwritten(tmp_path, image_folder, capsys):
     args = ["train", "--data", str(image_folder), "--out", str(tmp_path / "run"), *sets(*tiny_overrides(1))]
     assert run_cli(args, capsys)[0] == 0

@@ -90,6 +90,7 @@ def test_more_bad_values(assignment, message):
         (["data.mix=mixup", "data.augment=imagenet"], "data.mix goes with data.augment=cifar"),
         (["data.mix_alpha=0"], "data.mix_alpha must be > 0"),
         (["train.block_epochs=[2, 0, 1]"], "train.block_epochs must all be >= 1"),
+        (["train.cache=host", "data.augment=imagenet"], r"train\.cache needs in-memory data"),
     ],
 )
 def test_the_recipe_settings_refuse_bad_values_in_one_line(assignments, message):

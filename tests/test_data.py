@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from layerwise.config import DataConfig
 from layerwise.data import build_data, build_eval_loader, hold_out, sample_path
 from layerwise.data.augment import Augmentation, crop, flip
-from layerwise.data.loaders import MemoryLoader
+from layerwise.data.loaders import Feed, MemoryLoader
 from layerwise.data.sources import Decoded, Files, open_eval, open_train
 from layerwise.errors import LayerwiseError
 
@@ -47,7 +47,7 @@ def test_random_flip_flips_about_half():
 
 def test_memory_loader_visits_every_image_once_and_is_seeded():
     data = Decoded(torch.randint(0, 255, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50))
-    loader = MemoryLoader(data, 16, CPU, DataConfig(image_size=8, crop_padding=2), train=True)
+    loader = MemoryLoader(data, DataConfig(image_size=8, crop_padding=2), Feed(16, CPU, train=True))
     labels = torch.cat([y for _, y in loader.batches(seed=1)])
     assert sorted(labels.tolist()) == list(range(50)) and len(loader) == 4
     a = [x for x, _ in loader.batches(seed=1)]
@@ -62,7 +62,7 @@ def test_normalisation_matches_torchvision():
 
     cfg = DataConfig(image_size=8, crop_padding=0)
     data = Decoded(torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8), torch.arange(4))
-    x, _ = next(MemoryLoader(data, 4, CPU, cfg, train=False).batches())
+    x, _ = next(MemoryLoader(data, cfg, Feed(4, CPU)).batches())
     ref = v2.Normalize(cfg.mean, cfg.std)(data.images.float() / 255)
     assert torch.allclose(x, ref, atol=1e-5)
 
@@ -177,7 +177,7 @@ def test_the_streamed_loader_draws_what_a_shuffling_dataloader_draws(imagenet_fo
 
     files = open_train(imagenet_folder / "train", decode=False, size=32).train
     cfg = DataConfig(augment="imagenet", image_size=32, resize_size=40, workers=0)
-    loader = StreamLoader(files, 5, torch.device("cpu"), cfg, True)
+    loader = StreamLoader(files, cfg, Feed(5, torch.device("cpu"), True))
     reference = DataLoader(loader.dataset, 5, shuffle=True, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(1)
     expected = list(reference)
@@ -308,14 +308,14 @@ def test_every_loader_is_a_loader_and_counts_its_batches(tmp_path, image_folder)
     from layerwise.data.sources import Files
     from layerwise.device import Precision
     from layerwise.models import build_model
-    from layerwise.train.cache import PrefixCache
+    from layerwise.train.cache import CachePlan, PrefixCache
 
     cfg = tiny_config(data={"val_size": 0})
     data = build_data(cfg.data, image_folder, 16, torch.device("cpu"))
     files = Files([str(p) for p in sorted(image_folder.rglob("*.jpg"))][:40], [0] * 40)
-    stream = StreamLoader(files, 16, torch.device("cpu"), cfg.data, train=True)
+    stream = StreamLoader(files, cfg.data, Feed(16, torch.device("cpu"), train=True))
     net = build_model(cfg.model, 3)
-    cache = PrefixCache(net, 1, data.train, [0], "host", Precision(torch.device("cpu"), False))
+    cache = PrefixCache(net, data.train, CachePlan(1, (0,), "host"), Precision(torch.device("cpu"), False))
     for loader, n, sizes in ((data.train, 48, [16, 16, 16]), (stream, 40, [16, 16, 8]), (cache, 48, [16, 16, 16])):
         assert isinstance(loader, Loader)
         assert (loader.num_examples, len(loader)) == (n, len(sizes))

@@ -19,7 +19,7 @@ from conftest import tiny_overrides, write_folder
 from layerwise.cli import main
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
-from layerwise.data.loaders import Batching, MemoryLoader, shard
+from layerwise.data.loaders import Batching, Feed, MemoryLoader, shard
 from layerwise.data.sources import Decoded
 from layerwise.distributed import Dist
 from layerwise.errors import LayerwiseError
@@ -394,8 +394,8 @@ def test_a_memory_loader_share_holds_the_same_images_as_the_single_process_batch
     g = torch.Generator().manual_seed(0)
     images = Decoded(torch.randint(0, 255, (13, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(13))
     cfg, cpu = DataConfig(image_size=8, crop_padding=2), torch.device("cpu")
-    one = list(MemoryLoader(images, 4, cpu, cfg, True).batches(seed=5))
-    two = [list(MemoryLoader(images, 4, cpu, cfg, True, Dist(r, 2)).batches(seed=5)) for r in range(2)]
+    one = list(MemoryLoader(images, cfg, Feed(4, cpu, True)).batches(seed=5))
+    two = [list(MemoryLoader(images, cfg, Feed(4, cpu, True, Dist(r, 2))).batches(seed=5)) for r in range(2)]
     assert len(one) == 4 and len(two[0]) == len(two[1]) == 3  # the last batch, 1 image, is dropped for 2 processes
     for i, (x, y) in enumerate(one[:3]):
         assert torch.equal(torch.cat([two[0][i][0], two[1][i][0]]), x)
@@ -410,8 +410,8 @@ def test_a_streaming_loader_share_holds_the_labels_of_the_single_process_batch(i
 
     files = open_train(imagenet_folder / "train", decode=False, size=32).train
     cfg, cpu = DataConfig(augment="imagenet", image_size=32, resize_size=40, workers=0), torch.device("cpu")
-    one = [y for _, y in StreamLoader(files, 6, cpu, cfg, True).batches(seed=3)]
-    two = [[y for _, y in StreamLoader(files, 6, cpu, cfg, True, Dist(r, 2)).batches(seed=3)] for r in range(2)]
+    one = [y for _, y in StreamLoader(files, cfg, Feed(6, cpu, True)).batches(seed=3)]
+    two = [[y for _, y in StreamLoader(files, cfg, Feed(6, cpu, True, Dist(r, 2))).batches(seed=3)] for r in range(2)]
     assert len(one) == len(two[0]) == len(two[1]) == 4  # 24 images in batches of 6, 3 + 3 per process
     assert all(torch.equal(torch.cat([a, b]), y) for a, b, y in zip(two[0], two[1], one, strict=True))
     assert sorted(torch.cat(one).tolist()) == sorted(files.labels)

@@ -617,15 +617,15 @@ def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
     the partner's, with everything else of the plan as it was without mixing."""
     from layerwise.config import DataConfig
     from layerwise.data.augment import Augmentation
-    from layerwise.data.loaders import MemoryLoader
+    from layerwise.data.loaders import Feed, MemoryLoader
     from layerwise.data.sources import Decoded
 
     images = torch.arange(4, dtype=torch.uint8).mul(60).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
     data = Decoded(images, torch.tensor([0, 1, 2, 0]))
     cfg = DataConfig(crop_padding=0, mean=[0.0] * 3, std=[1.0] * 3, mix="mixup", mix_alpha=0.4)
     with pytest.raises(LayerwiseError, match=r"data\.mix needs the number of classes"):
-        MemoryLoader(data, 4, torch.device("cpu"), cfg, True)
-    loader = MemoryLoader(data, 4, torch.device("cpu"), cfg, True, classes=3)
+        MemoryLoader(data, cfg, Feed(4, torch.device("cpu"), True))
+    loader = MemoryLoader(data, cfg, Feed(4, torch.device("cpu"), True, classes=3))
     order, plan = loader.epoch_plan(2)
     g = torch.Generator().manual_seed(2)
     assert torch.equal(order, torch.randperm(4, generator=g))
@@ -680,12 +680,12 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_leave_the_
     """Image i is mirrored where i + epoch is odd: epoch 0 mirrors images 1 and 3, epoch 1 images 0 and 2; the
     order and crops are the random plan's."""
     from layerwise.config import DataConfig
-    from layerwise.data.loaders import MemoryLoader
+    from layerwise.data.loaders import Feed, MemoryLoader
     from layerwise.data.sources import Decoded
 
     data = Decoded(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
-    alternate = MemoryLoader(data, 4, torch.device("cpu"), DataConfig(flip="alternate"), True)
-    plain = MemoryLoader(data, 4, torch.device("cpu"), DataConfig(), True)
+    alternate = MemoryLoader(data, DataConfig(flip="alternate"), Feed(4, torch.device("cpu"), True))
+    plain = MemoryLoader(data, DataConfig(), Feed(4, torch.device("cpu"), True))
     for epoch, mirrored in [(0, [False, True, False, True]), (1, [True, False, True, False]), (2, [False, True,
                             False, True])]:  # fmt: skip
         (order, plan), (order_plain, plan_plain) = alternate.epoch_plan(7, epoch), plain.epoch_plan(7, epoch)

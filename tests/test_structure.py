@@ -133,3 +133,17 @@ def test_no_function_takes_more_than_eight_parameters():
                 if len(names) > 8:
                     over.append(f"{path.relative_to(PACKAGE)}:{node.name} ({len(names)})")
     assert over == [], over
+
+
+def test_no_constructor_takes_more_than_five_parameters():
+    """Beyond that, a frozen dataclass of the settings (a dataclass's own generated __init__ is not counted)."""
+    over = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for cls in (c for c in ast.walk(ast.parse(path.read_text())) if isinstance(c, ast.ClassDef)):
+            for f in cls.body:
+                if isinstance(f, ast.FunctionDef) and f.name == "__init__":
+                    a = f.args
+                    names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs) if p.arg != "self"]
+                    if len(names) + bool(a.vararg) > 5:
+                        over.append(f"{path.relative_to(PACKAGE)}:{cls.name} ({len(names)})")
+    assert over == [], over

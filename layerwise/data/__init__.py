@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from layerwise.config import DataConfig
-from layerwise.data.loaders import Loader, make_loader
+from layerwise.data.loaders import Feed, Loader, make_loader
 from layerwise.data.sources import Decoded, Examples, Files, open_eval, open_train, sample_path
 from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
@@ -60,14 +60,15 @@ def build_data(
     elif val is None:
         description += ", no validation (data.val_size=0): training figures only"
     train_eval = None
-    eval_batch = max(1, batch_size // where.world_size)  # each process scores its shard in its share of a batch
+    # each process scores its shard in its share of a batch
+    scoring = Feed(max(1, batch_size // where.world_size), device, train=False, where=where)
     if train_eval_size:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed + 1))
-        train_eval = make_loader(train.subset(order[:train_eval_size]), eval_batch, device, cfg, False, where)
+        train_eval = make_loader(train.subset(order[:train_eval_size]), cfg, scoring)
     return DataBundle(
         classes=source.classes,
-        train=make_loader(train, batch_size, device, cfg, True, where, len(source.classes)),
-        val=make_loader(val, eval_batch, device, cfg, False, where) if val is not None else None,
+        train=make_loader(train, cfg, Feed(batch_size, device, True, where, len(source.classes))),
+        val=make_loader(val, cfg, scoring) if val is not None else None,
         train_eval=train_eval,
         description=description,
         val_images=len(val) if val is not None else 0,
@@ -78,4 +79,4 @@ def build_eval_loader(
     cfg: DataConfig, path: str | Path, classes: list[str], batch_size: int, device: torch.device
 ) -> Loader:
     examples = open_eval(path, cfg.augment == "cifar", cfg.image_size, classes)
-    return make_loader(examples, batch_size, device, cfg, train=False)
+    return make_loader(examples, cfg, Feed(batch_size, device))

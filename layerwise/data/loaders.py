@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -115,25 +116,30 @@ def shard(examples: Examples, where: Dist) -> Examples:
     return examples.subset(torch.arange(where.rank, len(examples), where.world_size))
 
 
+@dataclass(frozen=True)
+class Feed:
+    """How a loader serves its examples: in batches of `batch_size` on `device`; for training (`train`) shuffled
+    and augmented, each of `where`'s processes taking its share of each batch; `classes` sizes data.mix's
+    targets."""
+
+    batch_size: int
+    device: torch.device
+    train: bool = False
+    where: Dist = SINGLE
+    classes: int = 0
+
+
 class MemoryLoader(Batched):
     """Batches of a decoded dataset held on the device (a Loader)."""
 
-    def __init__(
-        self,
-        data: Decoded,
-        batch_size: int,
-        device: torch.device,
-        cfg: DataConfig,
-        train: bool,
-        where: Dist = SINGLE,
-        classes: int = 0,
-    ):
+    def __init__(self, data: Decoded, cfg: DataConfig, feed: Feed):
+        device, train = feed.device, feed.train
         self.images = to_channels(data.images, len(cfg.mean)).to(device)
         self.labels = data.labels.to(device)
-        self.batch_size, self.device, self.train = batch_size, device, train
-        self.batching = Batching(len(data), batch_size, where if train else SINGLE)
+        self.batch_size, self.device, self.train = feed.batch_size, device, train
+        self.batching = Batching(len(data), feed.batch_size, feed.where if train else SINGLE)
         size = tuple(self.images.shape[-2:])  # (H, W)
-        self.augmentation = Augmentation.from_config(cfg, size, classes) if train else None
+        self.augmentation = Augmentation.from_config(cfg, size, feed.classes) if train else None
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def epoch_plan(self, seed: int, epoch: int = 0) -> tuple[torch.Tensor, EpochPlan]:
@@ -205,13 +211,13 @@ class StreamLoader(Batched):
     Workers are started afresh each epoch so that each epoch's crops depend only on its seed (exact resume).
     """
 
-    def __init__(
-        self, files: Files, batch_size: int, device: torch.device, cfg: DataConfig, train: bool, where: Dist = SINGLE
-    ):
+    def __init__(self, files: Files, cfg: DataConfig, feed: Feed):
+        device, train = feed.device, feed.train
         self.dataset = FileDataset(files, imagenet_transform(cfg, train))
-        self.batch_size, self.device, self.train, self.workers = batch_size, device, train, usable_workers(cfg.workers)
-        self.batching = Batching(len(files), batch_size, where if train else SINGLE)
-        self.rank = where.rank
+        self.batch_size, self.device, self.train = feed.batch_size, device, train
+        self.workers = usable_workers(cfg.workers)
+        self.batching = Batching(len(files), feed.batch_size, feed.where if train else SINGLE)
+        self.rank = feed.where.rank
         self.normalize = Normalize(cfg.mean, cfg.std, device)
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
@@ -238,18 +244,10 @@ class StreamLoader(Batched):
             yield self.normalize(x), y.to(self.device, non_blocking=True)
 
 
-def make_loader(
-    examples: Examples,
-    batch_size: int,
-    device: torch.device,
-    cfg: DataConfig,
-    train: bool,
-    where: Dist = SINGLE,
-    classes: int = 0,
-) -> Loader:
+def make_loader(examples: Examples, cfg: DataConfig, feed: Feed) -> Loader:
     """A training loader over every example (each process takes its share of each batch), or an evaluation
-    loader over this process's shard. `classes` sizes data.mix's targets."""
-    examples = examples if train else shard(examples, where)
+    loader over this process's shard."""
+    examples = examples if feed.train else shard(examples, feed.where)
     if isinstance(examples, Decoded):
-        return MemoryLoader(examples, batch_size, device, cfg, train, where, classes)
-    return StreamLoader(examples, batch_size, device, cfg, train, where)
+        return MemoryLoader(examples, cfg, feed)
+    return StreamLoader(examples, cfg, feed)

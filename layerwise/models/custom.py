@@ -19,7 +19,7 @@ from torch import nn
 
 from layerwise.config import IMPORT_PATH, ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import AuxClassifier
+from layerwise.models.heads import AuxClassifier, HeadLayout
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
@@ -55,7 +55,7 @@ def make_head(kind: str, channels: int, num_classes: int, cfg: ModelConfig) -> n
     if kind == "infopro":
         return InfoProHead(channels, num_classes)
     width = cfg.aux_width or max(1, round(cfg.aux_width_factor * channels))
-    return AuxClassifier(channels, width, cfg.k, num_classes, cfg.head_pool, batchnorm=cfg.head_batchnorm)
+    return AuxClassifier(channels, width, cfg.k, num_classes, HeadLayout(cfg.head_pool, batchnorm=cfg.head_batchnorm))
 
 
 def staged_from_stages(

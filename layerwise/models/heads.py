@@ -1,5 +1,7 @@
 """Auxiliary classifiers C_j that turn a block's output x_{j+1} into class scores z_{j+1}."""
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from layerwise.models.blocks import ConvUnit
@@ -12,25 +14,26 @@ def conv_bn_relu(in_channels: int, out_channels: int, padding: int, batchnorm: b
     return ConvUnit(conv, *norm, nn.ReLU(inplace=True))
 
 
+@dataclass(frozen=True)
+class HeadLayout:
+    """The options of the paper's head: average to `pool` x `pool` before the linear layer; `prepool` first averages
+    the map to half its size and `padding` is the head convs' padding (the VGG-11 heads: prepool=True, padding=0);
+    `batchnorm=False` drops every BN of the head."""
+
+    pool: int = 2
+    prepool: bool = False
+    padding: int = 1
+    batchnorm: bool = True
+
+
 class AuxClassifier(nn.Sequential):
     """The paper's head for the paper's k: (k-1) x [3x3 conv -> BN -> ReLU] -> average to pool x pool -> BN -> linear.
 
-    For k = 1 it is just averaging, BN and linear. `prepool` first averages the map to half its size and
-    `padding` is the head convs' padding: the VGG-11 heads use prepool=True, padding=0. `batchnorm=False` drops
-    every BN of the head.
+    For k = 1 it is just averaging, BN and linear. `layout`: HeadLayout.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        width: int,
-        k: int,
-        num_classes: int,
-        pool: int = 2,
-        prepool: bool = False,
-        padding: int = 1,
-        batchnorm: bool = True,
-    ):
+    def __init__(self, in_channels: int, width: int, k: int, num_classes: int, layout: HeadLayout = HeadLayout()):
+        pool, prepool, padding, batchnorm = layout.pool, layout.prepool, layout.padding, layout.batchnorm
         layers: list[nn.Module] = []
         if prepool:
             layers.append(HalfAvgPool())

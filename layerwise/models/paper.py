@@ -7,7 +7,7 @@ from torch import nn
 from layerwise.config import ModelConfig
 from layerwise.models.blocks import Block
 from layerwise.models.custom import make_head
-from layerwise.models.heads import AuxClassifier, VGGClassifier
+from layerwise.models.heads import AuxClassifier, HeadLayout, VGGClassifier
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
@@ -39,8 +39,8 @@ def vgg11(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNe
         if j == len(cfg.widths) - 1:
             heads.append(VGGClassifier(width, num_classes, dropout=cfg.classifier_dropout))
         else:  # the paper's VGG heads: average to half size, then k-1 unpadded convs at twice the width
-            aux = AuxClassifier(width, 2 * width, cfg.k, num_classes, cfg.head_pool, prepool=True, padding=0,
-                                batchnorm=cfg.head_batchnorm)  # fmt: skip
+            layout = HeadLayout(cfg.head_pool, prepool=True, padding=0, batchnorm=cfg.head_batchnorm)
+            aux = AuxClassifier(width, 2 * width, cfg.k, num_classes, layout)
             heads.append(aux)
     net = StagedNet(blocks, heads)
     init_vgg(net)

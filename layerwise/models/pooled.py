@@ -57,6 +57,17 @@ def chunkable(block: nn.Module, head: nn.Module) -> bool:
     return isinstance(head, nn.Sequential) and len(head) > 1 and isinstance(head[0], HalfAvgPool) and poolable(block)
 
 
+def pooled_block_and_head(block: nn.Module, head: nn.Sequential, x: torch.Tensor, chunks: int) -> torch.Tensor | None:
+    """head(block(x)) for a `chunkable` pair, with the block's output formed a chunk at a time and pooled at once
+    (pooled_unit), then the head's layers after its half pooling; None where pooled_unit cannot (an odd side)."""
+    pooled = pooled_unit(block, x, chunks)
+    if pooled is None:
+        return None
+    for layer in list(head)[1:]:  # the head after its half pooling
+        pooled = layer(pooled)
+    return pooled
+
+
 def pooled_unit(unit: nn.Sequential, x: torch.Tensor, chunks: int) -> torch.Tensor | None:
     """avgpool2(unit(x)) with the unit in training (see the module's docstring), or None when the unit's output
     has an odd side (a VGG head's half pooling then has windows of other sizes). `poolable(unit)` must hold.

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,11 +86,11 @@ def cache_views(cfg: TrainConfig, stage: Stage | None = None) -> int:
     return min(cfg.cache_views, epochs)
 
 
-def check_cache(net: StagedNet, images, cfg: TrainConfig, precision: Precision, where: Dist, cache_dir: Path) -> None:
+def check_cache(
+    net: StagedNet, images: MemoryLoader, cfg: TrainConfig, precision: Precision, where: Dist, cache_dir: Path
+) -> None:
     """Size the largest prefix cache of a run and refuse it now if it cannot fit (every process of this node
     holds its own copy in host memory, and of the run on a disk cache)."""
-    if not isinstance(images, MemoryLoader):
-        raise LayerwiseError("train.cache needs in-memory data (data.augment=cifar); set train.cache=none")
     device, dtype = precision.device, precision.dtype
     shapes = prefix_shapes(net, images.normalize(images.images[:1]))
     n, views = images.num_examples, cache_views(cfg)
@@ -111,6 +112,17 @@ def check_cache(net: StagedNet, images, cfg: TrainConfig, precision: Precision, 
     log.info("prefix cache: at most %.2f GiB (%s)", copies * needed / 2**30, what)
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """What a prefix cache holds: block `upto`'s input, one view per seed of `view_seeds` (view v is epoch v's
+    augmentation), in `store`: "device", "host", or the file of a disk cache below the run directory `root`."""
+
+    upto: int
+    view_seeds: tuple[int, ...]
+    store: str | Path
+    root: Path | None = None
+
+
 class PrefixCache(Batched):
     """A loader of x_j, the frozen blocks' output, for greedy stage j (a Loader; its batches are the images'
     loader's, in the same order).
@@ -122,16 +134,8 @@ class PrefixCache(Batched):
     set (the same x_j on every process; a disk cache in a file of its own) and reads its share of each batch.
     """
 
-    def __init__(
-        self,
-        net: StagedNet,
-        upto: int,
-        images: MemoryLoader,
-        view_seeds: list[int],
-        store: str | Path,
-        precision: Precision,
-        root: Path | None = None,
-    ):
+    def __init__(self, net: StagedNet, images: MemoryLoader, plan: CachePlan, precision: Precision):
+        upto, view_seeds, store, root = plan.upto, plan.view_seeds, plan.store, plan.root
         self.offset, self.batching = upto, images.batching
         self.images, self.labels = images, images.labels
         self.device, self.batch_size = images.device, images.batch_size

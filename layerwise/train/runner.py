@@ -25,7 +25,7 @@ from layerwise.evaluate import evaluate
 from layerwise.models.staged import StagedNet
 from layerwise.rundir import RunDir
 from layerwise.stages import Stage, plan_stages
-from layerwise.train.cache import PrefixCache, cache_views, check_cache
+from layerwise.train.cache import CachePlan, PrefixCache, cache_views, check_cache
 from layerwise.train.loop import StageTraining, train_epoch
 from layerwise.train.resume import Resume
 
@@ -151,7 +151,8 @@ class LocalRunner(StageRunner):
         if cfg.cache == "disk":  # one file per process under DDP
             store = self.cache_dir / (f"prefix{stage.first}.rank{parts.where.rank}.bin" if parts.where.active
                                       else f"prefix{stage.first}.bin")  # fmt: skip
-        cache = PrefixCache(parts.net, stage.first, parts.data.train, seeds, store, parts.precision, parts.dir.path)
+        plan = CachePlan(stage.first, tuple(seeds), store, parts.dir.path)
+        cache = PrefixCache(parts.net, parts.data.train, plan, parts.precision)
         log.info(
             "%s: cached %d view(s) of the frozen prefix in %.1f s", stage.name, len(seeds), time.perf_counter() - t0
         )

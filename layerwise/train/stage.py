@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from layerwise.models.blocks import has_conv_units, recomputed
-from layerwise.models.pooled import chunkable, pooled_unit
+from layerwise.models.pooled import chunkable, pooled_block_and_head
 from layerwise.models.staged import StagedNet
 from layerwise.stages import Stage
 from layerwise.train.losses import PLAIN, LocalLoss
@@ -52,7 +52,7 @@ class StageModule(nn.Module):
         self.randomness: BlockRandomness | None = None
         self.output: torch.Tensor | None = None
         self.keep_output = keep_output
-        """Keep the last block's output for the next pipeline process (`output`, train/pipeline.py)."""
+        """Keep the last block's output after each forward pass (`output`), for whoever reads it after the step."""
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         grad = self.training and torch.is_grad_enabled()
@@ -60,13 +60,10 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.decoupled:
-            pooled = None
             if self.block_chunks and self.poolable and self.training and torch.is_grad_enabled():
-                pooled = pooled_unit(self.blocks[0], x, self.block_chunks)
-            if pooled is not None:  # the block's output only ever existed a chunk at a time
-                for layer in list(self.heads[-1])[1:]:  # the head after its half pooling
-                    pooled = layer(pooled)
-                return self.loss(pooled, y, None), pooled
+                logits = pooled_block_and_head(self.blocks[0], self.heads[-1], x, self.block_chunks)
+                if logits is not None:  # the block's output only ever existed a chunk at a time
+                    return self.loss(logits, y, None), logits
             for block in self.blocks:
                 x = self.run(block, x)
             logits = self.run(self.heads[-1], x)
@@ -78,7 +75,7 @@ class StageModule(nn.Module):
                 z = self.run(head, x)
             losses.append(self.loss(z, y, x))
             logits.append(z)
-        if self.keep_output:  # what a pipeline process sends on (train/pipeline.py)
+        if self.keep_output:
             self.output = x.detach()
         return torch.stack(losses), torch.stack(logits)
 
