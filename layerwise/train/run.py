@@ -65,6 +65,8 @@ def train(
     joins the run's process group (NCCL on GPUs, gloo on the CPU) for the duration, unless it already has.
     """
     where = from_env()
+    replicas = RUNNERS[cfg.train.placement].replicas_for(where, cfg)  # what cannot run, before joining the others
+    check_batch(cfg.train.batch_size, replicas.count)
     compute = compute_for(cfg.train, where)
     with process_group(where, compute.device):
         if not resume and where.from_main(elastic_restart_of(out) if where.is_main else None):

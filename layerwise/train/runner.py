@@ -67,7 +67,8 @@ class StageRunner:
 
     @staticmethod
     def replicas_for(where: Dist, cfg: RunConfig) -> Replicas:
-        """The processes that split each batch, decided before the data is read (it is sharded among them)."""
+        """The processes that split each batch, decided before the process group is joined (refusing what cannot
+        run) and the data is read (it is sharded among them); the runner makes their process group."""
         return where.replicas
 
     @staticmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -95,26 +95,25 @@ class PipelineRunner(StageRunner):
     Placement.groups[r % P]; the replicas of a position split each batch (DDP among them)."""
 
     def __init__(self, parts: Parts, replicas: Replicas, resuming: bool = False):
-        super().__init__(parts, replicas, resuming)
-        where, cfg = parts.where, parts.cfg.train
-        self.P = where.world_size // replicas.count
-        self.position = where.rank % self.P
-        self.judges_alone = cfg.replay > 0  # with replays each process trains its own number of steps
-        # every process makes every replica's pipeline group, in the same order (torch.distributed.new_group)
-        groups = [dist.new_group([r * self.P + p for p in range(self.P)]) for r in range(replicas.count)]
+        where, R = parts.where, replicas.count
+        P = where.world_size // R
+        # every process makes every group, in the same order (torch.distributed.new_group): each replica's
+        # pipeline, then each position's replicas (DDP among them)
+        pipes = [dist.new_group([r * P + p for p in range(P)]) for r in range(R)]
+        parallel = [dist.new_group([r * P + p for r in range(R)]) for p in range(P)] if R > 1 else [None] * P
+        self.P, self.position = P, where.rank % P
+        super().__init__(parts, replace(replicas, group=parallel[self.position]), resuming)
+        self.judges_alone = parts.cfg.train.replay > 0  # with replays each process trains its own number of steps
         prev = where.rank - 1 if self.position > 0 else None
-        next = where.rank + 1 if self.position + 1 < self.P else None
-        self.pipe = Pipe(prev, next, parts.precision.device, groups[replicas.index])
-        self.placement: Placement = where.agree(lambda: place_blocks(parts, self.P, resuming))
+        next = where.rank + 1 if self.position + 1 < P else None
+        self.pipe = Pipe(prev, next, parts.precision.device, pipes[replicas.index])
+        self.placement: Placement = where.agree(lambda: place_blocks(parts, P, resuming))
         self.part = self.placement.stage(self.position)  # this process's blocks of the stage
 
     @staticmethod
     def replicas_for(where: Dist, cfg: RunConfig) -> Replicas:
         P = processes_per_pipeline(where, cfg)
-        R, position = where.world_size // P, where.rank % P
-        # the data-parallel group of each position, made on every process in the same order
-        groups = [dist.new_group([r * P + p for r in range(R)]) for p in range(P)] if R > 1 else [None] * P
-        return Replicas(index=where.rank // P, count=R, group=groups[position], root=position)
+        return Replicas(index=where.rank // P, count=where.world_size // P, root=where.rank % P)
 
     @staticmethod
     def sized_as(mode: str) -> str:
