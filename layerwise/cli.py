@@ -68,8 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if from_env().active:
             raise LayerwiseError("--download once without torchrun first: every process would write the same files")
         download_cifar10(args.data)
-    heads = "infopro heads" if cfg.model.head == "infopro" and cfg.model.arch not in ("simcnn", "vgg11") else ""
-    heads = heads or f"k={cfg.model.k}"
+    heads = f"{cfg.model.head} heads" if cfg.model.head != "paper" else f"k={cfg.model.k}"
     log.info("run %s: preset %s, mode %s, arch %s, %s", out, cfg.preset, cfg.train.mode, cfg.model.arch, heads)
     where = from_env()
     resume = f"{'torchrun ... -m layerwise' if where.active else 'layerwise'} train --out {out} --resume"
@@ -224,7 +223,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
                 "name": name,
                 "arch": cfg.model.arch,
                 "J": net.J,
-                "k": cfg.model.k if cfg.model.arch in ("simcnn", "vgg11") or cfg.model.head == "paper" else None,
+                "k": cfg.model.k if cfg.model.head == "paper" else None,
                 "mode": cfg.train.mode,
                 "params_final_m": round(net.final_parameters() / 1e6, 2),
                 "params_heads_m": round(net.head_parameters() / 1e6, 2),

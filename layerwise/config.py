@@ -21,6 +21,9 @@ IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_
 SPLIT_ARCHS = ("cifar_resnet", "resnet", "vgg")
 """Architectures cut into model.split modules of a network of model.depth layers."""
 
+HEADS = ("paper", "infopro", "dgl", "linear")
+"""model.head's kinds; layerwise.models.heads.make_head builds each (FIXED_HEADS: all but `paper`)."""
+
 
 @dataclass
 class ModelConfig:
@@ -70,8 +73,11 @@ class ModelConfig:
     max-pool), for 32 px images."""
     head: str = "paper"
     """The heads the library builds for SimCNN and for networks that bring none (model.arch=custom without heads,
-    the split ResNets' local modules): `paper` (k-1 convs, averaging, BN, linear, as above) or `infopro`
-    (InfoPro's: one conv, global pooling, two linear layers). VGG-11 keeps the paper's VGG heads."""
+    the split ResNets' local modules): `paper` (k-1 convs, averaging, BN, linear, as above), `infopro` (InfoPro's:
+    one conv, global pooling, two linear layers), `dgl` (DGL's: averaging to a quarter of the size, three 1x1
+    convs, averaging to 2x2, four linear layers) or `linear` (global pooling and one linear layer: InfoPro's
+    'Greedy SL'). All but `paper` have a fixed form (model.k and the aux settings do nothing). VGG-11 keeps the
+    paper's VGG heads."""
     builder: str = ""
     """model.arch=custom: the import path `package.module:function` of a function returning the network's
     stages (a list of nn.Modules), a (stages, heads) pair or a StagedNet. Loading the run later imports it, which
@@ -102,9 +108,10 @@ class ModelConfig:
             (self.depth > 0 and self.split > 0) == (self.arch in SPLIT_ARCHS),
             f"model.depth and model.split (K) go with model.arch {', '.join(SPLIT_ARCHS)}, and only with them",
         )
-        _check(self.head in ("paper", "infopro"), f"model.head must be 'paper' or 'infopro' (got {brief(self.head)})")
+        _check(self.head in HEADS, f"model.head must be one of {', '.join(HEADS)} (got {brief(self.head)})")
         _check(
-            self.head == "paper" or self.arch != "vgg11", "model.head=infopro is not for vgg11 (its heads are VGG's)"
+            self.head == "paper" or self.arch != "vgg11",
+            f"model.head={self.head} is not for vgg11 (its heads are VGG's)",
         )
         _check(
             bool(self.builder) == (self.arch == "custom"),
@@ -457,8 +464,8 @@ def idle_settings(cfg: RunConfig) -> dict[str, str]:
         idle["train.cache_views"] = "train.cache is none"
     if t.replay == 0:
         idle["train.replay_reuse"] = "train.replay is 0"
-    if m.head == "infopro":
-        why = "model.head=infopro builds InfoPro's heads, which have a fixed form"
+    if m.head != "paper":
+        why = f"model.head={m.head} builds heads of a fixed form"
         keys = ["model.k", "model.aux_width", "model.aux_width_factor", "model.head_pool", "model.head_batchnorm"]
         idle.update(dict.fromkeys(keys, why))
     return idle

@@ -3,14 +3,17 @@
 from layerwise.models import custom, paper, resnet  # noqa: F401  (register the architectures)
 from layerwise.models.blocks import Block
 from layerwise.models.downsample import SpaceToDepth
-from layerwise.models.heads import AuxClassifier, HeadLayout, VGGClassifier
+from layerwise.models.heads import AuxClassifier, DGLHead, HeadLayout, InfoProHead, LinearHead, VGGClassifier
 from layerwise.models.registry import architectures, build_model, register_model
 from layerwise.models.staged import StagedNet
 
 __all__ = [
     "AuxClassifier",
     "Block",
+    "DGLHead",
     "HeadLayout",
+    "InfoProHead",
+    "LinearHead",
     "SpaceToDepth",
     "StagedNet",
     "VGGClassifier",

@@ -19,43 +19,10 @@ from torch import nn
 
 from layerwise.config import IMPORT_PATH, ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import AuxClassifier, HeadLayout
+from layerwise.models.heads import InfoProHead as InfoProHead  # where it lived before heads.py
+from layerwise.models.heads import make_head
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
-
-
-class InfoProHead(nn.Sequential):
-    """The head of InfoPro's classification experiments (Wang et al., ICLR 2021; its '1c2f' auxiliary net): one
-    3x3 conv -> BN -> ReLU, global average pooling, then linear -> ReLU -> linear.
-
-    The conv doubles narrow maps at stride 2 (InfoPro's 16 -> 32 and 32 -> 64 channels) and keeps 64 or more
-    channels at stride 1, as InfoPro's 64 -> 64; `hidden` is its feature dimension, 128.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
-        width, stride = (2 * in_channels, 2) if in_channels < 64 else (in_channels, 1)
-        super().__init__(
-            nn.Conv2d(in_channels, width, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(width, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
-
-
-HEADS = ("paper", "infopro")
-
-
-def make_head(kind: str, channels: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
-    """A library head for a stage with `channels` output channels: the paper's for model.k (its convs
-    model.aux_width wide, or model.aux_width_factor x channels) or InfoPro's."""
-    if kind == "infopro":
-        return InfoProHead(channels, num_classes)
-    width = cfg.aux_width or max(1, round(cfg.aux_width_factor * channels))
-    return AuxClassifier(channels, width, cfg.k, num_classes, HeadLayout(cfg.head_pool, batchnorm=cfg.head_batchnorm))
 
 
 def staged_from_stages(

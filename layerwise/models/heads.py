@@ -1,9 +1,13 @@
-"""Auxiliary classifiers C_j that turn a block's output x_{j+1} into class scores z_{j+1}."""
+"""Auxiliary classifiers C_j that turn a block's output x_{j+1} into class scores z_{j+1}, and make_head, which
+builds model.head's kind for a stage."""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
+from layerwise.config import ModelConfig
 from layerwise.models.blocks import ConvUnit
 
 
@@ -75,3 +79,78 @@ class VGGClassifier(nn.Sequential):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
+
+
+class InfoProHead(nn.Sequential):
+    """The head of InfoPro's classification experiments (Wang et al., ICLR 2021; its '1c2f' auxiliary net): one
+    3x3 conv -> BN -> ReLU, global average pooling, then linear -> ReLU -> linear.
+
+    The conv doubles narrow maps at stride 2 (InfoPro's 16 -> 32 and 32 -> 64 channels) and keeps 64 or more
+    channels at stride 1, as InfoPro's 64 -> 64; `hidden` is its feature dimension, 128.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
+        width, stride = (2 * in_channels, 2) if in_channels < 64 else (in_channels, 1)
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+
+class LinearHead(nn.Sequential):
+    """Global average pooling, then one linear layer (with bias): InfoPro's 'Greedy SL' head ('0c1f').
+    (B, C, H, W) -> (B, C) -> (B, classes)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
+
+
+class QuarterAvgPool(nn.Module):
+    """Adaptive average pooling to a quarter of the input's spatial size, rounded up (DGL's heads' first step):
+    (B, C, H, W) -> (B, C, ceil(H/4), ceil(W/4))."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        return nn.functional.adaptive_avg_pool2d(x, (-(-h // 4), -(-w // 4)))
+
+
+class DGLHead(nn.Sequential):
+    """DGL's auxiliary network (Belilovsky et al., ICML 2020; its 'mlp-sr' default): average to a quarter of the
+    map's size, three 1x1 conv (C -> C, no bias) -> BN -> ReLU, average to exactly 2x2, then three linear (4C ->
+    4C, with bias) -> BN -> ReLU and a linear to the classes.
+
+    (B, C, H, W) -> (B, C, ceil(H/4), ceil(W/4)) -> (B, C, 2, 2) -> (B, 4C) -> (B, classes). A map of 4 px or
+    less is 1x1 after the first pooling, and the 2x2 pooling repeats its value, as DGL's code does.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        c, features = in_channels, 4 * in_channels
+        layers: list[nn.Module] = [QuarterAvgPool()]
+        for _ in range(3):
+            layers += [nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+        for _ in range(3):
+            layers += [nn.Linear(features, features), nn.BatchNorm1d(features), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(features, num_classes))
+        super().__init__(*layers)
+
+
+FIXED_HEADS: dict[str, type[nn.Module]] = {"infopro": InfoProHead, "dgl": DGLHead, "linear": LinearHead}
+"""model.head's kinds of a fixed form, each built from (channels, num_classes); the other kind, `paper`, follows
+model.k and the aux settings. config.HEADS names them all."""
+
+
+def make_head(kind: str, channels: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
+    """A library head of model.head's `kind` for a stage with `channels` output channels: a fixed one
+    (FIXED_HEADS), or the paper's for model.k (its convs model.aux_width wide, or model.aux_width_factor x
+    channels)."""
+    if kind in FIXED_HEADS:
+        return FIXED_HEADS[kind](channels, num_classes)
+    width = cfg.aux_width or max(1, round(cfg.aux_width_factor * channels))
+    return AuxClassifier(channels, width, cfg.k, num_classes, HeadLayout(cfg.head_pool, batchnorm=cfg.head_batchnorm))

@@ -6,16 +6,15 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.models.blocks import Block
-from layerwise.models.custom import make_head
-from layerwise.models.heads import AuxClassifier, HeadLayout, VGGClassifier
+from layerwise.models.heads import AuxClassifier, HeadLayout, VGGClassifier, make_head
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
 
 @register_model("simcnn")
 def simcnn(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
-    """Blocks [P] -> conv3x3 -> [BN] -> ReLU of model.widths, each with the paper's head for model.k (or with
-    model.head=infopro, InfoPro's)."""
+    """Blocks [P] -> conv3x3 -> [BN] -> ReLU of model.widths, each with the paper's head for model.k (or
+    model.head's other kind: heads.make_head)."""
     blocks, heads, channels = [], [], cfg.in_channels
     for j, width in enumerate(cfg.widths):
         blocks.append(Block(channels, width, "s2d" if j in cfg.downsample_at else None, cfg.batchnorm, _bias(cfg)))

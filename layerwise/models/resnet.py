@@ -23,7 +23,7 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.custom import make_head
+from layerwise.models.heads import make_head
 from layerwise.models.partition import balanced_cut, unit_flops
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
