@@ -410,7 +410,9 @@ def bench_processes(spec: BenchSpec, steps: int = 10, warmup: int = 2) -> dict:
     all-reduce of the stage's gradients costs (the whole of DDP's communication per step, not overlapped here)."""
     where, preset = from_env(), spec.preset
     spec = dataclasses.replace(spec, image_size=None, compile_mode="none", recompute_activations=False)
-    dev = compute_for(bench_config(spec).train, where).device
+    train_cfg = bench_config(spec).train
+    check_batch(train_cfg.batch_size, where.world_size)  # before joining the other processes
+    dev = compute_for(train_cfg, where).device
     with process_group(where, dev):
         setup = bench_setup(spec, where)  # the same network and batch in every process
         cfg, compute, classes, net = setup.cfg, setup.compute, setup.classes, setup.net

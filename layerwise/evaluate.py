@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -60,33 +60,42 @@ def evaluate(
     they are frozen: their scores on the loader's fixed, unaugmented batches cannot change. The first call fills
     it with their counts and, per batch, their running ensemble; later calls run only the last head.
     """
-    was_training = net.training
-    net.eval()
     upto, last = max(blocks), blocks[-1]
     keep = memo is not None and len(blocks) > 1  # only heads before the last one can be frozen
     reuse = keep and "counts" in memo
     counts = torch.zeros(len(blocks), len(COUNTS), dtype=torch.float64, device=loader.device)  # (heads, COUNTS)
     totals = []  # the frozen heads' running ensemble, per batch
     n = 0
-    for b, (x, y) in enumerate(loader.batches()):
-        with torch.no_grad(), autocast():  # not a decorator: mutmut (docs/testing.md) skips decorated functions
-            logits = flipped(net, x, flip, upto=upto, heads=[last] if reuse else blocks)
-        if reuse:
-            (z,) = logits
-            counts[-1] += counted(z, add_to_ensemble(memo["totals"][b], z, ensemble), y)
-        else:
-            scores = ensemble_scores(logits, kind=ensemble)
-            for i, (z, e) in enumerate(zip(logits, scores, strict=True)):
-                counts[i] += counted(z, e, y)
-            if keep:
-                totals.append(scores[-2])
-        n += len(y)
+    with evaluating(net):
+        for b, (x, y) in enumerate(loader.batches()):
+            with torch.no_grad(), autocast():  # not a decorator: mutmut (docs/testing.md) skips decorated functions
+                logits = flipped(net, x, flip, upto=upto, heads=[last] if reuse else blocks)  # [(B, classes)]
+            if reuse:
+                (z,) = logits
+                counts[-1] += counted(z, add_to_ensemble(memo["totals"][b], z, ensemble), y)
+            else:
+                scores = ensemble_scores(logits, kind=ensemble)
+                for i, (z, e) in enumerate(zip(logits, scores, strict=True)):
+                    counts[i] += counted(z, e, y)
+                if keep:
+                    totals.append(scores[-2])
+            n += len(y)
     if reuse:
         counts[:-1] = memo["counts"]
     elif keep:  # this process's counts: each process keeps a memo of its own shard
         memo.update(counts=counts[:-1].clone(), totals=totals)
-    net.train(was_training)
     return figures(blocks, counts, n, where)
+
+
+@contextmanager
+def evaluating(net: torch.nn.Module) -> Iterator[None]:
+    """The network in eval mode for the duration, back in the mode it was in afterwards."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
 
 
 COUNTS = ("top1", "top5", "ensemble_top1", "ensemble_top5", "loss")
@@ -103,10 +112,10 @@ def figures(blocks: list[int], counts: torch.Tensor, n: int, where: Dist = SINGL
     processes first."""
     *flat, n = where.sum(torch.cat([counts.flatten(), counts.new_tensor([n])])).tolist()
     per_head = torch.tensor(flat, dtype=torch.float64).view(len(blocks), len(COUNTS))
-    n = int(n)
-    pct = (100.0 * per_head[:, :4] / max(n, 1)).tolist()
-    losses = (per_head[:, 4] / max(n, 1)).tolist()
-    names = COUNTS[:4]
+    n, loss = int(n), COUNTS.index("loss")
+    pct = (100.0 * per_head[:, :loss] / max(n, 1)).tolist()  # (heads, hit columns)
+    losses = (per_head[:, loss] / max(n, 1)).tolist()
+    names = COUNTS[:loss]
     return {
         "blocks": {j: dict(zip(names, row, strict=False)) for j, row in zip(blocks, pct, strict=False)},
         "loss": losses[-1],
@@ -120,7 +129,17 @@ def flipped(net, x: torch.Tensor, flip: bool, **options) -> list[torch.Tensor]:
     pass over both (evaluation's BatchNorm treats each image alone)."""
     if not flip:
         return net(x, **options)
-    return [(z[: len(x)] + z[len(x) :]) / 2 for z in net(torch.cat([x, x.flip(-1)]), **options)]
+    return [mirror_mean(z, len(x)) for z in net(with_mirrors(x), **options)]
+
+
+def with_mirrors(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images -> (2B, C, H, W): the images, then each mirrored left to right."""
+    return torch.cat([x, x.flip(-1)])
+
+
+def mirror_mean(z: torch.Tensor, n: int) -> torch.Tensor:
+    """(2n, classes) logits of with_mirrors' images -> (n, classes): each image's mean with its mirror's."""
+    return (z[:n] + z[n:]) / 2
 
 
 def summed_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Stage:
     gradient crosses a block boundary. Otherwise the gradient flows from head `block` through every trained block."""
     receives: bool = False
     """The stage's batches are block `first`'s input, received from the pipeline process before it
-    (train/pipeline.py): it runs and holds no earlier block."""
+    (train/pipeline/): it runs and holds no earlier block."""
 
     @property
     def loss_heads(self) -> tuple[int, ...]:

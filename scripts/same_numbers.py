@@ -29,6 +29,7 @@ RUNS = {
     "demo-decoupled": [*DEMO, "--mode", "decoupled"],
     "demo_plus": ["train", "--preset", "demo_plus", "--device", "cpu"],
     "demo-pipeline-3": [*DEMO, "--mode", "decoupled", "--placement", "pipeline"],
+    "demo-ddp-2": DEMO,
     "demo-ema-mix-cutout-cache": [
         *DEMO,
         *("--set", "train.ema=0.99", "--set", "data.mix=cutmix", "--set", "data.cutout=8"),
@@ -42,7 +43,7 @@ RUNS = {
 """Each run's arguments to `layerwise`; all train on the built-in sample."""
 QUICK = {"demo_plus": ["--set", "train.block_epochs=[1,1,1]", "--set", "train.warmup_epochs=0.5"]}
 """--quick's arguments, where one epoch per block needs more than --epochs-per-block 1."""
-PROCESSES = {"demo-pipeline-3": 3}
+PROCESSES = {"demo-pipeline-3": 3, "demo-ddp-2": 2}
 
 
 def strip_timings(value):

@@ -189,6 +189,15 @@ def test_a_run_killed_under_torchrun_resumes_under_torchrun_to_the_same_weights(
     assert [(r["stage"], r["epoch"]) for r in RunDir(out).read_metrics()] == [(s, e) for s in range(3) for e in (1, 2)]
 
 
+def test_a_process_whose_validation_shard_is_empty_still_joins_the_evaluation(tmp_path, data):
+    """One validation image: process 1's shard is empty, and it must still take part in the all-reduce of the
+    counts (a process that skipped it would leave the other waiting)."""
+    out = tmp_path / "run"
+    run(standalone(*layerwise_train(out, data, settings(1, "data.val_size=1"))))
+    rows = RunDir(out).read_metrics()
+    assert [r["val"]["top1"] in (0.0, 100.0) for r in rows] == [True] * 3
+
+
 def test_a_run_started_on_one_process_resumes_on_two(tmp_path, data, two_processes):
     class Stop(Exception):
         pass

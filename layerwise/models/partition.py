@@ -1,6 +1,6 @@
 """Costs and cuts: the one FLOP counter and the one balanced partition of a chain of units into groups.
 
-A split network's modules (resnet.py), a pipeline's process groups (train/pipeline.py) and the early-exit
+A split network's modules (resnet.py), a pipeline's process groups (train/pipeline/placement.py) and the early-exit
 compute figures (early_exit.py) all come from here.
 """
 

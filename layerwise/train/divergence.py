@@ -42,7 +42,7 @@ class LossWatch:
         self.factor, self.over, self.level = factor, over, level
         self.window = torch.zeros(DIVERGENCE_WINDOW, dtype=torch.float64, device=device)
         self.bad = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps, self.classes = 0, 0
+        self.steps, self.classes, self.checked = 0, 0, 0
 
     def add(self, loss: torch.Tensor, classes: int) -> None:
         loss = loss.detach().double()
@@ -53,7 +53,13 @@ class LossWatch:
     def due(self, i: int, n: int) -> bool:
         return (i + 1) % DIVERGENCE_WINDOW == 0 or i + 1 == n
 
+    def check_rest(self) -> None:
+        """Check the steps since the last check, if any."""
+        if self.steps > self.checked:
+            self.check()
+
     def check(self) -> None:
+        self.checked = self.steps
         kept = min(self.steps, DIVERGENCE_WINDOW)
         bad, mean = self.over.sum(torch.stack([self.bad, self.window[:kept].mean()])).tolist()
         mean /= self.over.count

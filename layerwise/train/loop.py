@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -21,12 +22,12 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
 from layerwise.models.staged import StagedNet
 from layerwise.stages import Stage, place_for
-from layerwise.train.divergence import LossWatch
+from layerwise.train.divergence import LossWatch, Summed
 from layerwise.train.ema import WeightAverage
 from layerwise.train.losses import local_loss
 from layerwise.train.optim import Optimizers
 from layerwise.train.schedule import decays_by, lr_at, lr_at_step, stage_epochs
-from layerwise.train.stage import BlockRandomness, freeze_for, frozen_prefix, network_key
+from layerwise.train.stage import freeze_for, frozen_prefix, network_key
 
 
 class StageTraining:
@@ -107,7 +108,7 @@ class StageTraining:
             lr = lr_at_step(self.cfg, epoch, 0, steps, self.epochs)
             self.optimizer.set_lr(lr)
         if self.stage.decoupled:
-            self.module.randomness = BlockRandomness(seed, self.precision.device)
+            self.module.start_epoch(seed, self.precision.device)
         self.net.eval()
         self.module.train()
         return lr
@@ -159,34 +160,39 @@ class StageTraining:
 class Tally:
     """An epoch's sums per reported head, on the device: one row per head, one named column per figure."""
 
-    COLUMNS = ("loss", "top1", "top5", "images")
-    """loss x images, top-1 hits, top-5 hits, images"""
+    STEP_COLUMNS = ("loss", "top1", "top5")
+    """What each step adds: loss x images, top-1 hits, top-5 hits."""
+    COLUMNS = (*STEP_COLUMNS, "images")
 
     def __init__(self, reported: tuple[int, ...], heads: tuple[int, ...], device: torch.device, extra=()):
+        """`reported`: the heads the figures cover; `heads`: this process's among them; `extra`: more columns,
+        each set once per epoch (`set`)."""
         self.reported, self.columns = reported, (*self.COLUMNS, *extra)
         self.rows = [reported.index(j) for j in heads]  # where this process's heads go among the reported ones
-        self.sums = torch.zeros(len(reported), len(self.columns), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(reported), len(self.columns), dtype=torch.float64, device=device)  # (heads, cols)
         self.n = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         """One step's losses (H,) or () and logits (H, B, classes) or (B, classes), of this process's heads."""
         losses = loss.detach().double().view(-1)  # (H,)
         scores = logits.detach().float().view(len(self.rows), len(y), -1)  # (H, B, classes)
-        labels = y if y.dim() == 1 else y.argmax(1)  # data.mix: the larger share's label
+        labels = y if y.dim() == 1 else y.argmax(1)  # (B,); data.mix: the larger share's label
         for h, z in enumerate(scores):
-            self.sums[self.rows[h], :3] += torch.stack([losses[h] * len(y), *topk_correct(z, labels)])
+            step = torch.stack([losses[h] * len(y), *topk_correct(z, labels)])  # (STEP_COLUMNS,)
+            self.sums[self.rows[h], : len(self.STEP_COLUMNS)] += step
         self.n += len(y)
 
     def set(self, column: str, value: float) -> None:
         """The same `value` in `column` of every head of this process."""
         self.sums[self.rows, self.columns.index(column)] = value
 
-    def figures(self, sum, images: int, t0: float) -> dict:
-        """The epoch's figures after `sum` added every process's sums (and `images`, the images it counts): the
-        last reported head's loss, top-1 and top-5, and with several heads each one's under "heads"."""
+    def figures(self, reduce, images: int, t0: float) -> dict:
+        """The epoch's figures after `reduce` added every process's sums (and `images`, the images it counts):
+        the last reported head's loss, top-1 and top-5, and with several heads each one's under "heads"; `t0`:
+        the epoch's start (time.perf_counter)."""
         self.set("images", float(self.n))  # every head of this process saw each of its images
-        *flat, images = sum(torch.cat([self.sums.flatten(), self.sums.new_tensor([images])])).tolist()
-        seconds = time.perf_counter() - t0  # since the epoch's start (perf_counter's t0)
+        *flat, images = reduce(torch.cat([self.sums.flatten(), self.sums.new_tensor([images])])).tolist()
+        seconds = time.perf_counter() - t0
         width = len(self.columns)
         figures = {}
         for j, i in zip(self.reported, range(0, len(flat), width), strict=True):
@@ -200,19 +206,37 @@ class Tally:
         return out
 
 
-def run_steps(training: StageTraining, loader: Loader, seed: int, epoch: int, desc: str, shown: bool):
-    """Train on every batch `loader` yields for the epoch, step by step; yields each step's (index, batch size,
-    loss, logits) (a progress bar when `shown`)."""
-    offset, steps = loader.offset, len(loader)
-    batches = tqdm(loader.batches(seed, epoch), total=steps, desc=desc, leave=False, disable=None if shown else True)
+@dataclass(frozen=True)
+class Counting:
+    """How an epoch's steps are counted: into `tally`; the divergence check adds its window up `over` those
+    processes (ALONE: this process judges its own losses); a progress bar when `shown`."""
+
+    tally: Tally
+    over: Summed = ALONE
+    shown: bool = True
+
+
+def train_steps(training: StageTraining, loader: Loader, seed: int, epoch: int, desc: str, counting: Counting):
+    """Train on every batch `loader` yields for the epoch, counting each step and checking the losses for
+    divergence (LossWatch: the sum of the heads' losses)."""
+    offset, steps, tally = loader.offset, len(loader), counting.tally
+    shown = None if counting.shown else True  # None: tqdm shows the bar on a terminal only
+    batches = tqdm(loader.batches(seed, epoch), total=steps, desc=desc, leave=False, disable=shown)
+    watch = LossWatch(training.cfg.divergence_factor, loader.device, counting.over, training.loss_level)
     per_step = training.cfg.schedule != "step"
     parallel = training.replicas
     for i, (x, y) in enumerate(batches):
         if per_step:
             training.optimizer.set_lr(lr_at_step(training.cfg, epoch, i, steps, training.epochs))
         weight = len(y) * parallel.count / loader.global_batch(i) if parallel.active else 1.0
-        loss, logits = training.step(x, y, offset, weight)
-        yield i, y, loss, logits
+        loss, logits = training.step(x, y, offset, weight)  # (H,) or (); (H, B, classes) or (B, classes)
+        with torch.no_grad():
+            tally.add(loss, logits, y)
+            watch.add(loss.detach().double().view(-1).sum(), logits.shape[-1])
+        if watch.due(i, steps):
+            watch.check()
+    watch.check_rest()  # a loader that yields more than len(loader) batches (a pipeline's replays)
+    training.loss_level = watch.level
 
 
 def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int = 0, desc: str = "") -> dict:
@@ -221,17 +245,9 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     `loader` yields this process's share of each batch: images, or (a PrefixCache) the frozen blocks' output for
     this epoch's cached view. Under DDP the returned figures are over every process's images. The loss and
     top-1/top-5 are the stage's last loss head's; a stage with several (decoupled) adds each one's under "heads".
-    The divergence check watches the sum of the heads' losses.
     """
     heads, replicas = training.stage.loss_heads, training.replicas
     tally = Tally(heads, heads, loader.device)
-    watch = LossWatch(training.cfg.divergence_factor, loader.device, replicas, training.loss_level)
     t0 = time.perf_counter()
-    for i, y, loss, logits in run_steps(training, loader, seed, epoch, desc, shown=replicas.index == 0):
-        with torch.no_grad():
-            tally.add(loss, logits, y)
-            watch.add(loss.detach().double().view(-1).sum(), logits.shape[-1])
-        if watch.due(i, len(loader)):
-            watch.check()
-    training.loss_level = watch.level
+    train_steps(training, loader, seed, epoch, desc, Counting(tally, replicas, shown=replicas.index == 0))
     return tally.figures(replicas.sum, tally.n, t0)

@@ -181,7 +181,7 @@ class Run:
         start = Resume()
         if self.resuming:
             start = self.where.agree(lambda: resume_point(self.dir, self.net, self.stages, self.cfg, main))
-        rows = self.dir.read_metrics() if main else []  # after resume_point dropped the lines it redoes
+        rows = self.where.agree(lambda: self.dir.read_metrics() if main else [])  # after resume_point's drops
         self.sinks = sinks(self.cfg, self.dir.path, main, len(rows))
         self.sinks += [Callback(on_epoch_end)] if on_epoch_end is not None else []
         finished = self.where.from_main(AdaptiveDepth.finished(rows) if main else None)
@@ -273,7 +273,11 @@ class Run:
             )
         loaders = {"val": self.parts.data.val, "train_eval": self.parts.data.train_eval}  # None: not in this run
         with self.runner.evaluated(finished=epoch + 1 == epochs):
-            scored = {key: self.runner.evaluate(stage, loader, memos[key]) for key, loader in loaders.items() if loader}
+            scored = {
+                key: self.runner.evaluate(stage, loader, memos[key])
+                for key, loader in loaders.items()
+                if loader is not None
+            }
         row = epoch_row(stage, epoch, lr, stats, scored)
         self.depth.record(row)
         extra, states = self.runner.state()

@@ -79,6 +79,15 @@ class StageModule(nn.Module):
             self.output = x.detach()
         return torch.stack(losses), torch.stack(logits)
 
+    def take_output(self) -> torch.Tensor | None:
+        """The last block's output of the last forward pass (keep_output), no longer kept here."""
+        output, self.output = self.output, None
+        return output
+
+    def start_epoch(self, seed: int, device: torch.device) -> None:
+        """A decoupled stage's blocks draw from random streams of their own this epoch, seeded from `seed`."""
+        self.randomness = BlockRandomness(seed, device)
+
 
 class BlockRandomness:
     """One random stream per block (dropout masks in its block and head), seeded by (epoch, block, replica): the

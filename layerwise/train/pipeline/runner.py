@@ -12,15 +12,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from layerwise.config import RunConfig
+from layerwise.config import RunConfig, TrainConfig
+from layerwise.device import Precision
 from layerwise.distributed import ALONE, Dist, Replicas
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate import COUNTS, add_to_ensemble, counted, figures
+from layerwise.evaluate import COUNTS, add_to_ensemble, counted, evaluating, figures, mirror_mean, with_mirrors
 from layerwise.models.staged import StagedNet
 from layerwise.stages import Stage
 from layerwise.train.checkpoint import cpu_snapshot
-from layerwise.train.divergence import LossWatch
-from layerwise.train.loop import StageTraining, Tally, run_steps
+from layerwise.train.loop import Counting, StageTraining, Tally, train_steps
 from layerwise.train.pipeline.pipe import Pipe
 from layerwise.train.pipeline.placement import Placement, place_blocks
 from layerwise.train.pipeline.replay import Received
@@ -41,18 +41,16 @@ class PipelineTraining(StageTraining):
     """StageTraining of a pipeline process's blocks: after each forward pass the last block's output goes on to the
     next process with the labels, which starts on the batch while this one updates."""
 
-    def __init__(self, net: StagedNet, stage: Stage, cfg, precision, seat: Seat):
-        self.downstream = seat.pipe if seat.pipe.next is not None else None
-        super().__init__(net, stage, cfg, precision, seat.replicas)
+    keeps_output = True
 
-    @property
-    def keeps_output(self) -> bool:
-        return self.downstream is not None
+    def __init__(self, net: StagedNet, stage: Stage, cfg: TrainConfig, precision: Precision, seat: Seat):
+        super().__init__(net, stage, cfg, precision, seat.replicas)
+        self.pipe = seat.pipe
 
     def forwarded(self, y: torch.Tensor) -> None:
-        if self.downstream is not None:
-            self.downstream.send(self.module.output, y)
-            self.module.output = None  # the pipe holds it until sent
+        output = self.module.take_output()  # (B, C, H, W), detached; the pipe holds it until sent
+        if self.pipe.next is not None:
+            self.pipe.send(output, y)
 
 
 @dataclass(frozen=True)
@@ -146,22 +144,12 @@ class PipelineRunner(StageRunner):
         training, loader, where, cfg = self.training, self.loader, self.parts.where, self.parts.cfg.train
         replaying = cfg.replay > 0
         extra = ("replays", "dropped") if replaying else ()
-        reported = tuple(range(self.parts.net.J))
-        tally = Tally(reported, training.stage.loss_heads, loader.device, extra)
+        tally = Tally(tuple(range(self.parts.net.J)), training.stage.loss_heads, loader.device, extra)
         over = ALONE if replaying else AllHeads(where, self.replicas.count)
-        watch = LossWatch(cfg.divergence_factor, loader.device, over, training.loss_level)
         t0 = time.perf_counter()
-        for i, y, loss, logits in run_steps(training, loader, seed, epoch, desc, shown=where.is_main):
-            with torch.no_grad():
-                tally.add(loss, logits, y)
-                watch.add(loss.detach().double().view(-1).sum(), logits.shape[-1])
-            if watch.due(i, len(loader)):
-                watch.check()
-        if replaying:
-            watch.check()  # the steps since the last check (a process with replays ends past len(loader))
-            tally.set("replays", float(getattr(loader, "replays", 0)))
-            tally.set("dropped", float(getattr(loader, "dropped", 0)))
-        training.loss_level = watch.level
+        train_steps(training, loader, seed, epoch, desc, Counting(tally, over, shown=where.is_main))
+        for column in extra:  # this epoch's counts of a process after the first (Received)
+            tally.set(column, float(getattr(loader, column, 0)))
         if self.pipe.next is not None:
             self.pipe.send_end()
             self.pipe.flush()
@@ -173,28 +161,25 @@ class PipelineRunner(StageRunner):
         loader, each one runs its blocks and heads, adds its heads to the running ensemble and passes the output
         and the ensemble on. Counts are all-reduced, each head's row filled by its process."""
         net, part, pipe, cfg = self.parts.net, self.part, self.pipe, self.parts.cfg.train
-        flip = cfg.eval_flip
-        was_training = net.training
-        net.eval()
         counts = torch.zeros(net.J, len(COUNTS), dtype=torch.float64, device=pipe.device)  # (J, COUNTS)
         n = 0
         batches = loader.batches() if part.first == 0 else (pipe.recv(3) for _ in range(len(loader)))
-        for item in batches:
-            x, y, total = (*item, None) if part.first == 0 else item
-            if flip and part.first == 0:  # the mirrored images travel with the images (evaluate's `flipped`)
-                x = torch.cat([x, x.flip(-1)])
-            with torch.no_grad(), self.parts.precision.autocast():
-                for j in part.trained_blocks:
-                    x = net.blocks[j](x)
-                    z = net.heads[j](x)
-                    z = (z[: len(y)] + z[len(y) :]) / 2 if flip else z
-                    total = add_to_ensemble(total, z, cfg.ensemble)
-                    counts[j] += counted(z, total, y)
-            if pipe.next is not None:
-                pipe.send(x, y, total)
-            n += len(y)
-        pipe.flush()
-        net.train(was_training)
+        with evaluating(net):
+            for item in batches:
+                x, y, total = (*item, None) if part.first == 0 else item  # total: (B, classes), the ensemble so far
+                if cfg.eval_flip and part.first == 0:  # the mirrored images travel with the images
+                    x = with_mirrors(x)  # (2B, C, H, W)
+                with torch.no_grad(), self.parts.precision.autocast():
+                    for j in part.trained_blocks:
+                        x = net.blocks[j](x)
+                        z = net.heads[j](x)  # (B or 2B, classes)
+                        z = mirror_mean(z, len(y)) if cfg.eval_flip else z  # (B, classes)
+                        total = add_to_ensemble(total, z, cfg.ensemble)
+                        counts[j] += counted(z, total, y)
+                if pipe.next is not None:
+                    pipe.send(x, y, total)
+                n += len(y)
+            pipe.flush()
         return figures(list(range(net.J)), counts, n if part.first == 0 else 0, self.parts.where)
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
