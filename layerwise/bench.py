@@ -128,7 +128,7 @@ def time_steps(net, stage, x, y, offset: int, timing: Timing) -> dict:
     them) after `warmup` untimed ones (which compile when cfg.train.compile asks), with only the stage's modules on
     the device. x and y are this process's share of the batch."""
     device = timing.precision.device
-    training = StageTraining(net, stage, timing.cfg.train, timing.precision, timing.where.replicas)
+    training = StageTraining(net, stage, timing.cfg, timing.precision, timing.where.replicas)
     resident = resident_modules(net, stage)
     # The peak comes from the warm-up steps and one more (the optimizer's state is created in the first); the
     # timed steps follow outside the measurement, whose allocator settings would slow them on the CPU.

@@ -152,6 +152,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'block':<6} {'top-1':>7} {'top-5':>7} {'ens top-1':>9} {'ens top-5':>9}")
     for j, b in result["blocks"].items():
         print(f"{j:<6} {b['top1']:>7.2f} {b['top5']:>7.2f} {b['ensemble_top1']:>9.2f} {b['ensemble_top5']:>9.2f}")
+    if result.get("not_classifying"):
+        heads = ", ".join(map(str, result["not_classifying"]))
+        print(f"not scored: the heads of blocks {heads} give no class scores (their local loss does not classify)")
     return 0
 
 

@@ -15,14 +15,20 @@ import yaml
 
 from layerwise.errors import LayerwiseError, brief
 
+IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 """model.builder's form, package.module:function: nothing else reaches importlib or an error message."""
 
 SPLIT_ARCHS = ("cifar_resnet", "resnet", "vgg")
 """Architectures cut into model.split modules of a network of model.depth layers."""
 
-HEADS = ("paper", "infopro", "dgl", "linear")
-"""model.head's kinds; layerwise.models.heads.make_head builds each (FIXED_HEADS: all but `paper`)."""
+HEADS = ("paper", "infopro", "dgl", "linear", "predsim", "infopro_softmax", "infopro_contrast")
+"""The library's model.head kinds; layerwise.models.heads.make_head builds each (the local-learning methods' from
+layerwise/methods/). A kind registered from Python (layerwise.models.register_head) is checked when the network is
+built, as model.arch is."""
+
+METHOD_HEADS = {"predsim": "PredSim", "infopro_softmax": "InfoPro", "infopro_contrast": "InfoPro"}
+"""The kinds that bring a local loss of their own (layerwise/methods/), with the method's name."""
 
 
 @dataclass
@@ -73,11 +79,24 @@ class ModelConfig:
     max-pool), for 32 px images."""
     head: str = "paper"
     """The heads the library builds for SimCNN and for networks that bring none (model.arch=custom without heads,
-    the split ResNets' local modules): `paper` (k-1 convs, averaging, BN, linear, as above), `infopro` (InfoPro's:
-    one conv, global pooling, two linear layers), `dgl` (DGL's: averaging to a quarter of the size, three 1x1
-    convs, averaging to 2x2, four linear layers) or `linear` (global pooling and one linear layer: InfoPro's
-    'Greedy SL'). All but `paper` have a fixed form (model.k and the aux settings do nothing). VGG-11 keeps the
-    paper's VGG heads."""
+    the split ResNets' local modules), and with them the local loss: `paper` (k-1 convs, averaging, BN, linear, as
+    above), `infopro` (InfoPro's: one conv, global pooling, two linear layers), `dgl` (DGL's: averaging to a
+    quarter of the size, three 1x1 convs, averaging to 2x2, four linear layers) or `linear` (global pooling and one
+    linear layer: InfoPro's 'Greedy SL'), each with cross-entropy; or a local-learning method's (layerwise/methods/,
+    docs/methods.md): `predsim` (Nokland & Eidnes 2019: model.head_beta), `infopro_softmax` and `infopro_contrast`
+    (InfoPro, Wang et al. 2021: a decoder's reconstruction and a task loss, model.head_lambdas). All but `paper`
+    have a fixed form (model.k and the aux settings do nothing). The last module's head is the delivered network's
+    classifier, trained with cross-entropy. VGG-11 keeps the paper's VGG heads."""
+    head_beta: float = 0.99
+    """model.head=predsim: the loss is beta x the similarity-matching loss of the head's own 3x3 conv output +
+    (1 - beta) x the cross-entropy of its prediction; their 0.99."""
+    head_lambdas: list[float] = field(default_factory=list)
+    """model.head=infopro_*: (lambda1, lambda2) of the first module and of the last local one (module K-1), four
+    numbers, interpolated linearly between (InfoPro's code): module i minimises lambda1 x reconstruction + lambda2
+    x task loss. Empty: InfoPro's released pair for model.depth and model.split of cifar_resnet (their Contrast
+    pairs, which the Softmax runs reuse: docs/methods.md); other networks need them set."""
+    head_temperature: float = 0.07
+    """model.head=infopro_contrast: the supervised contrastive loss's temperature (their 0.07)."""
     builder: str = ""
     """model.arch=custom: the import path `package.module:function` of a function returning the network's
     stages (a list of nn.Modules), a (stages, heads) pair or a StagedNet. Loading the run later imports it, which
@@ -108,7 +127,16 @@ class ModelConfig:
             (self.depth > 0 and self.split > 0) == (self.arch in SPLIT_ARCHS),
             f"model.depth and model.split (K) go with model.arch {', '.join(SPLIT_ARCHS)}, and only with them",
         )
-        _check(self.head in HEADS, f"model.head must be one of {', '.join(HEADS)} (got {brief(self.head)})")
+        _check(
+            IDENTIFIER.fullmatch(self.head) is not None,
+            f"model.head must be one of {', '.join(HEADS)} or a kind registered from Python (got {brief(self.head)})",
+        )
+        _check(0 <= self.head_beta <= 1, "model.head_beta must be in [0, 1] (their 0.99)")
+        _check(
+            len(self.head_lambdas) in (0, 4) and all(w >= 0 for w in self.head_lambdas),
+            "model.head_lambdas needs four numbers >= 0: lambda1 and lambda2 of the first module, then of module K-1",
+        )
+        _check(self.head_temperature > 0, "model.head_temperature must be > 0 (their 0.07)")
         _check(
             self.head == "paper" or self.arch != "vgg11",
             f"model.head={self.head} is not for vgg11 (its heads are VGG's)",
@@ -143,7 +171,10 @@ class DataConfig:
     image_size: int = 32
     """Side of the training crop and of the images the network sees."""
     crop_padding: int = 4
-    """Zero padding before the random crop (`cifar` augmentation)."""
+    """Padding before the random crop (`cifar` augmentation)."""
+    crop_padding_mode: str = "zeros"
+    """What the crop's padding holds: `zeros` (black, torchvision's RandomCrop fill, the paper) or `reflect` (the
+    image mirrored about its edge pixels, as InfoPro pads)."""
     flip: str = "random"
     """The training flips (`cifar` augmentation): `random` (each image mirrored with probability 1/2 in each epoch,
     the paper) or `alternate` (airbench, Jordan 2024: image i mirrored in the epochs e of its stage where i + e is
@@ -181,6 +212,11 @@ class DataConfig:
         _check(self.augment in ("cifar", "imagenet"), "data.augment must be 'cifar' or 'imagenet'")
         _check(self.image_size >= 1, "data.image_size must be >= 1")
         _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
+        _check(self.crop_padding_mode in ("zeros", "reflect"), "data.crop_padding_mode must be 'zeros' or 'reflect'")
+        _check(
+            self.crop_padding_mode == "zeros" or self.crop_padding < self.image_size,
+            "data.crop_padding_mode=reflect needs data.crop_padding below data.image_size",
+        )
         _check(
             self.cutout >= 0 and (self.cutout == 0 or self.augment == "cifar"),
             "data.cutout must be >= 0 and goes with data.augment=cifar (in-memory data)",
@@ -258,8 +294,10 @@ class TrainConfig:
     from lr down to 0 over the stage) or `triangle` (every step: linearly down to 0, airbench's one-cycle). The
     per-step schedules restart with each greedy block and span the whole run end to end or decoupled."""
     warmup_epochs: float = 0.0
-    """Linear warm-up at the start of each stage of a `cosine` or `triangle` schedule: lr x (t + 1) / W over its
-    first W = round(warmup_epochs x steps per epoch) steps."""
+    """Linear warm-up at the start of each stage of a `cosine` or `triangle` schedule: warmup_from + (lr -
+    warmup_from) x (t + 1) / W over its first W = round(warmup_epochs x steps per epoch) steps."""
+    warmup_from: float = 0.0
+    """The rate the warm-up starts from (InfoPro's 0.01; 0: from nothing)."""
     lr_gamma: float = 0.2
     reset_momentum_at_decay: bool = True
     """Clear SGD momentum at each decay, as the released code does by rebuilding its optimizer."""
@@ -361,6 +399,7 @@ class TrainConfig:
             0 <= self.warmup_epochs < shortest and (self.warmup_epochs == 0 or self.schedule != "step"),
             "train.warmup_epochs must be below every stage's epochs and goes with train.schedule cosine or triangle",
         )
+        _check(self.warmup_from >= 0, "train.warmup_from must be >= 0 (InfoPro's 0.01)")
         _check(0 <= self.ema < 1, "train.ema must be in [0, 1) (0: off)")
         _check(
             self.ema == 0 or self.placement == "single",
@@ -434,6 +473,21 @@ class RunConfig:
             self.train.cache == "none" or self.data.augment == "cifar",
             "train.cache needs in-memory data (data.augment=cifar); set train.cache=none",
         )
+        method, t = METHOD_HEADS.get(self.model.head), self.train
+        _check(
+            method is None or not (t.sim_loss or t.block_chunks),
+            f"model.head={self.model.head} brings {method}'s own local loss; it cannot be combined with "
+            "train.sim_loss or train.block_chunks",
+        )
+        _check(
+            method != "InfoPro" or (t.mode == "decoupled" and t.placement == "single"),
+            f"model.head={self.model.head} compares each module's output with the image, so every module trains at "
+            "once in one pipeline: set train.mode=decoupled (and train.placement=single)",
+        )
+        _check(
+            self.model.head != "infopro_contrast" or self.data.mix == "none",
+            "model.head=infopro_contrast contrasts images by their one label; data.mix blends two: choose one",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -458,6 +512,10 @@ def idle_settings(cfg: RunConfig) -> dict[str, str]:
         idle["data.resize_size"] = "only data.augment=imagenet resizes its validation images"
     else:
         idle["data.crop_padding"] = "data.augment=imagenet crops without padding (RandomResizedCrop)"
+    if d.augment != "cifar" or d.crop_padding == 0:
+        idle["data.crop_padding_mode"] = "no crop is padded (data.augment=cifar with data.crop_padding above 0)"
+    if t.warmup_epochs == 0:
+        idle["train.warmup_from"] = "train.warmup_epochs is 0"
     if d.mix == "none":
         idle["data.mix_alpha"] = "data.mix is none"
     if t.cache == "none":
@@ -468,6 +526,11 @@ def idle_settings(cfg: RunConfig) -> dict[str, str]:
         why = f"model.head={m.head} builds heads of a fixed form"
         keys = ["model.k", "model.aux_width", "model.aux_width_factor", "model.head_pool", "model.head_batchnorm"]
         idle.update(dict.fromkeys(keys, why))
+    infopro = ("infopro_softmax", "infopro_contrast")
+    readers = {"model.head_beta": ("predsim",), "model.head_lambdas": infopro, "model.head_temperature": infopro[1:]}
+    for key, kinds in readers.items():
+        if m.head not in kinds:
+            idle[key] = f"only model.head={' or '.join(kinds)} reads it"
     return idle
 
 

@@ -28,7 +28,8 @@ class Delivered:
     classes: list[str]
     net: StagedNet
     heads: list[int]
-    """The heads trained so far (of the delivered blocks, when train.min_gain stopped the run early)."""
+    """The heads trained so far that classify (of the delivered blocks, when train.min_gain stopped the run early);
+    a method's head that gives no class scores (InfoPro's contrastive projection) is not among them."""
     checkpoint: Path
 
 
@@ -46,7 +47,7 @@ def load_delivered(run_dir: str | Path, compute: Precision) -> Delivered:
         state = {**state, **{k: v for k, v in average["tensors"].items() if k in state}}
     net = checked_model(cfg, len(classes), compute, state)
     stages = plan_stages(net.J, cfg.train.mode)
-    heads = list(stages[-1 if path == run.final else meta["stage"]].eval_heads)
+    heads = [j for j in stages[-1 if path == run.final else meta["stage"]].eval_heads if j in net.classifying]
     if path == run.final:
         heads = [j for j in heads if j < meta.get("blocks_trained", net.J)]
     return Delivered(run, cfg, classes, net, heads, path)
@@ -64,6 +65,9 @@ def evaluate_run(
     loader = build_eval_loader(cfg.data, data, got.classes, batch_size, compute.device)
     result = {**evaluate(got.net, loader, got.heads, cfg.train.ensemble, compute.autocast, flip=flip), "flip": flip}
     result.update(checkpoint=str(got.checkpoint), data=str(data))
+    silent = [j for j in range(max(got.heads, default=-1) + 1) if j not in got.net.classifying]
+    if silent:  # InfoPro Contrast's projections, or a module without a task loss: nothing to score
+        result["not_classifying"] = silent
     key = str(Path(data).resolve()) + (" (flip)" if flip else "")  # a flipped evaluation beside the plain one
     got.run.record(got.run.evals, key, result)  # for `layerwise report`
     return result

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from layerwise.config import RunConfig, config_from_dict
+from layerwise.config import METHOD_HEADS, RunConfig, config_from_dict
 from layerwise.errors import LayerwiseError
 from layerwise.rundir import RunDir
 from layerwise.safe_io import write_text
@@ -115,6 +115,8 @@ def curves(records: list[RunRecord]) -> str:
                           label=f"{record.label}: {scored}" if label else None)  # fmt: skip
             if scored and "blocks" in rows[0]:  # decoupled: the earlier blocks' heads, thinner
                 for b in range(len(rows[0]["blocks"]) - 1):
+                    if scored not in rows[0]["blocks"][b]:  # a head that does not classify: no accuracy
+                        continue
                     acc.plot(x, [r["blocks"][b][scored]["top1"] for r in rows], linestyle=line, linewidth=0.9,
                              alpha=0.6, color=colour, label=f"{record.label}: {scored}, earlier blocks" if label and
                              not b else None)  # fmt: skip
@@ -165,10 +167,10 @@ def final_bars(records: list[RunRecord]) -> str:
     width = 0.8 / (2 * len(records))
     blocks_seen = sorted({r["block"] for record in records for r in last_rows(record)})
     for i, (record, (_, _, colour)) in enumerate(zip(records, itertools.cycle(STYLES))):
-        rows = last_rows(record)
         scored = scores_key(record.rows)
         if not scored:
             continue
+        rows = [r for r in last_rows(record) if scored in r]  # a head that does not classify has no bar
         for axis, k in zip(axes, ("top1", "top5"), strict=True):  # each bar over the block its head follows
             x = torch.tensor([blocks_seen.index(r["block"]) for r in rows]).float() + (2 * i - len(records)) * width
             own = [r[scored][k] for r in rows]
@@ -243,13 +245,15 @@ def last_rows(record: RunRecord) -> list[dict[str, Any]]:
 
 
 def per_block(row: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
-    """Block figures["block"]'s own line of a decoupled stage's row, shaped like a greedy stage's row."""
-    return {**row, **figures, "stage_name": f"block {figures['block']}"}
+    """Block figures["block"]'s own line of a decoupled stage's row, shaped like a greedy stage's row (without the
+    last block's scores where its own head has none: it does not classify)."""
+    own = {k: v for k, v in row.items() if k not in ("val", "train_eval")}
+    return {**own, **figures, "stage_name": f"block {figures['block']}"}
 
 
 def table(header: list[str], rows: list[list[Any]], flags: list[bool] | None = None) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.2f}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:.2f}" if isinstance(v, float) else "-" if v is None else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -263,10 +267,11 @@ def results_table(record: RunRecord) -> str:
     scored = scores_key(record.rows)
     rows, flags = [], []
     previous = None
+    same_loss = record.cfg.model.head not in METHOD_HEADS  # a method's risks differ in kind from block to block
     for r in last_rows(record):
         s = r.get(scored, {}) if scored else {}
         risk = r["train_eval"]["loss"] if "train_eval" in r else r["loss"]
-        improved = None if previous is None else risk <= previous
+        improved = None if previous is None or not same_loss else risk <= previous
         flags.append(improved is False)
         rows.append(
             [

@@ -103,3 +103,23 @@ def tiny_overrides(epochs: int = 1) -> list[str]:
         "train.device=cpu",
         "data.val_size=8",
     ]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def train_until_interrupted(cfg, out, data, epochs: int = 3) -> list[dict]:
+    """Train, stopping (as an interruption would) after the metrics line of the run's epoch `epochs`; the rows."""
+    from layerwise.train import train
+
+    seen = []
+
+    def stop(row):
+        seen.append(row)
+        if len(seen) == epochs:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, out, data, on_epoch_end=stop)
+    return seen

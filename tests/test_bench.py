@@ -8,7 +8,7 @@ import torch
 
 from layerwise.bench import format_report
 from layerwise.cli import main
-from layerwise.config import ModelConfig, TrainConfig
+from layerwise.config import ModelConfig, RunConfig, TrainConfig
 from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.stages import plan_stages
@@ -59,7 +59,9 @@ def few_steps_on(device: torch.device, bf16: bool, channels_last: bool = False, 
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     stage = plan_stages(net.J, "greedy")[1]
-    training = StageTraining(net, stage, TrainConfig(lr=0.05, compile=compile_mode), Precision(device, bf16))
+    training = StageTraining(
+        net, stage, RunConfig(train=TrainConfig(lr=0.05, compile=compile_mode)), Precision(device, bf16)
+    )
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
     return [training.step(x.to(device), y.to(device))[0].item() for _ in range(4)]
@@ -91,7 +93,7 @@ def test_fused_sgd_matches_plain_sgd():
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(4)]
     for model, optimizer in ((net, plain), (fused_net, fused)):
-        training = StageTraining(model, stage, cfg, Precision(CPU, False))
+        training = StageTraining(model, stage, RunConfig(train=cfg), Precision(CPU, False))
         training.optimizer = optimizer
         for x, y in batches:
             training.step(x, y)

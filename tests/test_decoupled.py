@@ -4,9 +4,8 @@ resumed run ends where an uninterrupted one does; every block's figures are in e
 
 import copy
 
-import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_until_interrupted
 from torch.nn import functional as F
 
 from layerwise.config import parse_assignment
@@ -85,25 +84,14 @@ def test_no_gradient_crosses_a_block_boundary():
                         (*mine.blocks[j].parameters(), *mine.heads[j].parameters()), strict=True):  # fmt: skip
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     # one step of the stage: the summed losses, each block with its own optimizer
-    training = StageTraining(build_model(cfg.model, 3), stage, cfg.train, CPU)
+    training = StageTraining(build_model(cfg.model, 3), stage, cfg, CPU)
     assert len(training.optimizer.optimizers) == 3 and set(training.optimizer.state_dict()["blocks"]) == {"0", "1", "2"}
 
 
 def test_a_resumed_decoupled_run_ends_where_an_uninterrupted_one_does(tmp_path, image_folder):
     cfg = tiny_config(epochs=3)
     full = train(cfg, tmp_path / "full", image_folder)
-    seen = []
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_second_epoch(row):
-        seen.append(row)
-        if len(seen) == 2:  # momentum in every block's optimizer
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "cut", image_folder, on_epoch_end=stop_after_second_epoch)
+    train_until_interrupted(cfg, tmp_path / "cut", image_folder, epochs=2)  # momentum in every optimizer
     resumed = train(cfg, tmp_path / "cut", image_folder, resume=True)
     _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
     _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)

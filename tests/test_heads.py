@@ -8,10 +8,20 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from layerwise.config import HEADS, ModelConfig, parse_assignment
+from layerwise.config import HEADS, METHOD_HEADS, ModelConfig, parse_assignment
 from layerwise.errors import LayerwiseError
 from layerwise.models import build_model
-from layerwise.models.heads import FIXED_HEADS, DGLHead, InfoProHead, LinearHead, QuarterAvgPool, make_head
+from layerwise.models.heads import (
+    FIXED_HEADS,
+    DGLHead,
+    HeadSpec,
+    InfoProHead,
+    LinearHead,
+    QuarterAvgPool,
+    head_kinds,
+    make_head,
+)
+from layerwise.models.staged import classifies
 from layerwise.presets import resolve_config
 from layerwise.rundir import RunDir
 from layerwise.train import train
@@ -23,10 +33,21 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_every_kind_the_config_accepts_is_built():
-    assert set(HEADS) == {"paper", *FIXED_HEADS}
+def test_every_kind_the_config_names_is_registered_and_built():
+    """The library's kinds are the registered ones; each builds a head for a first module of two whose output is
+    (2, 10) scores, or for a head that does not classify (InfoPro Contrast's projection) 128 features."""
+    assert set(HEADS) == set(head_kinds()) == {"paper", *FIXED_HEADS, *METHOD_HEADS}
     for kind in HEADS:
-        assert make_head(kind, 16, 10, ModelConfig(head=kind))(torch.randn(2, 16, 8, 8)).shape == (2, 10)
+        cfg = ModelConfig(head=kind, head_lambdas=[1, 1, 1, 1] if kind.startswith("infopro_") else [])
+        head = make_head(HeadSpec(16, 10, cfg, side=8, index=0, modules=2))
+        assert head(torch.randn(2, 16, 8, 8)).shape == (2, 10 if classifies(head) else 128)
+
+
+def test_an_unknown_head_kind_is_one_line_when_the_network_is_built():
+    with pytest.raises(
+        LayerwiseError, match=r"^bad config: model.head must be one of dgl, infopro, .* \(got 'nope'\)$"
+    ):
+        build_model(ModelConfig(head="nope"), 10)
 
 
 @pytest.mark.parametrize("kind", sorted(FIXED_HEADS))
@@ -98,9 +119,9 @@ def test_simcnn_takes_the_new_heads_and_vgg11_refuses_them(kind):
         ModelConfig(arch="vgg11", widths=[64] * 8, downsample_at=[], head=kind)
 
 
-def test_an_unknown_head_is_refused_with_the_kinds():
-    with pytest.raises(LayerwiseError, match=r"model\.head must be one of paper, infopro, dgl, linear"):
-        ModelConfig(head="mlp")
+def test_a_head_kind_that_cannot_be_a_name_is_refused_by_the_config():
+    with pytest.raises(LayerwiseError, match=r"model\.head must be one of paper, infopro, dgl, linear, predsim"):
+        ModelConfig(head="m l p")
 
 
 @pytest.mark.parametrize("kind", NEW)

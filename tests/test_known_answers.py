@@ -14,7 +14,7 @@ import torch
 from conftest import python2_pickle
 from torch.nn import functional as F
 
-from layerwise.config import TrainConfig
+from layerwise.config import RunConfig, TrainConfig
 from layerwise.data.sources import open_eval, open_train
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import ensemble_scores, evaluate, topk_correct
@@ -209,7 +209,9 @@ def test_momentum_is_forgotten_at_each_decay_and_only_there_and_each_step_uses_t
 
     cfg = TrainConfig(lr=0.1, lr_step=lr_step, lr_gamma=0.5, epochs_per_block=5, weight_decay=5e-4)
     net = build_model(load_preset("demo").model, 3).double()  # float64: the step's difference stays exact enough
-    training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
+    training = StageTraining(
+        net, plan_stages(net.J, "greedy")[0], RunConfig(train=cfg), Precision(torch.device("cpu"), False)
+    )
     w = net.heads[0][-1].weight  # the first head's linear layer
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     kept = []
@@ -394,7 +396,9 @@ def test_label_smoothing_gives_the_smoothed_cross_entropy_of_fixed_logits():
     for smoothing, expected in ((0.3, 0.8 * (log_z - 2) + 0.2 * log_z), (0.0, log_z - 2)):
         net = StagedNet([nn.Identity()], [Fixed()])
         cfg = TrainConfig(label_smoothing=smoothing)
-        training = StageTraining(net, plan_stages(1, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
+        training = StageTraining(
+            net, plan_stages(1, "greedy")[0], RunConfig(train=cfg), Precision(torch.device("cpu"), False)
+        )
         loss, _ = training.model(torch.zeros(1, 1), torch.tensor([0]))
         assert loss.item() == pytest.approx(expected, rel=1e-6)
 
@@ -482,7 +486,9 @@ def test_a_per_step_schedule_sets_each_steps_rate_and_the_step_schedule_each_epo
 
     def rates(cfg: TrainConfig) -> list[float]:
         net = build_model(load_preset("demo").model, 3)
-        training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
+        training = StageTraining(
+            net, plan_stages(net.J, "greedy")[0], RunConfig(train=cfg), Precision(torch.device("cpu"), False)
+        )
         seen, real = [], training.step
         training.step = lambda *a, **k: seen.append(training.optimizer.param_groups[0]["lr"]) or real(*a, **k)
         for epoch in range(3):
@@ -599,7 +605,7 @@ def test_the_similarity_matching_loss_worked_out_by_hand():
     """Rows (1, 0, -1) and (0, 1, -1) are centred already; normalised, their cosine is 1/2. One-hot labels 0 and 1
     of two classes centre to (1/2, -1/2) and (-1/2, 1/2): cosine -1. The loss is the mean of the squared
     differences (0, 1.5^2, 1.5^2, 0) = 1.125."""
-    from layerwise.train.losses import similarities, similarity_loss
+    from layerwise.losses import similarities, similarity_loss
 
     rows = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]])
     assert similarities(rows) == pytest.approx(torch.tensor([[1.0, 0.5], [0.5, 1.0]]), abs=1e-6)
@@ -722,16 +728,15 @@ def test_a_heads_whole_local_loss_with_every_term_on_worked_out_by_hand():
     0.693147 for any target. Mean: 0.721123.
     Features (1, 0, -1) and (0, 1, -1): cosine 1/2. Targets (0.6, 0.4) and (1, 0) centre to (0.1, -0.1) and
     (0.5, -0.5): cosine 1. Squared differences (0, 1/4, 1/4, 0), mean 1/8, times 2: 0.25. Total 0.971123."""
-    from layerwise.config import TrainConfig
-    from layerwise.train.losses import local_loss
+    from layerwise.losses import Seen, local_losses
 
-    loss = local_loss(TrainConfig(label_smoothing=0.2, sim_loss=2.0))
+    (loss,) = local_losses(RunConfig(train=TrainConfig(label_smoothing=0.2, sim_loss=2.0)), 1)
     logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
     targets = torch.tensor([[0.6, 0.4], [1.0, 0.0]])
     features = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]])
     ce = (-(0.58 * math.log(0.75) + 0.42 * math.log(0.25)) + math.log(2.0)) / 2
     assert ce == pytest.approx(0.721123, abs=1e-6)
-    assert loss(logits, targets, features).item() == pytest.approx(ce + 2 * 0.125, rel=1e-6)
-    assert loss(logits, targets, features).item() == pytest.approx(0.971123, abs=1e-6)
-    plain = local_loss(TrainConfig())  # the paper's: cross-entropy of labels alone, no other term
-    assert plain(logits, torch.tensor([0, 0]), None).item() == pytest.approx((math.log(4 / 3) + math.log(2)) / 2)
+    assert loss(Seen(logits, targets, features)).item() == pytest.approx(ce + 2 * 0.125, rel=1e-6)
+    assert loss(Seen(logits, targets, features)).item() == pytest.approx(0.971123, abs=1e-6)
+    (plain,) = local_losses(RunConfig(), 1)  # the paper's: cross-entropy of labels alone, no other term
+    assert plain(Seen(logits, torch.tensor([0, 0]))).item() == pytest.approx((math.log(4 / 3) + math.log(2)) / 2)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from layerwise.config import TrainConfig
+from layerwise.config import RunConfig, TrainConfig
 from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
@@ -90,7 +90,7 @@ def test_training_steps_with_chunks_end_where_plain_ones_do():
     ends = []
     for chunks in (0, 2):
         model = copy.deepcopy(net)
-        training = StageTraining(model, stage, TrainConfig(lr=0.05, block_chunks=chunks), cpu)
+        training = StageTraining(model, stage, RunConfig(train=TrainConfig(lr=0.05, block_chunks=chunks)), cpu)
         for x, y in batches:
             training.step(x, y)
         ends.append(model.state_dict())

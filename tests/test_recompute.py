@@ -8,7 +8,7 @@ from test_cache import final_weights
 from test_train import tiny_config
 from torch.utils.checkpoint import checkpoint
 
-from layerwise.config import ModelConfig, TrainConfig
+from layerwise.config import ModelConfig, RunConfig, TrainConfig
 from layerwise.device import Precision
 from layerwise.models import build_model
 from layerwise.models.blocks import set_recompute
@@ -25,7 +25,7 @@ MODELS = {
 
 def steps(net, stage, batches, bf16=False):
     device = next(net.parameters()).device
-    training = StageTraining(net, stage, TrainConfig(lr=0.05), Precision(device, bf16))
+    training = StageTraining(net, stage, RunConfig(train=TrainConfig(lr=0.05)), Precision(device, bf16))
     torch.manual_seed(1)  # the same dropout masks in VGG's classifier
     return [training.step(x, y)[0].item() for x, y in batches]
 

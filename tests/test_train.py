@@ -8,7 +8,7 @@ from unittest.mock import ANY
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import Interrupt, tiny_overrides, train_until_interrupted
 
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
@@ -40,9 +40,9 @@ def test_greedy_stage_leaves_earlier_blocks_untouched(image_folder):
     stages = plan_stages(net.J, "greedy")
     # train block 0 a little so its BN statistics are not the defaults
     cpu = Precision(torch.device("cpu"), bf16=False)
-    train_epoch(StageTraining(net, stages[0], cfg.train, cpu), data.train, seed=0)
+    train_epoch(StageTraining(net, stages[0], cfg, cpu), data.train, seed=0)
     before = copy.deepcopy(net.state_dict())
-    train_epoch(StageTraining(net, stages[1], cfg.train, cpu), data.train, seed=1)
+    train_epoch(StageTraining(net, stages[1], cfg, cpu), data.train, seed=1)
     after = net.state_dict()
     frozen = [k for k in before if k.startswith(("blocks.0.", "heads.0.", "blocks.2.", "heads.2."))]
     trained = [k for k in before if k.startswith(("blocks.1.", "heads.1.")) and before[k].is_floating_point()]
@@ -94,24 +94,6 @@ def test_ensemble_weights_later_heads_more():
     e0, e1 = ensemble_scores([z0, z1])
     assert torch.equal(e0, z0)
     assert torch.allclose(e1, (z0 + 2 * z1) / 2)  # Z = sum_j 2^j z_j, scaled
-
-
-class Interrupt(Exception):
-    pass
-
-
-def train_until_interrupted(cfg, out, data, epochs: int = 3) -> list[dict]:
-    """Train, stopping (as an interruption would) after the metrics line of the run's epoch `epochs`; the rows."""
-    seen = []
-
-    def stop(row):
-        seen.append(row)
-        if len(seen) == epochs:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, out, data, on_epoch_end=stop)
-    return seen
 
 
 @pytest.mark.parametrize("kind", ["logits", "softmax"])
@@ -224,7 +206,7 @@ def test_e2e_trains_every_block_and_the_last_head(tmp_path, image_folder):
 
 def spoil_loss_after_first_epoch(monkeypatch, spoil) -> dict:
     """Make the stages' loss spoil(loss) once the returned switch's "on" is set (by on_epoch_end)."""
-    from layerwise.train import losses
+    from layerwise import losses
 
     switch = {"on": False}
     real = losses.F.cross_entropy
@@ -571,7 +553,7 @@ def test_end_to_end_trains_every_block_and_the_last_head_and_leaves_the_other_he
     before = copy.deepcopy(net.state_dict())
     data = build_data(cfg.data, image_folder, 8, torch.device("cpu"))
     (stage,) = plan_stages(net.J, "e2e")
-    training = StageTraining(net, stage, cfg.train, Precision(torch.device("cpu"), bf16=False))
+    training = StageTraining(net, stage, cfg, Precision(torch.device("cpu"), bf16=False))
     train_epoch(training, data.train, seed=0)
     after = net.state_dict()
 
@@ -596,7 +578,7 @@ def test_an_epochs_figures_are_means_over_its_images_worked_out_from_its_steps(i
     torch.manual_seed(0)
     net = build_model(cfg.model, 3)
     data = build_data(cfg.data, image_folder, 12, torch.device("cpu"))
-    training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg.train, Precision(torch.device("cpu"), False))
+    training = StageTraining(net, plan_stages(net.J, "greedy")[0], cfg, Precision(torch.device("cpu"), False))
     steps, step = [], training.step
 
     def recording(x, y, offset, weight):

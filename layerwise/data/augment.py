@@ -28,6 +28,7 @@ class Augmentation:
     mix: str = "none"  # data.mix: none, mixup or cutmix
     alpha: float = 1.0  # data.mix_alpha
     classes: int = 0  # the columns of data.mix's targets
+    padding_mode: str = "zeros"  # data.crop_padding_mode: zeros or reflect
 
     def __post_init__(self) -> None:
         if self.mix != "none" and self.classes < 2:
@@ -35,7 +36,7 @@ class Augmentation:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, size: tuple[int, int], classes: int = 0) -> Augmentation:
-        return cls(size, cfg.crop_padding, cfg.flip, cfg.cutout, cfg.mix, cfg.mix_alpha, classes)
+        return cls(size, cfg.crop_padding, cfg.flip, cfg.cutout, cfg.mix, cfg.mix_alpha, classes, cfg.crop_padding_mode)
 
     def draw(self, n: int, generator: torch.Generator, epoch: int = 0) -> EpochPlan:
         """Epoch `epoch`'s plan for n images: crop offsets and flips, then what the later settings ask for (cutout
@@ -84,7 +85,10 @@ class EpochPlan:
 
     def augmented(self, images: torch.Tensor, idx: torch.Tensor, normalize: Normalizing) -> torch.Tensor:
         """uint8 images[idx] (B, C, H, W) cropped, flipped, normalised, then cut out."""
-        x = normalize(flip(crop(images[idx], self.how.padding, self.dy[idx], self.dx[idx]), self.flip[idx]))
+        how = self.how
+        x = normalize(
+            flip(crop(images[idx], how.padding, self.dy[idx], self.dx[idx], how.padding_mode), self.flip[idx])
+        )
         if not self.how.cutout:
             return x
         x = cut_out(x, self.how.cutout, self.cy[idx], self.cx[idx])
@@ -137,17 +141,30 @@ def mixing(
     return partner, 1 - area.float() / (h * w), box
 
 
-def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """torchvision's RandomCrop(size, padding) with zero fill, at per-image offsets (dy, dx)."""
+def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, mode: str = "zeros") -> torch.Tensor:
+    """torchvision's RandomCrop(size, padding) with zero fill, or with mode="reflect" the image mirrored into the
+    padding without repeating its edge (torch's reflect padding, as InfoPro pads), at per-image offsets (dy, dx)."""
     if padding == 0:
         return x
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
+    padded = F.pad(x, (padding,) * 4) if mode == "zeros" else reflected(x, padding)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     # Gather rows then columns: (B, C, H+2p, W+2p) -> (B, C, H, W+2p) -> (B, C, H, W).
     out = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
     return out.gather(3, cols.expand(b, c, h, w))
+
+
+def reflected(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """x (B, C, H, W) of any dtype padded by `padding` on each side with its reflection about the edge pixels:
+    (B, C, H + 2p, W + 2p), torch's reflect padding (which uint8 images do not have), p < H and p < W."""
+
+    def mirror(n: int) -> torch.Tensor:
+        i = torch.arange(-padding, n + padding, device=x.device).abs()
+        return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+    h, w = x.shape[-2:]
+    return x[:, :, mirror(h)][:, :, :, mirror(w)]
 
 
 def cut_out(x: torch.Tensor, side: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ from torch import nn
 
 from layerwise.config import IMPORT_PATH, ModelConfig
 from layerwise.errors import LayerwiseError
+from layerwise.models.heads import HeadSpec, make_head
 from layerwise.models.heads import InfoProHead as InfoProHead  # where it lived before heads.py
-from layerwise.models.heads import make_head
 from layerwise.models.registry import register_model
-from layerwise.models.staged import StagedNet
+from layerwise.models.staged import StagedNet, classifies
 
 
 def staged_from_stages(
@@ -50,7 +50,8 @@ def staged_from_stages(
                     f"stage {j} ({type(stages[j]).__name__}) gives {_shape(shape)}; the library's heads need "
                     "(batch, channels, height, width) maps: pass your own heads"
                 )
-            heads.append(make_head(cfg.head, shape[1], num_classes, cfg))
+            side = shape[2] if shape[2] == shape[3] else 0
+            heads.append(make_head(HeadSpec(shape[1], num_classes, cfg, side, j, len(stages))))
     net = StagedNet(stages, list(heads))
     for j, (head, shape) in enumerate(zip(net.heads, shapes, strict=True)):
         try:
@@ -60,7 +61,7 @@ def staged_from_stages(
             raise LayerwiseError(
                 f"head {j} ({type(head).__name__}) cannot take stage {j}'s {_shape(shape)} output: {detail}"
             ) from None
-        if got != (shape[0], num_classes):
+        if classifies(head) and got != (shape[0], num_classes):
             raise LayerwiseError(
                 f"head {j} ({type(head).__name__}) returns {_shape(got)} for stage {j}'s {_shape(shape)}, not "
                 f"(batch, {num_classes}) class scores"

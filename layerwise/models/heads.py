@@ -1,13 +1,16 @@
 """Auxiliary classifiers C_j that turn a block's output x_{j+1} into class scores z_{j+1}, and make_head, which
-builds model.head's kind for a stage."""
+builds model.head's kind for a module from a HeadSpec. A local-learning method's heads (layerwise/methods/)
+register their kind with `register_head`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
 from layerwise.config import ModelConfig
+from layerwise.errors import LayerwiseError, brief
 from layerwise.models.blocks import ConvUnit
 
 
@@ -142,15 +145,72 @@ class DGLHead(nn.Sequential):
 
 
 FIXED_HEADS: dict[str, type[nn.Module]] = {"infopro": InfoProHead, "dgl": DGLHead, "linear": LinearHead}
-"""model.head's kinds of a fixed form, each built from (channels, num_classes); the other kind, `paper`, follows
-model.k and the aux settings. config.HEADS names them all."""
+"""model.head's kinds of a fixed form, each built from (channels, num_classes); `paper` follows model.k and the aux
+settings. config.HEADS names the library's kinds, the methods' among them."""
 
 
-def make_head(kind: str, channels: int, num_classes: int, cfg: ModelConfig) -> nn.Module:
-    """A library head of model.head's `kind` for a stage with `channels` output channels: a fixed one
-    (FIXED_HEADS), or the paper's for model.k (its convs model.aux_width wide, or model.aux_width_factor x
-    channels)."""
-    if kind in FIXED_HEADS:
-        return FIXED_HEADS[kind](channels, num_classes)
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a library head is built from: the `channels` of the block output it reads (maps `side` px square; 0
+    where the builder does not know), the classes, the model config, and its module's place: `index` of `modules`
+    (the last module's head is the delivered network's classifier, which a method leaves plain)."""
+
+    channels: int
+    num_classes: int
+    cfg: ModelConfig
+    side: int = 0
+    index: int = 0
+    modules: int = 1
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.modules - 1
+
+
+HeadMaker = Callable[[HeadSpec], nn.Module]
+_MAKERS: dict[str, HeadMaker] = {}
+
+
+def register_head(kind: str) -> Callable[[HeadMaker], HeadMaker]:
+    """Register `make(spec: HeadSpec) -> nn.Module` as model.head=`kind` (a method's file does; a head whose
+    output is not class scores says so with `classifies = False`, and its loss registers with
+    layerwise.losses.register_losses)."""
+
+    def register(make: HeadMaker) -> HeadMaker:
+        if kind in _MAKERS and _MAKERS[kind] is not make:
+            raise ValueError(f"a head kind named {kind!r} is registered already")
+        _MAKERS[kind] = make
+        return make
+
+    return register
+
+
+def head_kinds() -> list[str]:
+    """Every registered model.head kind, sorted (the library's own register when layerwise.models is imported)."""
+    return sorted(_MAKERS)
+
+
+def make_head(spec: HeadSpec) -> nn.Module:
+    """The head of model.head's kind for one module (HeadSpec)."""
+    kind = spec.cfg.head
+    if kind not in _MAKERS:
+        raise LayerwiseError(f"bad config: model.head must be one of {', '.join(head_kinds())} (got {brief(kind)})")
+    return _MAKERS[kind](spec)
+
+
+@register_head("paper")
+def paper_head(spec: HeadSpec) -> AuxClassifier:
+    """The paper's head for model.k, its convs model.aux_width wide (or model.aux_width_factor x channels)."""
+    cfg, channels = spec.cfg, spec.channels
     width = cfg.aux_width or max(1, round(cfg.aux_width_factor * channels))
-    return AuxClassifier(channels, width, cfg.k, num_classes, HeadLayout(cfg.head_pool, batchnorm=cfg.head_batchnorm))
+    layout = HeadLayout(cfg.head_pool, batchnorm=cfg.head_batchnorm)
+    return AuxClassifier(channels, width, cfg.k, spec.num_classes, layout)
+
+
+def fixed_head(spec: HeadSpec) -> nn.Module:
+    """A head of a fixed form (FIXED_HEADS)."""
+    return FIXED_HEADS[spec.cfg.head](spec.channels, spec.num_classes)
+
+
+for _kind in FIXED_HEADS:
+    register_head(_kind)(fixed_head)

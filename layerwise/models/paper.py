@@ -6,7 +6,7 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.models.blocks import Block
-from layerwise.models.heads import AuxClassifier, HeadLayout, VGGClassifier, make_head
+from layerwise.models.heads import AuxClassifier, HeadLayout, HeadSpec, VGGClassifier, make_head
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
@@ -15,11 +15,11 @@ from layerwise.models.staged import StagedNet
 def simcnn(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
     """Blocks [P] -> conv3x3 -> [BN] -> ReLU of model.widths, each with the paper's head for model.k (or
     model.head's other kind: heads.make_head)."""
-    blocks, heads, channels = [], [], cfg.in_channels
+    blocks, heads, channels, side = [], [], cfg.in_channels, image_size
     for j, width in enumerate(cfg.widths):
         blocks.append(Block(channels, width, "s2d" if j in cfg.downsample_at else None, cfg.batchnorm, _bias(cfg)))
-        channels = width
-        heads.append(make_head(cfg.head, width, num_classes, cfg))
+        channels, side = width, side // 2 if j in cfg.downsample_at else side
+        heads.append(make_head(HeadSpec(width, num_classes, cfg, side, j, len(cfg.widths))))
     net = StagedNet(blocks, heads)
     if cfg.bn_weight_init == "uniform":  # PyTorch 0.4's BatchNorm: weight ~ U[0, 1), bias 0
         for m in net.modules():

@@ -23,7 +23,7 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import make_head
+from layerwise.models.heads import HeadSpec, make_head
 from layerwise.models.partition import balanced_cut, unit_flops
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
@@ -95,14 +95,15 @@ def check_split(cfg: ModelConfig, points: int, what: str) -> None:
         raise LayerwiseError(f"bad config: model.split={cfg.split} must be between 1 and {points}, the {what}")
 
 
-def assemble(units: list[tuple[str, nn.Module]], ends: list[int], classifier: nn.Module, channels: list[int],
-             cfg: ModelConfig, num_classes: int) -> StagedNet:  # fmt: skip
+def assemble(units: list[tuple[str, nn.Module]], ends: list[int], classifier: nn.Module,
+             shapes: list[tuple[int, int]], cfg: ModelConfig, num_classes: int) -> StagedNet:  # fmt: skip
     """Modules of the named units ending at `ends`; a library head after each but the last, which ends in the
-    network's own classifier. `channels[i]` is unit i's output channels."""
+    network's own classifier. `shapes[i]` is unit i's output (channels, side)."""
     blocks, heads, start = [], [], 0
-    for end in ends:
+    for i, end in enumerate(ends):
         blocks.append(nn.Sequential(OrderedDict(units[start:end])))
-        heads.append(make_head(cfg.head, channels[end - 1], num_classes, cfg))
+        channels, side = shapes[end - 1]
+        heads.append(make_head(HeadSpec(channels, num_classes, cfg, side, i, len(ends))))
         start = end
     heads[-1] = classifier
     return StagedNet(blocks, heads)
@@ -135,11 +136,12 @@ def cifar_resnet(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> St
         ends = list(range(1, len(units) + 1))
     else:
         ends = [1 + e for e in even_ends(3 * n, cfg.split)]  # the stem joins the first module
-    channels = [16] + [16] * n + [32] * n + [64] * n
+    sides = [image_size] * (1 + n) + [-(-image_size // 2)] * n + [-(-image_size // 4)] * n  # stride 2, padding 1
+    shapes = list(zip([16] + [16] * n + [32] * n + [64] * n, sides, strict=True))
     classifier = nn.Sequential(
         OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(64, num_classes))
     )
-    net = assemble(units, ends, classifier, channels, cfg, num_classes)
+    net = assemble(units, ends, classifier, shapes, cfg, num_classes)
     he_init(net)
     return net
 
@@ -167,7 +169,7 @@ def resnet(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedN
     costs, shapes = unit_flops([u for _, u in units], (cfg.in_channels, image_size, image_size))
     ends = balanced_cut(costs, cfg.split, first=len(stem) + 1)  # the stem and at least one block
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), fc=model.fc))
-    return assemble(units, ends, classifier, [shape[1] for shape in shapes], cfg, num_classes)
+    return assemble(units, ends, classifier, [(shape[1], shape[2]) for shape in shapes], cfg, num_classes)
 
 
 @register_model("vgg")
@@ -189,9 +191,10 @@ def vgg(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNet:
     ends = balanced_cut(costs, cfg.split)
     named = [(f"features_{i}", m) for i, m in enumerate(layers)]
     ends = [pools[e - 1] for e in ends]
-    per_layer = []
+    per_layer, side = [], image_size  # (channels, side) after each layer
     for m in layers:
-        per_layer.append(m.out_channels if isinstance(m, nn.Conv2d) else per_layer[-1] if per_layer else 3)
+        side = side // 2 if isinstance(m, nn.MaxPool2d) else side
+        per_layer.append((m.out_channels if isinstance(m, nn.Conv2d) else per_layer[-1][0], side))
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), classifier=model.classifier))
     return assemble(named, ends, classifier, per_layer, cfg, num_classes)
 

@@ -47,6 +47,12 @@ class StagedNet(nn.Module):
                 logits.append(self.heads[j](x))
         return logits
 
+    @property
+    def classifying(self) -> list[int]:
+        """The heads whose output is class scores: those evaluation, the ensemble, early exit and the report use
+        (a method's head may give embeddings or nothing to classify with instead: `classifies = False`)."""
+        return [j for j, head in enumerate(self.heads) if classifies(head)]
+
     def final_parameters(self) -> int:
         """Parameters of the delivered network: every block plus the last head."""
         return count(self.blocks) + count(self.heads[-1])
@@ -54,6 +60,11 @@ class StagedNet(nn.Module):
     def head_parameters(self) -> int:
         """Parameters of all auxiliary heads together (the last one included)."""
         return count(self.heads)
+
+
+def classifies(head: nn.Module) -> bool:
+    """Whether a head's output is class scores: every head's but one that says otherwise (`classifies = False`)."""
+    return getattr(head, "classifies", True)
 
 
 def count(module: nn.Module) -> int:

@@ -14,17 +14,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from layerwise.config import TrainConfig
+from layerwise.config import RunConfig
 from layerwise.data.loaders import Loader
 from layerwise.device import Precision
 from layerwise.distributed import ALONE, Replicas
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import topk_correct
+from layerwise.losses import local_losses
 from layerwise.models.staged import StagedNet
 from layerwise.stages import Stage, place_for
 from layerwise.train.divergence import LossWatch, Summed
 from layerwise.train.ema import WeightAverage
-from layerwise.train.losses import local_loss
 from layerwise.train.optim import Optimizers
 from layerwise.train.schedule import decays_by, lr_at, lr_at_step, stage_epochs
 from layerwise.train.stage import freeze_for, frozen_prefix, network_key
@@ -34,6 +34,8 @@ class StageTraining:
     """A stage set up to train: its modules on the device and frozen as Algorithm 1 says, the StageModule it
     trains (in DDP under torchrun, compiled when train.compile asks) and the module's optimizer.
 
+    `cfg` is the run's config: its train settings (kept as `cfg`) and what the heads' local losses need (model.head,
+    data.mean and data.std: layerwise.losses.local_losses).
     `train` and `layerwise bench` both train through this object. Under DDP only the StageModule is wrapped:
     the frozen blocks run outside it, without gradients, and their weights are never all-reduced.
     """
@@ -42,7 +44,8 @@ class StageTraining:
     """Whether the StageModule keeps its last block's output after each forward pass (a subclass's `forwarded`
     reads it)."""
 
-    def __init__(self, net: StagedNet, stage: Stage, cfg: TrainConfig, precision: Precision, replicas=ALONE):
+    def __init__(self, net: StagedNet, stage: Stage, run: RunConfig, precision: Precision, replicas=ALONE):
+        cfg = run.train
         self.net, self.stage, self.cfg, self.precision = net, stage, cfg, precision
         self.replicas: Replicas = replicas
         """The processes that split each batch (DDP among them)."""
@@ -52,7 +55,7 @@ class StageTraining:
         stage's first window is measured, and kept in the epoch checkpoints for resume."""
         device = precision.device
         place_for(net, stage, device)
-        self.module = freeze_for(net, stage, local_loss(cfg), cfg.block_chunks, self.keeps_output)
+        self.module = freeze_for(net, stage, local_losses(run, net.J), cfg.block_chunks, self.keeps_output)
         if cfg.sync_bn and replicas.active:  # replaces the BN modules inside the network's own blocks and head
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         if stage.decoupled:
@@ -164,22 +167,27 @@ class Tally:
     """What each step adds: loss x images, top-1 hits, top-5 hits."""
     COLUMNS = (*STEP_COLUMNS, "images")
 
-    def __init__(self, reported: tuple[int, ...], heads: tuple[int, ...], device: torch.device, extra=()):
+    def __init__(self, reported: tuple[int, ...], heads: tuple[int, ...], device: torch.device, extra=(), scored=None):
         """`reported`: the heads the figures cover; `heads`: this process's among them; `extra`: more columns,
-        each set once per epoch (`set`)."""
+        each set once per epoch (`set`); `scored`: the heads among them that classify (None: all), whose logits
+        `add` gets."""
         self.reported, self.columns = reported, (*self.COLUMNS, *extra)
         self.rows = [reported.index(j) for j in heads]  # where this process's heads go among the reported ones
+        self.scored = set(reported if scored is None else scored)
+        self.scored_rows = [r for r, j in zip(self.rows, heads, strict=True) if j in self.scored]
         self.sums = torch.zeros(len(reported), len(self.columns), dtype=torch.float64, device=device)  # (heads, cols)
         self.n = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """One step's losses (H,) or () and logits (H, B, classes) or (B, classes), of this process's heads."""
+        """One step's losses (H,) or () of this process's heads, and logits (S, B, classes) or (B, classes) of
+        those among them that classify."""
         losses = loss.detach().double().view(-1)  # (H,)
-        scores = logits.detach().float().view(len(self.rows), len(y), -1)  # (H, B, classes)
+        scores = logits.detach().float().view(len(self.scored_rows), len(y), -1)  # (S, B, classes)
         labels = y if y.dim() == 1 else y.argmax(1)  # (B,); data.mix: the larger share's label
-        for h, z in enumerate(scores):
-            step = torch.stack([losses[h] * len(y), *topk_correct(z, labels)])  # (STEP_COLUMNS,)
-            self.sums[self.rows[h], : len(self.STEP_COLUMNS)] += step
+        loss_at, hits_at = self.columns.index("loss"), self.columns.index("top1")  # top-1, then top-5 hits
+        self.sums[self.rows, loss_at] += losses * len(y)
+        for row, z in zip(self.scored_rows, scores, strict=True):
+            self.sums[row, hits_at : hits_at + 2] += torch.stack(topk_correct(z, labels)).double()
         self.n += len(y)
 
     def set(self, column: str, value: float) -> None:
@@ -197,8 +205,10 @@ class Tally:
         figures = {}
         for j, i in zip(self.reported, range(0, len(flat), width), strict=True):
             row = dict(zip(self.columns, flat[i : i + width], strict=True))
-            figures[j] = {"loss": row["loss"] / row["images"], "top1": 100.0 * row["top1"] / row["images"],
-                          "top5": 100.0 * row["top5"] / row["images"]}  # fmt: skip
+            scored = j in self.scored  # a head that does not classify has a loss and no accuracy
+            figures[j] = {"loss": row["loss"] / row["images"],
+                          "top1": 100.0 * row["top1"] / row["images"] if scored else None,
+                          "top5": 100.0 * row["top5"] / row["images"] if scored else None}  # fmt: skip
             figures[j].update({k: int(row[k]) for k in self.columns[len(self.COLUMNS) :]})
         out = {**figures[self.reported[-1]], "images_per_s": images / seconds, "seconds": seconds}
         if len(self.reported) > 1:
@@ -247,7 +257,7 @@ def train_epoch(training: StageTraining, loader: Loader, seed: int, epoch: int =
     top-1/top-5 are the stage's last loss head's; a stage with several (decoupled) adds each one's under "heads".
     """
     heads, replicas = training.stage.loss_heads, training.replicas
-    tally = Tally(heads, heads, loader.device)
+    tally = Tally(heads, heads, loader.device, scored=training.net.classifying)
     t0 = time.perf_counter()
     train_steps(training, loader, seed, epoch, desc, Counting(tally, replicas, shown=replicas.index == 0))
     return tally.figures(replicas.sum, tally.n, t0)

@@ -8,7 +8,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from layerwise.config import RunConfig
+from layerwise.config import METHOD_HEADS, RunConfig
 from layerwise.errors import LayerwiseError
 from layerwise.models.staged import StagedNet, count
 from layerwise.safe_io import folder
@@ -21,7 +21,8 @@ def epoch_row(stage: Stage, epoch: int, lr: float, stats: dict, scored: dict[str
     with several loss heads (decoupled) adds every block's figures under "blocks" (schema: docs/decisions.md)."""
 
     def scores(j: int) -> dict[str, Any]:
-        return {key: {**result["blocks"][j], "loss": result["losses"][j]} for key, result in scored.items()}
+        # a head that does not classify is not scored (evaluate leaves it out)
+        return {k: {**r["blocks"][j], "loss": r["losses"][j]} for k, r in scored.items() if j in r["blocks"]}
 
     row = {
         "stage": stage.index,
@@ -109,7 +110,7 @@ def format_row(row: dict[str, Any]) -> str:
     v = row[key] if key else None
     scores = f"{scored} top-1 {v['top1']:.2f} top-5 {v['top5']:.2f} ensemble {v['ensemble_top1']:.2f} " if v else ""
     if v and "blocks" in row:  # decoupled: every block's own head
-        scores += "(blocks " + " / ".join(f"{b[key]['top1']:.1f}" for b in row["blocks"]) + ") "
+        scores += "(blocks " + " / ".join(f"{b[key]['top1']:.1f}" if key in b else "-" for b in row["blocks"]) + ") "
     return (
         f"{row['stage_name']} epoch {row['epoch']}: loss {row['loss']:.3f} train top-1 {row['train']['top1']:.1f} "
         f"{scores}({row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s)"
@@ -150,7 +151,8 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
     # Proposition 3.1: with P_j = Id the best risk cannot grow from one block to the next. Compared on the
     # clean training subset (eval mode, final weights) when there is one, else on the epoch's running loss.
     risk = "train_eval_loss" if all("train_eval_loss" in e for e in per_stage) else "train_loss"
-    for prev, cur in itertools.pairwise(per_stage):
+    comparable = cfg.model.head not in METHOD_HEADS  # a method's local losses differ in kind between blocks
+    for prev, cur in itertools.pairwise(per_stage if comparable else []):
         if not cur["downsample"]:
             cur["improves_on_previous"] = cur[risk] <= prev[risk]
     final = per_stage[-1]
@@ -182,6 +184,11 @@ def final_scores(entry: dict[str, Any]) -> dict[str, float]:
     return {f"{scored}_{k}": entry[f"{scored}_{k}"] for k in ("top1", "top5", "ensemble_top1", "ensemble_top5")}
 
 
+def cell(value: float | None, width: int) -> str:
+    """A figure to two decimals in `width` characters, or "-" for none."""
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     scored = next((key for _, key in SCORED if f"{key}_top1" in summary["blocks"][-1]), None)
     first = {"val": "val top-1", "train_eval": "t_ev top-1"}.get(scored)
@@ -190,12 +197,10 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines = [header, "-" * len(header)]
     for b in summary["blocks"]:
         cells = ""
-        if scored:
-            cells = (
-                f"{b[f'{scored}_top1']:>9.2f} {b[f'{scored}_top5']:>7.2f} {b[f'{scored}_ensemble_top1']:>9.2f} "
-                f"{b[f'{scored}_ensemble_top5']:>9.2f} "
-            )
-        lines.append(f"{b['stage']:<10} {cells}{b['train_top1']:>11.2f} {b['seconds']:>7.1f}")
+        if scored:  # a head that does not classify has no scores: "-"
+            widths = {"top1": 9, "top5": 7, "ensemble_top1": 9, "ensemble_top5": 9}
+            cells = "".join(f"{cell(b.get(f'{scored}_{k}'), w)} " for k, w in widths.items())
+        lines.append(f"{b['stage']:<10} {cells}{cell(b['train_top1'], 11)} {b['seconds']:>7.1f}")
     if "no_validation" in summary:
         lines.append(f"no validation: {summary['no_validation']}")
     if "adaptive_depth" in summary:

@@ -105,8 +105,10 @@ class StageRunner:
 
     def evaluate(self, stage: Stage, loader, memo: dict) -> dict:
         """evaluate() of the stage's heads over `loader`, with the frozen heads' scores kept in `memo`."""
-        heads, cfg = list(stage.eval_heads), self.parts.cfg.train
-        frozen = set(stage.frozen_heads) == set(heads[:-1])  # only then may evaluate() keep earlier heads' scores
+        classify = self.parts.net.classifying  # a head that does not classify has nothing to score
+        heads, cfg = [j for j in stage.eval_heads if j in classify], self.parts.cfg.train
+        # only when the heads before the last are frozen may evaluate() keep their scores
+        frozen = set(stage.frozen_heads) & set(heads) == set(heads[:-1])
         autocast = self.parts.precision.autocast
         memo = memo if frozen else None
         return evaluate(self.parts.net, loader, heads, cfg.ensemble, autocast, memo, self.parts.where, cfg.eval_flip)
@@ -134,7 +136,7 @@ class LocalRunner(StageRunner):
     @contextmanager
     def prepare(self, stage: Stage, start: Resume) -> Iterator[int]:
         parts, cfg = self.parts, self.parts.cfg.train
-        self.training = StageTraining(parts.net, stage, cfg, parts.precision, self.replicas)
+        self.training = StageTraining(parts.net, stage, parts.cfg, parts.precision, self.replicas)
         self.training.load_state(start.state, start.loss_level)
         self.loader = self.prefix_cache(stage) if cfg.cache != "none" and stage.cacheable else parts.data.train
         try:

@@ -16,13 +16,13 @@ def stage_epochs(cfg: TrainConfig, stage: Stage) -> int:
 def lr_at_step(cfg: TrainConfig, epoch: int, step: int, steps: int, epochs: int | None = None) -> float:
     """A per-step schedule (train.schedule cosine or triangle) at step `step` of `steps` in epoch `epoch` of a
     stage of `epochs` (default epochs_per_block): t = epoch x steps + step of T = epochs x steps, after
-    W = round(warmup_epochs x steps) linear warm-up steps lr x (t + 1) / W; then cosine
+    W = round(warmup_epochs x steps) linear warm-up steps warmup_from + (lr - warmup_from) x (t + 1) / W; then cosine
     lr x (1 + cos(pi (t - W) / (T - W))) / 2, or triangle lr x (T - t) / (T - W)."""
     total = (epochs or cfg.epochs_per_block) * steps
     warmup = min(round(cfg.warmup_epochs * steps), total - 1)  # the warm-up ends before the stage does
     t = epoch * steps + min(step, steps - 1)  # a pipeline process with replays may step past its epoch's count
     if t < warmup:
-        return cfg.lr * (t + 1) / warmup
+        return cfg.warmup_from + (cfg.lr - cfg.warmup_from) * (t + 1) / warmup
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
     return cfg.lr * (total - t) / (total - warmup)

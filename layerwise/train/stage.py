@@ -10,11 +10,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from layerwise.losses import PLAIN, LocalLoss, Seen
 from layerwise.models.blocks import has_conv_units, recomputed
 from layerwise.models.pooled import chunkable, pooled_block_and_head
-from layerwise.models.staged import StagedNet
+from layerwise.models.staged import StagedNet, classifies
 from layerwise.stages import Stage
-from layerwise.train.losses import PLAIN, LocalLoss
 
 
 class StageModule(nn.Module):
@@ -23,7 +23,9 @@ class StageModule(nn.Module):
     forward(x, y) -> (loss, logits), where x is the input of block `first` (the frozen prefix's output, or a cached
     copy of it). With one loss head (greedy, end to end) the loss is its local loss and the logits are (B,
     classes); with several (decoupled) the loss is (H,), one local loss per loss head, and the logits are
-    (H, B, classes). A decoupled stage detaches each block's input, so head j's loss reaches block j alone, and
+    (S, B, classes), those of the S heads that classify (`scored`; a head whose output is not class scores,
+    InfoPro's contrastive projection, has a loss and no logits). A decoupled stage detaches each block's input,
+    so head j's loss reaches block j alone, and
     runs each block and its head under its own random stream (`randomness`, set per epoch by the run). It holds
     the network's own modules, not copies.
     """
@@ -32,7 +34,7 @@ class StageModule(nn.Module):
         self,
         net: StagedNet,
         stage: Stage,
-        loss: LocalLoss = PLAIN,
+        losses: list[LocalLoss] | None = None,
         block_chunks: int = 0,
         keep_output: bool = False,
     ):
@@ -43,8 +45,10 @@ class StageModule(nn.Module):
         # train.recompute_activations: the library's blocks and heads recompute conv unit by conv unit; any
         # other module (your own) is recomputed whole
         self.whole = {id(m): net.recompute and not has_conv_units(m) for m in (*self.blocks, *self.heads)}
-        self.loss = loss
-        """Each loss head's local loss (train/losses.py)."""
+        self.losses = [PLAIN if losses is None else losses[j] for j in stage.loss_heads]
+        """Each loss head's local loss (layerwise/losses.py; `losses` has one per head of the network)."""
+        self.scored = [classifies(head) for head in self.heads]
+        """Which loss heads give class scores, whose logits forward returns."""
         self.block_chunks = block_chunks
         """train.block_chunks: a block that feeds only its head's half pooling runs in this many chunks."""
         # the block feeds only its head's half pooling (VGG heads): models/pooled.py
@@ -59,22 +63,24 @@ class StageModule(nn.Module):
         return recomputed(module, x) if self.whole[id(module)] and grad else module(x)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = x if self.first == 0 else None  # what a reconstruction loss compares with
         if not self.decoupled:
             if self.block_chunks and self.poolable and self.training and torch.is_grad_enabled():
                 logits = pooled_block_and_head(self.blocks[0], self.heads[-1], x, self.block_chunks)
                 if logits is not None:  # the block's output only ever existed a chunk at a time
-                    return self.loss(logits, y, None), logits
+                    return self.losses[-1](Seen(logits, y)), logits
             for block in self.blocks:
                 x = self.run(block, x)
-            logits = self.run(self.heads[-1], x)
-            return self.loss(logits, y, x), logits
+            z = self.run(self.heads[-1], x)
+            return self.losses[-1](Seen(z, y, x, self.heads[-1], image)), z
         losses, logits = [], []
-        for j, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True), start=self.first):
+        for j, (block, head, loss) in enumerate(zip(self.blocks, self.heads, self.losses, strict=True), self.first):
             with self.randomness.block(j) if self.randomness is not None else nullcontext():
                 x = self.run(block, x.detach())  # block j learns from head j alone
                 z = self.run(head, x)
-            losses.append(self.loss(z, y, x))
-            logits.append(z)
+                losses.append(loss(Seen(z, y, x, head, image)))
+            if self.scored[j - self.first]:
+                logits.append(z)
         if self.keep_output:
             self.output = x.detach()
         return torch.stack(losses), torch.stack(logits)
@@ -139,7 +145,7 @@ def frozen_prefix(net: StagedNet, stage: Stage, x: torch.Tensor, offset: int = 0
 
 
 def freeze_for(
-    net: StagedNet, stage: Stage, loss: LocalLoss = PLAIN, block_chunks: int = 0, keep_output: bool = False
+    net: StagedNet, stage: Stage, losses: list[LocalLoss] | None = None, block_chunks: int = 0, keep_output=False
 ) -> StageModule:
     """Put everything but the stage's modules in eval mode without gradients; return the trained part (a
     StageModule with the other arguments).
@@ -149,6 +155,6 @@ def freeze_for(
     net.eval().requires_grad_(False)
     for p in net.parameters():
         p.grad = None  # frees gradients left over from an earlier stage
-    trained = StageModule(net, stage, loss, block_chunks, keep_output)
+    trained = StageModule(net, stage, losses, block_chunks, keep_output)
     trained.train().requires_grad_(True)
     return trained

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from layerwise.config import RunConfig, TrainConfig
+from layerwise.config import RunConfig
 from layerwise.device import Precision
 from layerwise.distributed import ALONE, Dist, Replicas
 from layerwise.errors import LayerwiseError
@@ -43,7 +43,7 @@ class PipelineTraining(StageTraining):
 
     keeps_output = True
 
-    def __init__(self, net: StagedNet, stage: Stage, cfg: TrainConfig, precision: Precision, seat: Seat):
+    def __init__(self, net: StagedNet, stage: Stage, cfg: RunConfig, precision: Precision, seat: Seat):
         super().__init__(net, stage, cfg, precision, seat.replicas)
         self.pipe = seat.pipe
 
@@ -124,7 +124,7 @@ class PipelineRunner(StageRunner):
     @contextmanager
     def prepare(self, stage: Stage, start: Resume) -> Iterator[int]:
         parts, cfg = self.parts, self.parts.cfg.train
-        training = PipelineTraining(parts.net, self.part, cfg, parts.precision, Seat(self.replicas, self.pipe))
+        training = PipelineTraining(parts.net, self.part, parts.cfg, parts.precision, Seat(self.replicas, self.pipe))
         # with replays each process watches its own losses; only rank 0's level is saved: the others measure
         # theirs again when resumed
         level = start.loss_level if not cfg.replay or parts.where.is_main else None

@@ -1,0 +1,151 @@
+"""Every local-learning method on one network, one dataset and one recipe, side by side (docs/results.md,
+"Local-learning methods"): ResNet-32 on the built-in sample (9,000 training images, 1,000 held out).
+
+    .venv/bin/python recipes/local_methods.py [--sets k4,k16] [--seeds 0,1] [--jobs 2] [--root runs/local]
+    .venv/bin/python recipes/local_methods.py --table [--root runs/local]
+
+- k4: ResNet-32 in InfoPro's K = 4 modules: end to end, sequential greedy (Algorithm 1, the same epochs per
+  module), and every module at once (train.mode=decoupled) with a pooling + linear head ("Greedy SL"), DGL's
+  head, InfoPro Softmax and Contrast (their released lambdas for K = 4), and PredSim.
+- k16: one module per layer (the stem and each of the 15 residual blocks): PredSim, and AugLocal where the library
+  has it.
+
+The recipe, fixed before the runs: InfoPro's (160 epochs, batch 1024, lr 0.8, Nesterov, weight decay 1e-4,
+cosine with 10 epochs of warm-up from 0.01, reflect padding, their normalisation) scaled to 20 epochs of the
+sample at batch 128: lr and the warm-up's start times 128 / 1024 (0.1 and 0.00125, the linear scaling rule), the
+warm-up 10 / 160 of the epochs (1.25). Resumable: a finished run (summary.json) is kept, an interrupted one resumed,
+so the same command continues where it stopped. Runs go `--jobs` at a time with one thread each; the times in the
+table are of that set-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 20
+RECIPE = [
+    "train.batch_size=128",
+    "train.lr=0.1",
+    "train.nesterov=true",
+    "train.momentum=0.9",
+    "train.weight_decay=0.0001",
+    "train.schedule=cosine",
+    "train.warmup_epochs=1.25",
+    "train.warmup_from=0.00125",
+    "data.crop_padding_mode=reflect",
+    "data.mean=[0.491373,0.482353,0.446667]",
+    "data.std=[0.247059,0.243529,0.261569]",
+    "data.val_size=1000",
+]
+AT_ONCE = ["train.mode=decoupled"]
+SETS: dict[str, dict[str, list[str]]] = {
+    "k4": {
+        "e2e": ["train.mode=e2e"],
+        "greedy": ["train.mode=greedy"],  # InfoPro's '1c2f' heads (the preset's), one module after the other
+        "greedy_sl": [*AT_ONCE, "model.head=linear"],
+        "dgl": [*AT_ONCE, "model.head=dgl"],
+        "infopro_softmax": [*AT_ONCE, "model.head=infopro_softmax", "model.head_lambdas=[6,0,1,2]"],
+        "infopro_contrast": [*AT_ONCE, "model.head=infopro_contrast", "model.head_lambdas=[6,0,1,2]"],
+        "predsim": [*AT_ONCE, "model.head=predsim"],
+    },
+    "k16": {
+        "predsim": [*AT_ONCE, "model.split=16", "model.head=predsim"],
+    },
+}
+
+
+def command(settings: list[str], seed: int, out: Path) -> list[str]:
+    args = ["train", "--preset", "cifar10_resnet32_k4", "--device", "cpu", "--out", str(out), "--seed", str(seed)]
+    args += ["--epochs-per-block", str(EPOCHS)]
+    return args + [a for s in [*RECIPE, *settings] for a in ("--set", s)]
+
+
+def out_of(root: Path, group: str, name: str, seed: int) -> Path:
+    return root / f"{group}-{name}-seed{seed}"
+
+
+def train(job: tuple[Path, list[str], int]) -> None:
+    out, settings, seed = job
+    if (out / "summary.json").is_file():
+        return
+    resume = (out / "config.yaml").is_file()
+    args = ["train", "--out", str(out), "--resume"] if resume else command(settings, seed, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-m", "layerwise", "-q", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"FAILED {out}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return
+    print(f"{out.name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def figures(out: Path) -> dict | None:
+    """A finished run's validation top-1 of each module that classifies, the delivered network's, the training
+    seconds and the mean images/s over its epochs."""
+    if not (out / "summary.json").is_file():
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    modules = {b["block"]: b.get("val_top1") for b in summary["blocks"]}
+    return {"modules": modules, "delivered": summary["final"]["val_top1"], "seconds": summary["train_seconds"],
+            "images_per_s": statistics.mean(r["images_per_s"] for r in rows)}  # fmt: skip
+
+
+def cell(values: list[float | None], digits: int = 1) -> str:
+    """Mean ± sample standard deviation over the seeds, or - where a module does not classify."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def table(root: Path) -> str:
+    lines = []
+    for group, methods in SETS.items():
+        modules = 4 if group == "k4" else 16
+        shown = range(modules) if modules == 4 else (0, 7, 14)
+        lines += ["", f"{group}:", "| method | seeds | " + " | ".join(f"module {j + 1}" for j in shown)
+                  + " | delivered | train s | images/s |", "|---|---|" + "---|" * (len(shown) + 3)]  # fmt: skip
+        for name in methods:
+            runs = sorted(root.glob(f"{group}-{name}-seed*"))
+            done = [(r.name.rsplit("seed", 1)[1], f) for r in runs if (f := figures(r))]
+            if not done:
+                continue
+            seeds, scored = ",".join(s for s, _ in done), [f for _, f in done]
+            per_module = [cell([f["modules"].get(j) for f in scored]) for j in shown]
+            rest = [cell([f["delivered"] for f in scored]), cell([f["seconds"] for f in scored], 0),
+                    cell([f["images_per_s"] for f in scored], 0)]  # fmt: skip
+            lines.append(f"| {name} | {seeds} | {' | '.join([*per_module, *rest])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=ROOT / "runs" / "local")
+    parser.add_argument("--sets", default="k4,k16")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    if not args.table:
+        args.root.mkdir(parents=True, exist_ok=True)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        jobs = [(out_of(args.root, g, n, s), settings, s) for s in seeds for g in args.sets.split(",")
+                for n, settings in SETS[g].items()]  # fmt: skip
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(train, jobs))
+    print(table(args.root))
+
+
+if __name__ == "__main__":
+    main()

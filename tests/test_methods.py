@@ -1,0 +1,263 @@
+"""The local-learning methods (layerwise/methods/): PredSim and InfoPro. Their pieces against answers worked out
+by hand (the decoder's reconstruction loss, the supervised contrastive loss, the lambda schedule, PredSim's
+pooling and similarity term, parameter counts), no gradient across a module boundary, a resumed run equal to an
+uninterrupted one, and the CLI's refusals where a method cannot work."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_overrides, train_until_interrupted
+from torch.nn import functional as F
+
+from layerwise.config import ModelConfig, RunConfig, TrainConfig, parse_assignment
+from layerwise.errors import LayerwiseError
+from layerwise.losses import Seen, local_losses
+from layerwise.methods.infopro import RELEASED, Decoder, InfoProAux, InfoProLoss, interpolated, supervised_contrastive
+from layerwise.methods.predsim import PredSimHead, PredSimLoss, predsim_pool
+from layerwise.models import build_model
+from layerwise.presets import resolve_config
+from layerwise.rundir import RunDir, load_checkpoint
+from layerwise.stages import plan_stages
+from layerwise.train import train
+from layerwise.train.stage import freeze_for
+
+METHODS = ["predsim", "infopro_softmax", "infopro_contrast"]
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_the_decoder_gives_an_image_and_its_bce_on_a_constant_image_by_hand():
+    """A decoder whose last conv has zero weights and bias ln 3 outputs sigmoid(ln 3) = 3/4 at every pixel. Against
+    an image of 1/2 everywhere (after un-normalising) the binary cross-entropy is -(1/2 ln 3/4 + 1/2 ln 1/4) =
+    0.836988; with lambda1 = 2 and no task loss the local loss is twice that."""
+    decoder = Decoder(16, image_channels=3)
+    assert decoder(torch.randn(2, 16, 8, 8), (32, 32)).shape == (2, 3, 32, 32)
+    last = decoder.layers[3]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, math.log(3.0))
+    head = InfoProAux(16, 3, 10, task=False, contrast=False)
+    head.decoder = decoder
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.5)
+    image = torch.stack([torch.full((32, 32), (0.5 - m) / s) for m, s in zip(mean, std, strict=True)])[None]
+    image = image.expand(2, 3, 32, 32)  # (2, 3, 32, 32), normalised
+    expected = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
+    assert expected == pytest.approx(0.836988, abs=1e-6)
+    loss = InfoProLoss(2.0, 0.0, mean, std)
+    seen = Seen(head(torch.randn(2, 16, 8, 8)), torch.tensor([0, 1]), torch.randn(2, 16, 8, 8), head, image)
+    assert seen.output.shape == (2, 0) and not head.classifies  # no task head where lambda2 = 0
+    assert loss(seen).item() == pytest.approx(2 * expected, rel=1e-5)
+
+
+def test_the_supervised_contrastive_loss_of_three_points_by_hand():
+    """a = (1, 0), b = (0, 1), c = (-1, 0) with labels 0, 0, 1 at temperature 1. Anchor a: its positive b scores
+    0 against c's -1: log softmax -ln(1 + e^-1) = -0.313262. Anchor b: a and c both score 0: -ln 2 = -0.693147.
+    Anchor c has no positive: 0. Loss: (0.313262 + 0.693147 + 0) / 3 = 0.335470 (times temperature / base = 1)."""
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    by_hand = (math.log(1 + math.exp(-1)) + math.log(2)) / 3
+    assert by_hand == pytest.approx(0.335470, abs=1e-6)
+    assert supervised_contrastive(z, labels, temperature=1.0, base=1.0).item() == pytest.approx(by_hand, rel=1e-6)
+    # InfoPro's: temperature 0.07 over base 0.07; halving the temperature doubles every score
+    half = -(0.5 / 1.0) * ((-math.log(1 + math.exp(-2))) + (-math.log(2))) / 3
+    assert supervised_contrastive(z, labels, temperature=0.5, base=1.0).item() == pytest.approx(half, rel=1e-6)
+    assert supervised_contrastive(z[:1], labels[:1], 0.07).item() == 0.0  # a batch of one: nothing to contrast
+
+
+def test_the_lambdas_interpolate_from_the_first_module_to_module_k_minus_1():
+    """ResNet-32, K = 4: (6, 0) -> (1, 2) over modules 0, 1, 2 (ratios 0, 1/2, 1). K = 16: (5, 0.05) -> (0.2, 0.5)
+    over 15 modules, ratio i / 14: module 7 is halfway, (2.6, 0.275). K = 2: the first pair alone."""
+    assert interpolated(RELEASED[(32, 4)], 4) == [(6.0, 0.0), (3.5, 1.0), (1.0, 2.0)]
+    sixteen = interpolated(RELEASED[(32, 16)], 16)
+    assert len(sixteen) == 15 and sixteen[0] == (5.0, 0.05)
+    assert sixteen[7] == pytest.approx((2.6, 0.275)) and sixteen[14] == pytest.approx((0.2, 0.5))
+    assert sixteen[1] == pytest.approx((5 - 4.8 / 14, 0.05 + 0.45 / 14))
+    assert interpolated(RELEASED[(110, 2)], 2) == [(5.0, 0.5)]
+
+
+def test_predsim_pools_to_at_most_4096_features():
+    """16 x 32 x 32 = 16384: a 2x2 kernel gives 16 x 16 x 16 = 4096. 32 x 16 x 16 = 8192: halving the height alone
+    gives 32 x 8 x 16 = 4096. 64 x 8 x 8 = 4096 needs none. 64 x 7 x 7 = 3136: none. 128 x 8 x 8 = 8192: 2 x 1
+    gives 128 x 4 x 8 = 4096. 3 x 63 x 63 = 11907: 2 x 2 with padding to ceil(63 / 2) = 32: 3 x 32 x 32 = 3072."""
+    assert predsim_pool(16, 32) == ((2, 2), (0, 0), 4096)
+    assert predsim_pool(32, 16) == ((2, 1), (0, 0), 4096)
+    assert predsim_pool(64, 8)[2] == 4096 and predsim_pool(64, 8)[0] == (1, 1)
+    assert predsim_pool(64, 7) == ((1, 1), (0, 0), 3136)
+    assert predsim_pool(128, 8) == ((2, 1), (0, 0), 4096)
+    kernel, _, features = predsim_pool(3, 63)
+    assert kernel == (2, 2) and features == 3072
+    head = PredSimHead(3, 63, 10)
+    assert head(torch.randn(2, 3, 63, 63)).shape == (2, 10) and head.pred.in_features == 3072
+
+
+def test_the_predsim_loss_of_two_small_maps_by_hand():
+    """Two images of two channels, 2x2 maps; the sim conv is the identity (centre tap 1). A channel's standard
+    deviation over the positions (a, a, b, b) (unbiased) is |a - b| / sqrt 3: image 0 has channels (1, 1, 0, 0) and
+    (3, 3, 3, 3) -> (1 / sqrt 3, 0); image 1 (0, 0, 2, 2) and (1, 1, 1, 1) -> (2 / sqrt 3, 0). Centred, both point
+    along (1, -1): cosine 1. Labels 0 and 1 one-hot over 3 classes, centred: (2, -1, -1) / 3 and (-1, 2, -1) / 3,
+    cosine -1/2. The similarity loss is the mean of (0, 1.5^2, 1.5^2, 0) = 1.125. The pred weights are zero and its
+    bias set to 0: uniform scores over 3 classes, cross-entropy ln 3. beta = 0.99: 0.01 ln 3 + 0.99 x 1.125."""
+    head = PredSimHead(2, 2, 3)
+    torch.nn.init.zeros_(head.pred.bias)
+    with torch.no_grad():
+        head.sim.weight.zero_()
+        head.sim.weight[0, 0, 1, 1] = head.sim.weight[1, 1, 1, 1] = 1.0
+    x = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]], [[3.0, 3.0], [3.0, 3.0]]],
+                      [[[0.0, 0.0], [2.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]]])  # fmt: skip
+    y = torch.tensor([0, 1])
+    seen = Seen(head(x), y, x, head)
+    assert seen.output.tolist() == [[0.0] * 3] * 2
+    assert PredSimLoss(0.99)(seen).item() == pytest.approx(0.01 * math.log(3) + 0.99 * 1.125, rel=1e-5)
+    assert PredSimLoss(0.0)(seen).item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_each_methods_head_has_the_parameters_counted_by_hand():
+    """PredSim, 16 channels at 32 px, 10 classes: pred 4096 x 10 + 10 = 40970, sim 16 x 16 x 9 = 2304. InfoPro, 16
+    channels, 3 image channels: decoder 16 x 12 x 9 + 12 = 1740, BN 24, 12 x 3 x 9 + 3 = 327 (2091); '1c2f' 16 ->
+    32 conv 4608, BN 64, 32 -> 128 linear 4224, then 128 -> 10 (1290, Softmax) or 128 -> 128 (16512, Contrast)."""
+    assert count(PredSimHead(16, 32, 10)) == 40970 + 2304
+    assert count(PredSimHead(16, 32, 10, sim=False)) == 40970
+    decoder = 1740 + 24 + 327
+    assert count(InfoProAux(16, 3, 10, task=True, contrast=False)) == decoder + 4608 + 64 + 4224 + 1290 == 12277
+    assert count(InfoProAux(16, 3, 128, task=True, contrast=True)) == decoder + 4608 + 64 + 4224 + 16512 == 27499
+    assert count(InfoProAux(16, 3, 10, task=False, contrast=False)) == decoder
+    # ResNet-32 in K = 4 with InfoPro Softmax: module 1 (lambda2 = 0) has its decoder alone; modules 2 and 3 read
+    # 32 and 64 channels (32: decoder 3456 + 12 + 24 + 327, head 18432 + 128 + 8320 + 1290; 64: decoder 6912 +
+    # 12 + 24 + 327, head 36864 + 128 + 8320 + 1290)
+    net = build_model(ModelConfig(arch="cifar_resnet", depth=32, split=4, head="infopro_softmax"), 10)
+    expected = [decoder, 3819 + 28170, 7275 + 46602]
+    assert [count(h) for h in net.heads[:3]] == expected
+    assert net.final_parameters() == 466_906  # the delivered ResNet-32, as with any head
+    assert net.classifying == [1, 2, 3]
+
+
+def small(head: str, **model) -> RunConfig:
+    lambdas = [6.0, 0.0, 1.0, 2.0] if head.startswith("infopro_") else []
+    model = {"arch": "cifar_resnet", "depth": 8, "split": 4, "head": head, "head_lambdas": lambdas, **model}
+    return RunConfig(model=ModelConfig(**model), train=TrainConfig(mode="decoupled"))
+
+
+@pytest.mark.parametrize("head", METHODS)
+def test_no_gradient_crosses_a_module_boundary(head):
+    """ResNet-8 in its 4 units, every module with the method's head, trained at once: each module's local loss
+    reaches its own block and head and nothing else (the image that InfoPro reconstructs carries no weights)."""
+    torch.manual_seed(0)
+    cfg = small(head)
+    net = build_model(cfg.model, 10)
+    stage = plan_stages(net.J, "decoupled")[0]
+    module = freeze_for(net, stage, local_losses(cfg, net.J))
+    losses, _ = module(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2))
+    assert losses.shape == (4,)
+    for j in range(4):
+        mine = {id(p) for p in (*net.blocks[j].parameters(), *net.heads[j].parameters())}
+        params = [p for p in net.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(losses[j], params, retain_graph=True, allow_unused=True)
+        reached = {id(p) for p, g in zip(params, grads, strict=True) if g is not None and g.abs().sum() > 0}
+        assert reached and reached <= mine, (head, j)
+        assert {id(p) for p in net.blocks[j].parameters()} <= reached | {
+            id(p) for p in net.blocks[j].parameters() if p.numel() == 0
+        }
+
+
+def tiny(head: str, epochs: int = 3):
+    items = [*tiny_overrides(epochs), "model.depth=8", f"model.head={head}", "train.mode=decoupled"]
+    if head.startswith("infopro_"):
+        items.append("model.head_lambdas=[6, 0, 1, 2]")
+    return resolve_config("cifar10_resnet32_k4", None, [parse_assignment(a) for a in items])
+
+
+@pytest.mark.parametrize("head", ["predsim", "infopro_contrast"])
+def test_a_resumed_method_run_ends_where_an_uninterrupted_one_does(tmp_path, image_folder, head):
+    cfg = tiny(head)
+    full = train(cfg, tmp_path / "full", image_folder)
+
+    train_until_interrupted(cfg, tmp_path / "cut", image_folder, epochs=2)  # momentum in every optimizer
+    resumed = train(cfg, tmp_path / "cut", image_folder, resume=True)
+    _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
+    _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final"] == full["final"]
+    assert any("decoder" in k or ".sim." in k for k in a)  # the methods' own networks are saved and resumed
+
+
+def test_infopro_contrast_scores_only_the_heads_that_classify(tmp_path, image_folder):
+    """Modules 1 to 3 give projections, not scores: training figures, validation, the summary and eval leave
+    them out and say so; the delivered network is ResNet-8 with its own classifier."""
+    from layerwise.delivered import evaluate_run
+
+    summary = train(tiny("infopro_contrast", epochs=1), tmp_path / "run", image_folder)
+    blocks = summary["blocks"]
+    assert [("val_top1" in b) for b in blocks] == [False, False, False, True]
+    assert [b["train_top1"] is None for b in blocks] == [True, True, True, False]
+    (row,) = RunDir(tmp_path / "run").read_metrics()
+    assert [("val" in b) for b in row["blocks"]] == [False, False, False, True]
+    result = evaluate_run(tmp_path / "run", image_folder, device="cpu")
+    assert list(result["blocks"]) == [3] and result["not_classifying"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["model.head=infopro_softmax"], r"compares each module's output with the image.*train\.mode=decoupled"),
+        (["model.head=infopro_contrast", "train.mode=decoupled", "data.mix=mixup"], "contrasts images by their one"),
+        (["model.head=predsim", "train.sim_loss=1"], "brings PredSim's own local loss"),
+        (["model.head=paper", "model.head_beta=0.5"], r"model\.head_beta has no effect here"),
+        (["model.head=predsim", "model.head_temperature=0.1"], r"model\.head_temperature has no effect here"),
+        (["model.head=infopro_softmax", "train.mode=decoupled", "model.head_lambdas=[1, 2]"], "four numbers"),
+    ],
+)
+def test_a_method_where_it_cannot_work_is_one_line(items, message):
+    with pytest.raises(LayerwiseError, match=message) as info:
+        resolve_config("demo", None, [parse_assignment(a) for a in items])
+    assert "\n" not in str(info.value)
+
+
+def test_infopro_on_a_network_without_released_lambdas_asks_for_them():
+    with pytest.raises(LayerwiseError, match=r"released its lambdas for ResNet-32 K=2, .* set model\.head_lambdas"):
+        build_model(ModelConfig(arch="cifar_resnet", depth=20, split=4, head="infopro_contrast"), 10)
+    net = build_model(ModelConfig(arch="cifar_resnet", depth=20, split=4, head="infopro_contrast",
+                                  head_lambdas=[1, 0, 1, 1]), 10)  # fmt: skip
+    assert net.classifying == [3]
+
+
+def test_the_predsim_loss_matches_the_similarity_term_of_train_sim_loss_on_the_sim_output():
+    """PredSim's sim term is train.sim_loss's similarity matching, read from the head's own conv instead of the
+    block output: with beta 1/2 the loss is half the cross-entropy plus half sim_loss's term on sim(x)."""
+    torch.manual_seed(0)
+    head = PredSimHead(4, 4, 3)
+    x, y = torch.randn(5, 4, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    (plain,) = local_losses(RunConfig(train=TrainConfig(sim_loss=1.0)), 1)
+    seen = Seen(head(x), y, x, head)
+    with_sim = plain(Seen(seen.output, y, head.sim(x)))  # cross-entropy + the similarity term on sim(x)
+    ce = F.cross_entropy(seen.output, y)
+    assert PredSimLoss(0.5)(seen).item() == pytest.approx(0.5 * with_sim.item(), rel=1e-5)
+    assert (with_sim - ce).item() > 0
+
+
+def test_reflect_padding_mirrors_the_image_about_its_edge():
+    """The row (1, 2, 3) padded by 2 with reflection reads (3, 2, 1, 2, 3, 2, 1); the crop at offset 0 of a 3x3
+    image padded by 1 starts with the reflected row and column: [[5, 4, 5], [2, 1, 2], [5, 4, 5]] for the image
+    1..9 in rows. uint8 images keep their type."""
+    from layerwise.data.augment import crop, reflected
+
+    image = torch.arange(1, 10, dtype=torch.uint8).view(1, 1, 3, 3)
+    assert reflected(image, 2)[0, 0, 2].tolist() == [3, 2, 1, 2, 3, 2, 1]  # the image's first row, widened
+    out = crop(image, 1, torch.tensor([0]), torch.tensor([0]), mode="reflect")
+    assert out.dtype == torch.uint8 and out[0, 0].tolist() == [[5, 4, 5], [2, 1, 2], [5, 4, 5]]
+    zeros = crop(image, 1, torch.tensor([0]), torch.tensor([0]))
+    assert zeros[0, 0].tolist() == [[0, 0, 0], [0, 1, 2], [0, 4, 5]]
+    reference = F.pad(image.float(), (1, 1, 1, 1), mode="reflect")  # torch's, on floats
+    assert torch.equal(reflected(image, 1).float(), reference)
+
+
+def test_the_warm_up_starts_from_warmup_from():
+    """cosine, lr 0.8, 10 epochs of 1 step with 5 of warm-up from 0.01: step t < 5 is 0.01 + 0.79 (t + 1) / 5;
+    without warmup_from, 0.8 (t + 1) / 5 as before."""
+    from layerwise.train.schedule import lr_at_step
+
+    cfg = TrainConfig(lr=0.8, schedule="cosine", epochs_per_block=10, warmup_epochs=5, warmup_from=0.01)
+    assert [lr_at_step(cfg, e, 0, 1) for e in range(5)] == pytest.approx([0.01 + 0.79 * (t + 1) / 5 for t in range(5)])
+    plain = TrainConfig(lr=0.8, schedule="cosine", epochs_per_block=10, warmup_epochs=5)
+    assert [lr_at_step(plain, e, 0, 1) for e in range(5)] == [0.8 * (t + 1) / 5 for t in range(5)]
