@@ -237,11 +237,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'preset':<26} {'arch':<12} {'J':>2} {'k':>2} {'mode':<7} {'final (M)':>9} {'heads (M)':>9}  paper")
+    wide = max(len(r["name"]) for r in rows)
+    print(f"{'preset':<{wide}} {'arch':<12} {'J':>2} {'k':>2} {'mode':<9} {'final (M)':>9} {'heads (M)':>9}  paper")
     for r in rows:
         paper = ", ".join(f"{k} {v:g}" for k, v in r["paper"].items())
         print(
-            f"{r['name']:<26} {r['arch']:<12} {r['J']:>2} {r['k'] or '-':>2} {r['mode']:<7} "
+            f"{r['name']:<{wide}} {r['arch']:<12} {r['J']:>2} {r['k'] or '-':>2} {r['mode']:<9} "
             f"{r['params_final_m']:>9.2f} {r['params_heads_m']:>9.2f}  {paper}"
         )
     print("final = every block + the last head (the delivered network); heads = all auxiliary heads.")

@@ -22,7 +22,7 @@ IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_
 SPLIT_ARCHS = ("cifar_resnet", "resnet", "vgg")
 """Architectures cut into model.split modules of a network of model.depth layers."""
 
-HEADS = ("paper", "infopro", "dgl", "linear", "predsim", "infopro_softmax", "infopro_contrast")
+HEADS = ("paper", "infopro", "dgl", "linear", "predsim", "infopro_softmax", "infopro_contrast", "auglocal")
 """The library's model.head kinds; layerwise.models.heads.make_head builds each (the local-learning methods' from
 layerwise/methods/). A kind registered from Python (layerwise.models.register_head) is checked when the network is
 built, as model.arch is."""
@@ -84,7 +84,8 @@ class ModelConfig:
     quarter of the size, three 1x1 convs, averaging to 2x2, four linear layers) or `linear` (global pooling and one
     linear layer: InfoPro's 'Greedy SL'), each with cross-entropy; or a local-learning method's (layerwise/methods/,
     docs/methods.md): `predsim` (Nokland & Eidnes 2019: model.head_beta), `infopro_softmax` and `infopro_contrast`
-    (InfoPro, Wang et al. 2021: a decoder's reconstruction and a task loss, model.head_lambdas). All but `paper`
+    (InfoPro, Wang et al. 2021: a decoder's reconstruction and a task loss, model.head_lambdas), `auglocal` (Ma et
+    al. 2024: copies of later layers, model.aux_depth; cifar_resnet, one module per layer). All but `paper`
     have a fixed form (model.k and the aux settings do nothing). The last module's head is the delivered network's
     classifier, trained with cross-entropy. VGG-11 keeps the paper's VGG heads."""
     head_beta: float = 0.99
@@ -97,6 +98,13 @@ class ModelConfig:
     pairs, which the Softmax runs reuse: docs/methods.md); other networks need them set."""
     head_temperature: float = 0.07
     """model.head=infopro_contrast: the supervised contrastive loss's temperature (their 0.07)."""
+    aux_depth: int = 2
+    """model.head=auglocal: d, the later layers copied into the first module's auxiliary network (their README:
+    2 for ResNet-32, 3 for ResNet-110); the last d + 1 layers form the final module, so model.split = the layers
+    - d."""
+    aux_pyramid: float = 0.5
+    """model.head=auglocal: c, how far the auxiliary depth falls from the first module to the last local one:
+    d_l = max(1, round(d (1 - l c / K) + l c / K)), K the index of the last module with an auxiliary network."""
     builder: str = ""
     """model.arch=custom: the import path `package.module:function` of a function returning the network's
     stages (a list of nn.Modules), a (stages, heads) pair or a StagedNet. Loading the run later imports it, which
@@ -137,6 +145,8 @@ class ModelConfig:
             "model.head_lambdas needs four numbers >= 0: lambda1 and lambda2 of the first module, then of module K-1",
         )
         _check(self.head_temperature > 0, "model.head_temperature must be > 0 (their 0.07)")
+        _check(self.aux_depth >= 1, "model.aux_depth must be >= 1 (AugLocal's d)")
+        _check(0 <= self.aux_pyramid <= 1, "model.aux_pyramid must be in [0, 1] (AugLocal's c: 0.5)")
         _check(
             self.head == "paper" or self.arch != "vgg11",
             f"model.head={self.head} is not for vgg11 (its heads are VGG's)",
@@ -527,7 +537,8 @@ def idle_settings(cfg: RunConfig) -> dict[str, str]:
         keys = ["model.k", "model.aux_width", "model.aux_width_factor", "model.head_pool", "model.head_batchnorm"]
         idle.update(dict.fromkeys(keys, why))
     infopro = ("infopro_softmax", "infopro_contrast")
-    readers = {"model.head_beta": ("predsim",), "model.head_lambdas": infopro, "model.head_temperature": infopro[1:]}
+    readers = {"model.head_beta": ("predsim",), "model.head_lambdas": infopro, "model.head_temperature": infopro[1:],
+               "model.aux_depth": ("auglocal",), "model.aux_pyramid": ("auglocal",)}  # fmt: skip
     for key, kinds in readers.items():
         if m.head not in kinds:
             idle[key] = f"only model.head={' or '.join(kinds)} reads it"

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from layerwise.registering import Registry
+
 if TYPE_CHECKING:
     from layerwise.config import RunConfig
 
@@ -97,24 +99,19 @@ def plain_losses(cfg: RunConfig, heads: int) -> list[LocalLoss]:
 
 
 Losses = Callable[["RunConfig", int], list[LocalLoss]]
-_LOSSES: dict[str, Losses] = {}
+_LOSSES: Registry[Losses] = Registry("the losses of a head kind")
 
 
 def register_losses(head: str) -> Callable[[Losses], Losses]:
     """Register `losses(cfg, J) -> [each head's LocalLoss]` as the local losses of model.head=`head`'s heads
     (a method's file does, beside its heads)."""
-
-    def register(losses: Losses) -> Losses:
-        _LOSSES[head] = losses
-        return losses
-
-    return register
+    return _LOSSES.register(head)
 
 
 def local_losses(cfg: RunConfig, heads: int) -> list[LocalLoss]:
     """The local loss of each of a network's `heads` heads: model.head's registered ones, else plain_losses. The
     last head is the delivered network's classifier in every method."""
-    return _LOSSES.get(cfg.model.head, plain_losses)(cfg, heads)
+    return _LOSSES.entries.get(cfg.model.head, plain_losses)(cfg, heads)
 
 
 def similarities(x: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,13 @@
 
     .venv/bin/python recipes/local_methods.py [--sets k4,k16] [--seeds 0,1] [--jobs 2] [--root runs/local]
     .venv/bin/python recipes/local_methods.py --table [--root runs/local]
+    .venv/bin/python recipes/local_methods.py --memory [--sets k4,k16]   # each method's training step memory
 
 - k4: ResNet-32 in InfoPro's K = 4 modules: end to end, sequential greedy (Algorithm 1, the same epochs per
   module), and every module at once (train.mode=decoupled) with a pooling + linear head ("Greedy SL"), DGL's
   head, InfoPro Softmax and Contrast (their released lambdas for K = 4), and PredSim.
-- k16: one module per layer (the stem and each of the 15 residual blocks): PredSim, and AugLocal where the library
-  has it.
+- k16: one module per layer (the stem and each of the 15 residual blocks): PredSim, and AugLocal (d = 2: the last
+  3 layers one module with the classifier, so 14 modules).
 
 The recipe, fixed before the runs: InfoPro's (160 epochs, batch 1024, lr 0.8, Nesterov, weight decay 1e-4,
 cosine with 10 epochs of warm-up from 0.01, reflect padding, their normalisation) scaled to 20 epochs of the
@@ -16,6 +17,11 @@ sample at batch 128: lr and the warm-up's start times 128 / 1024 (0.1 and 0.0012
 warm-up 10 / 160 of the epochs (1.25). Resumable: a finished run (summary.json) is kept, an interrupted one resumed,
 so the same command continues where it stopped. Runs go `--jobs` at a time with one thread each; the times in the
 table are of that set-up.
+
+`--memory` measures each method's training step as `layerwise bench` does (layerwise.bench.time_steps: the
+process's peak resident memory over its steps above what it held before: activations, gradients, optimizer
+state), at the recipe's batch of 128 on the CPU, each in a fresh process with one thread: the step that trains
+every module at once, end to end's, and sequential greedy's largest stage; printed beside end to end's.
 """
 
 from __future__ import annotations
@@ -58,9 +64,16 @@ SETS: dict[str, dict[str, list[str]]] = {
         "predsim": [*AT_ONCE, "model.head=predsim"],
     },
     "k16": {
+        "e2e": ["train.mode=e2e", "model.split=16"],  # the reference for the step memory
         "predsim": [*AT_ONCE, "model.split=16", "model.head=predsim"],
+        # 14 modules: the first 13 layers alone, the last d + 1 = 3 with the classifier (their final module)
+        "auglocal": [*AT_ONCE, "model.split=14", "model.head=auglocal", "model.aux_depth=2"],
     },
 }
+
+
+MEMORY_ONLY = {("k16", "e2e")}
+"""Measured for --memory only: end to end trains the same network at any K (the k4 run)."""
 
 
 def command(settings: list[str], seed: int, out: Path) -> list[str]:
@@ -86,6 +99,51 @@ def train(job: tuple[Path, list[str], int]) -> None:
         print(f"FAILED {out}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         return
     print(f"{out.name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def resolved(settings: list[str]):
+    from layerwise.config import parse_assignment
+    from layerwise.presets import resolve_config
+
+    items = [f"train.epochs_per_block={EPOCHS}", *RECIPE, *settings]
+    return resolve_config("cifar10_resnet32_k4", None, [parse_assignment(a) for a in items])
+
+
+def step_memory(group: str, name: str) -> None:
+    """Print one method's training step memory in bytes (its largest stage's), as JSON: run in a fresh process."""
+    import torch
+
+    from layerwise.bench import Timing, time_steps
+    from layerwise.device import precision_for
+    from layerwise.models import build_model
+    from layerwise.stages import plan_stages
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = resolved(SETS[group][name])
+    net = build_model(cfg.model, 10)
+    timing = Timing(cfg, precision_for(torch.device("cpu"), "fp32"), warmup=1, steps=1)
+    x, y = torch.randn(cfg.train.batch_size, 3, 32, 32), torch.randint(0, 10, (cfg.train.batch_size,))
+    steps = [time_steps(net, stage, x, y, 0, timing) for stage in plan_stages(net.J, cfg.train.mode)]
+    print(json.dumps({"step_bytes": max(s["step_bytes"] for s in steps)}))
+
+
+def memory(sets: list[str]) -> str:
+    lines = ["| set | method | step memory (MB) | against end to end |", "|---|---|---|---|"]
+    for group in sets:
+        measured = {}
+        for name in SETS[group]:
+            done = subprocess.run([sys.executable, __file__, "--memory-of", group, name], capture_output=True,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+            if done.returncode != 0:
+                print(f"FAILED {group} {name}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            measured[name] = json.loads(done.stdout)["step_bytes"]
+        e2e = measured.get("e2e")
+        for name, size in measured.items():
+            ratio = f"{size / e2e:.2f}x" if e2e else "-"
+            lines.append(f"| {group} | {name} | {size / 2**20:.0f} | {ratio} |")
+    return "\n".join(lines)
 
 
 def figures(out: Path) -> dict | None:
@@ -136,12 +194,20 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--memory-of", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_of:
+        step_memory(*args.memory_of)
+        return
+    if args.memory:
+        print(memory(args.sets.split(",")))
+        return
     if not args.table:
         args.root.mkdir(parents=True, exist_ok=True)
         seeds = [int(s) for s in args.seeds.split(",")]
         jobs = [(out_of(args.root, g, n, s), settings, s) for s in seeds for g in args.sets.split(",")
-                for n, settings in SETS[g].items()]  # fmt: skip
+                for n, settings in SETS[g].items() if (g, n) not in MEMORY_ONLY]  # fmt: skip
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(train, jobs))
     print(table(args.root))

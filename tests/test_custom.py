@@ -1,6 +1,7 @@
 """Your own network: the README's snippet end to end, the builder's import path and its opt-in, the library's
 heads, recomputation of any stage, and one-line errors for networks that cannot work."""
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import write_folder
 from custom_nets import unit
 from test_recompute import assert_same_training
@@ -76,6 +78,26 @@ def test_the_readme_network_trains_greedily_and_is_evaluated_and_exported(readme
     program = torch.export.load(readme_run / "runs/mine/model.pt2").module()
     scores = program(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert scores.shape == (2, 3)
+
+
+def test_the_readme_local_loss_trains_decoupled_and_is_evaluated(tmp_path):
+    """The README's myloss.py, verbatim: a head kind and its loss registered from Python, trained decoupled on a
+    small folder; `eval --trust-code` imports the script again, which registers them again (the same functions,
+    so no clash), and scores every head."""
+    text = README.read_text()
+    python = re.search(r"<!-- readme-snippet: myloss.py -->\n```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "myloss.py").write_text(python)
+    write_folder(tmp_path / "images", per_class=8)
+    done = run([sys.executable, "myloss.py"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run([sys.executable, "-m", "layerwise", "eval", "runs/focal", "--data", "images", "--trust-code"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
+    (row,) = [json.loads(line) for line in (tmp_path / "runs/focal/metrics.jsonl").read_text().splitlines()][-1:]
+    assert [b["block"] for b in row["blocks"]] == [0, 1, 2]
+    saved = yaml.safe_load((tmp_path / "runs/focal/config.yaml").read_text())
+    assert saved["model"]["head"] == "focal" and saved["train"]["mode"] == "decoupled"
 
 
 def test_a_received_run_imports_its_code_only_when_trusted_and_the_report_never(readme_run, tmp_path):

@@ -36,16 +36,20 @@ def count(module: torch.nn.Module) -> int:
 def test_every_kind_the_config_names_is_registered_and_built():
     """The library's kinds are the registered ones; each builds a head for a first module of two whose output is
     (2, 10) scores, or for a head that does not classify (InfoPro Contrast's projection) 128 features."""
-    assert set(HEADS) == set(head_kinds()) == {"paper", *FIXED_HEADS, *METHOD_HEADS}
+    from layerwise.models.heads import LayerList
+    from layerwise.models.resnet import BasicBlock
+
+    assert set(HEADS) == set(head_kinds()) == {"paper", *FIXED_HEADS, *METHOD_HEADS, "auglocal"}
+    layers = LayerList((16, 16, 32, 64), BasicBlock)  # what AugLocal copies (the others ignore it)
     for kind in HEADS:
-        cfg = ModelConfig(head=kind, head_lambdas=[1, 1, 1, 1] if kind.startswith("infopro_") else [])
-        head = make_head(HeadSpec(16, 10, cfg, side=8, index=0, modules=2))
+        cfg = ModelConfig(head=kind, head_lambdas=[1, 1, 1, 1] if kind.startswith("infopro_") else [], aux_depth=1)
+        head = make_head(HeadSpec(16, 10, cfg, side=8, index=0, modules=2, layers=layers))
         assert head(torch.randn(2, 16, 8, 8)).shape == (2, 10 if classifies(head) else 128)
 
 
 def test_an_unknown_head_kind_is_one_line_when_the_network_is_built():
     with pytest.raises(
-        LayerwiseError, match=r"^bad config: model.head must be one of dgl, infopro, .* \(got 'nope'\)$"
+        LayerwiseError, match=r"^bad config: model.head must be one of auglocal, dgl, infopro, .* \(got 'nope'\)$"
     ):
         build_model(ModelConfig(head="nope"), 10)
 
@@ -164,3 +168,23 @@ def test_decoupled_training_runs_with_each_new_head(tmp_path, image_folder, kind
     # 3 classes; dgl: 51 C^2 + 42 C + 4 C n + n, linear: C n + n, for C = 8, 8, 16
     heads = {"dgl": [3699, 3699, 13923], "linear": [27, 27, 51]}[kind]
     assert summary["parameters"]["heads"] == heads
+
+
+def test_a_head_kind_taken_twice_is_refused_unless_it_is_the_same_function_again():
+    """A script that registers its head runs as __main__ and is imported again by its name when the run is
+    loaded: the same source is accepted, another function under a taken name refused."""
+    from layerwise.models import register_head
+    from layerwise.registering import Registry
+
+    with pytest.raises(ValueError, match="a head kind named 'dgl' is registered already"):
+        register_head("dgl")(lambda spec: None)
+    registry = Registry("a thing")
+    source = "def make(spec):\n    return spec\n"
+    first, again = {}, {}
+    exec(compile(source, "/somewhere/mine.py", "exec"), first)
+    exec(compile(source, "/somewhere/mine.py", "exec"), again)
+    registry.register("mine")(first["make"])
+    registry.register("mine")(again["make"])  # the script imported again: accepted
+    assert registry.entries["mine"] is again["make"]
+    with pytest.raises(ValueError, match="a thing named 'mine' is registered already"):
+        registry.register("mine")(lambda spec: spec)

@@ -22,7 +22,7 @@ from layerwise.stages import plan_stages
 from layerwise.train import train
 from layerwise.train.stage import freeze_for
 
-METHODS = ["predsim", "infopro_softmax", "infopro_contrast"]
+METHODS = ["predsim", "infopro_softmax", "infopro_contrast", "auglocal"]
 
 
 def count(module: torch.nn.Module) -> int:
@@ -134,23 +134,27 @@ def test_each_methods_head_has_the_parameters_counted_by_hand():
 
 
 def small(head: str, **model) -> RunConfig:
+    """ResNet-8 (a stem and 3 blocks) in 4 modules; AugLocal with d = 1: 3, the last two layers together."""
     lambdas = [6.0, 0.0, 1.0, 2.0] if head.startswith("infopro_") else []
-    model = {"arch": "cifar_resnet", "depth": 8, "split": 4, "head": head, "head_lambdas": lambdas, **model}
+    split, depth = (3, 1) if head == "auglocal" else (4, 2)
+    model = {"arch": "cifar_resnet", "depth": 8, "split": split, "head": head, "head_lambdas": lambdas,
+             "aux_depth": depth, **model}  # fmt: skip
     return RunConfig(model=ModelConfig(**model), train=TrainConfig(mode="decoupled"))
 
 
 @pytest.mark.parametrize("head", METHODS)
 def test_no_gradient_crosses_a_module_boundary(head):
-    """ResNet-8 in its 4 units, every module with the method's head, trained at once: each module's local loss
-    reaches its own block and head and nothing else (the image that InfoPro reconstructs carries no weights)."""
+    """ResNet-8 in its 4 units (AugLocal: 3 modules), every module with the method's head, trained at once: each
+    module's local loss reaches its own block and head and nothing else (the image that InfoPro reconstructs
+    carries no weights; AugLocal's copies of later layers are the head's own)."""
     torch.manual_seed(0)
     cfg = small(head)
     net = build_model(cfg.model, 10)
     stage = plan_stages(net.J, "decoupled")[0]
     module = freeze_for(net, stage, local_losses(cfg, net.J))
     losses, _ = module(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2))
-    assert losses.shape == (4,)
-    for j in range(4):
+    assert losses.shape == (net.J,)
+    for j in range(net.J):
         mine = {id(p) for p in (*net.blocks[j].parameters(), *net.heads[j].parameters())}
         params = [p for p in net.parameters() if p.requires_grad]
         grads = torch.autograd.grad(losses[j], params, retain_graph=True, allow_unused=True)
@@ -165,10 +169,12 @@ def tiny(head: str, epochs: int = 3):
     items = [*tiny_overrides(epochs), "model.depth=8", f"model.head={head}", "train.mode=decoupled"]
     if head.startswith("infopro_"):
         items.append("model.head_lambdas=[6, 0, 1, 2]")
+    if head == "auglocal":
+        items += ["model.split=3", "model.aux_depth=1"]
     return resolve_config("cifar10_resnet32_k4", None, [parse_assignment(a) for a in items])
 
 
-@pytest.mark.parametrize("head", ["predsim", "infopro_contrast"])
+@pytest.mark.parametrize("head", ["predsim", "infopro_contrast", "auglocal"])
 def test_a_resumed_method_run_ends_where_an_uninterrupted_one_does(tmp_path, image_folder, head):
     cfg = tiny(head)
     full = train(cfg, tmp_path / "full", image_folder)
@@ -179,7 +185,7 @@ def test_a_resumed_method_run_ends_where_an_uninterrupted_one_does(tmp_path, ima
     _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final"] == full["final"]
-    assert any("decoder" in k or ".sim." in k for k in a)  # the methods' own networks are saved and resumed
+    assert any(k.startswith("heads.0.") for k in a)  # the methods' own networks are saved and resumed
 
 
 def test_infopro_contrast_scores_only_the_heads_that_classify(tmp_path, image_folder):
@@ -261,3 +267,158 @@ def test_the_warm_up_starts_from_warmup_from():
     assert [lr_at_step(cfg, e, 0, 1) for e in range(5)] == pytest.approx([0.01 + 0.79 * (t + 1) / 5 for t in range(5)])
     plain = TrainConfig(lr=0.8, schedule="cosine", epochs_per_block=10, warmup_epochs=5)
     assert [lr_at_step(plain, e, 0, 1) for e in range(5)] == [0.8 * (t + 1) / 5 for t in range(5)]
+
+
+def test_auglocal_samples_the_layers_and_depths_of_their_code():
+    """From ChenxiangMA/AugLocal (networks/resnet.py, auxiliary_nets.py), worked through by hand for the README's
+    settings. ResNet-32 (16 layers, the stem counted), d = 2, c = 0.5: K = 16 - 2 - 2 = 12, every d_l is 2 (layer
+    12: round(2 x 0.5 + 0.5) = round(1.5) = 2, half to even); layer l copies round(l + (15 - l) / 2), and 15.
+    ResNet-110 (55 layers), d = 3: K = 50, d_l = round(3 - l / 50): 3 up to layer 24, then 2 (layer 25: 2.5 rounds
+    to 2); layer 0 copies 18, 36, 54; layer 24: 34, 44, 54; layer 25: 40, 54; layer 50: 52, 54."""
+    from layerwise.methods.auglocal import depths, sampled, strides
+
+    assert depths(16, 2, 0.5) == [2] * 13
+    by_hand = [[8, 15], [8, 15], [8, 15], [9, 15], [10, 15], [10, 15], [10, 15], [11, 15], [12, 15], [12, 15],
+               [12, 15], [13, 15], [14, 15]]  # fmt: skip
+    assert [sampled(layer, 16, 2) for layer in range(13)] == by_hand
+    deep = depths(55, 3, 0.5)
+    assert len(deep) == 51 and deep[:25] == [3] * 25 and deep[25:] == [2] * 26
+    assert sampled(0, 55, 3) == [18, 36, 54] and sampled(24, 55, 3) == [34, 44, 54]
+    assert sampled(25, 55, 3 - 1) == [40, 54] and sampled(50, 55, 2) == [52, 54]
+    assert sampled(13, 16, 5) == [14, 15]  # more depth than later layers: all of them
+    # strides follow the widths: 16 -> 32 -> 64 halves twice; 16 -> 64 at once owes two, paid one per copy
+    assert strides([32, 64], 16) == [2, 2] and strides([64, 64], 16) == [2, 2] and strides([32, 64], 32) == [1, 2]
+    assert strides([16, 32, 64], 16) == [1, 2, 2]
+
+
+def test_auglocal_heads_have_the_parameters_counted_by_hand():
+    """ResNet-32, d = 2: layer 0 (16 channels) copies layers 8 (16 -> 32, stride 2: 4608 + 64 + 9216 + 64 + a
+    1x1 shortcut 512 + 64 = 14528) and 15 (32 -> 64, stride 2: 18432 + 128 + 36864 + 128 + 2048 + 128 = 57728),
+    then a linear 64 x 10 + 10: 72906. Layer 11 (64 channels) copies 13 and 15, each 2 x 36864 + 256 = 73984:
+    148618. 14 modules: 13 layers alone, then the last three with ResNet-32's classifier."""
+    net = build_model(ModelConfig(arch="cifar_resnet", depth=32, split=14, head="auglocal"), 10)
+    assert [len(b) for b in net.blocks] == [1] * 13 + [3]
+    assert count(net.heads[0]) == 14528 + 57728 + 650 == 72906
+    assert count(net.heads[11]) == 2 * 73984 + 650 == 148618
+    assert net.final_parameters() == 466_906
+    with pytest.raises(LayerwiseError, match=r"set model\.split=14"):
+        build_model(ModelConfig(arch="cifar_resnet", depth=32, split=16, head="auglocal"), 10)
+    with pytest.raises(LayerwiseError, match=r"can rebuild for model\.arch=cifar_resnet only"):
+        build_model(ModelConfig(widths=[8, 8], downsample_at=[], head="auglocal"), 10)
+
+
+def batch_of_eight() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("head", ["predsim", "infopro_contrast"])
+def test_under_ddp_each_process_takes_its_own_share_of_the_batch_level_terms(tmp_path, head):
+    """The similarity and contrastive terms compare the images of a batch with each other. Under DDP each process
+    computes them over its own share (as the per-process losses of InfoPro's and PredSim's code would), and DDP
+    averages the gradients: two gloo processes, one step on halves of 8 images, give the weights of one process
+    stepping on the mean of the two halves' losses, each half's forward pass (BatchNorm too) on its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from layerwise.device import precision_for
+    from layerwise.train.loop import StageTraining
+
+    tests = Path(__file__).parent
+    out = tmp_path / "ddp.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(tests / "methods_ddp_worker.py"), str(out), head]  # fmt: skip
+    job = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tests)
+    assert job.returncode == 0, job.stderr[-3000:]
+    torch.manual_seed(0)
+    cfg = small(head)
+    net = build_model(cfg.model, 4)
+    cpu = torch.device("cpu")
+    training = StageTraining(net, plan_stages(net.J, "decoupled")[0], cfg, precision_for(cpu, "fp32"))
+    training.start_epoch(0, 0, 1)
+    x, y = batch_of_eight()
+    training.optimizer.zero_grad(set_to_none=True)
+    for half in (slice(0, 4), slice(4, 8)):
+        losses, _ = training.model(x[half], y[half])
+        (losses.sum() / 2).backward()  # DDP's mean of the two processes' gradients
+    training.optimizer.step()
+    ddp = torch.load(out)
+    one = dict(net.named_parameters())
+    assert ddp.keys() == one.keys()
+    for k in one:
+        assert torch.allclose(ddp[k], one[k], rtol=1e-4, atol=1e-6), k
+    whole = copy_of_first_step(cfg, x, y)  # the whole batch in one forward pass differs: the terms are per share
+    assert any(not torch.allclose(whole[k], one[k], rtol=1e-4, atol=1e-6) for k in one)
+
+
+def copy_of_first_step(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor) -> dict:
+    from layerwise.device import precision_for
+    from layerwise.train.loop import StageTraining
+
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 4)
+    cpu = torch.device("cpu")
+    training = StageTraining(net, plan_stages(net.J, "decoupled")[0], cfg, precision_for(cpu, "fp32"))
+    training.start_epoch(0, 0, 1)
+    training.step(x, y)
+    return dict(net.named_parameters())
+
+
+@pytest.mark.parametrize("head", METHODS)
+def test_each_method_steps_under_bf16_autocast_with_finite_losses(head):
+    """bf16 on the CPU (as on a GPU): the reconstruction, contrastive and similarity terms run in float32 inside
+    autocast (BCE refuses bf16 on CUDA), so every module's loss is a finite float32."""
+    from layerwise.device import Precision
+    from layerwise.train.loop import StageTraining
+
+    torch.manual_seed(0)
+    cfg = small(head)
+    net = build_model(cfg.model, 4)
+    training = StageTraining(net, plan_stages(net.J, "decoupled")[0], cfg, Precision(torch.device("cpu"), True))
+    training.start_epoch(0, 0, 1)
+    x, y = batch_of_eight()
+    losses, logits = training.step(x, y)
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all() and len(losses) == net.J
+    assert logits.shape == (len(net.classifying), 8, 4)
+
+
+@pytest.mark.parametrize("head", ["predsim", "infopro_softmax"])
+def test_a_users_stages_train_with_a_method_from_python(tmp_path, image_folder, head, monkeypatch):
+    """model.arch=custom: the method's heads sized from each stage's output, trained decoupled through `fit`;
+    the delivered network holds no auxiliary part (export's state has no decoder or sim conv)."""
+    from custom_nets import good
+
+    import layerwise
+
+    model = {"head": head, **({"head_lambdas": [1, 1, 0.5, 1]} if head.startswith("infopro_") else {})}
+    cfg = layerwise.config_for(good, model=model, data={"val_size": 8},
+                               train={"mode": "decoupled", "epochs_per_block": 1, "batch_size": 16})  # fmt: skip
+    summary = layerwise.fit(cfg, tmp_path / "run", data=image_folder)
+    assert [b["block"] for b in summary["blocks"]] == [0, 1, 2]
+    from layerwise.delivered import load_delivered
+    from layerwise.device import precision_for
+    from layerwise.export import Deployable
+
+    monkeypatch.setenv("LAYERWISE_TRUST_CODE", "1")  # the run names this test's own network code
+    got = load_delivered(tmp_path / "run", precision_for(torch.device("cpu"), "fp32"))
+    names = list(Deployable(got.net, got.heads, got.cfg).state_dict())
+    assert names and not any("decoder" in n or ".sim." in n for n in names)
+    assert any(".sim." in n or "decoder" in n for n in got.net.state_dict())  # the run trained them
+
+
+@pytest.mark.parametrize("head", ["predsim", "infopro_contrast"])
+def test_torchvision_resnet18_in_two_modules_steps_with_a_method(head):
+    """torchvision's ResNet-18 with the CIFAR stem at 32 px in K = 2: the method's head on module 1 (256
+    channels at 4 px for PredSim: 4096 features, no pooling), a decoupled step on two images."""
+    torch.manual_seed(0)
+    lambdas = [5, 1, 0, 0] if head.startswith("infopro_") else []
+    cfg = RunConfig(model=ModelConfig(arch="resnet", depth=18, split=2, stem="cifar", head=head, head_lambdas=lambdas),
+                    train=TrainConfig(mode="decoupled"))  # fmt: skip
+    net = build_model(cfg.model, 10)
+    module = freeze_for(net, plan_stages(net.J, "decoupled")[0], local_losses(cfg, net.J))
+    losses, logits = module(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and logits.shape[-1] == 10
+    if head == "predsim":
+        assert net.heads[0].pred.in_features <= 4096

@@ -147,6 +147,12 @@ class InfoProLoss:
 
     def __call__(self, seen: Seen) -> torch.Tensor:
         image = seen.image  # (B, C, H, W), normalised
+        if image is None:
+            raise LayerwiseError(
+                "InfoPro's loss compares a module's output with the image, which a stage that starts after block 0 "
+                "never sees: train every module at once (train.mode=decoupled); `layerwise bench` times greedy "
+                "stages and cannot measure it"
+            )
         shape = (1, -1, 1, 1)
         pixels = image.float() * image.new_tensor(self.std).view(shape) + image.new_tensor(self.mean).view(shape)
         rebuilt = seen.head.decoder(seen.features, image.shape[-2:])

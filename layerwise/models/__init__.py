@@ -4,7 +4,16 @@ from layerwise import methods  # noqa: F401  (register the local-learning method
 from layerwise.models import custom, paper, resnet  # noqa: F401  (register the architectures)
 from layerwise.models.blocks import Block
 from layerwise.models.downsample import SpaceToDepth
-from layerwise.models.heads import AuxClassifier, DGLHead, HeadLayout, InfoProHead, LinearHead, VGGClassifier
+from layerwise.models.heads import (
+    AuxClassifier,
+    DGLHead,
+    HeadLayout,
+    HeadSpec,
+    InfoProHead,
+    LinearHead,
+    VGGClassifier,
+    register_head,
+)
 from layerwise.models.registry import architectures, build_model, register_model
 from layerwise.models.staged import StagedNet
 
@@ -13,6 +22,7 @@ __all__ = [
     "Block",
     "DGLHead",
     "HeadLayout",
+    "HeadSpec",
     "InfoProHead",
     "LinearHead",
     "SpaceToDepth",
@@ -20,5 +30,6 @@ __all__ = [
     "VGGClassifier",
     "architectures",
     "build_model",
+    "register_head",
     "register_model",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError, brief
 from layerwise.models.blocks import ConvUnit
+from layerwise.registering import Registry
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, padding: int, batchnorm: bool = True) -> ConvUnit:
@@ -150,10 +151,20 @@ settings. config.HEADS names the library's kinds, the methods' among them."""
 
 
 @dataclass(frozen=True)
+class LayerList:
+    """A network's layers as a method that copies them rebuilds them (AugLocal): each layer's output channels, and
+    `rebuild(in_channels, out_channels, stride)`, a fresh layer of the network's kind."""
+
+    widths: tuple[int, ...]
+    rebuild: Callable[[int, int, int], nn.Module]
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """What a library head is built from: the `channels` of the block output it reads (maps `side` px square; 0
     where the builder does not know), the classes, the model config, and its module's place: `index` of `modules`
-    (the last module's head is the delivered network's classifier, which a method leaves plain)."""
+    (the last module's head is the delivered network's classifier, which a method leaves plain), and where the
+    builder can give them, the network's layers (one module per layer: AugLocal)."""
 
     channels: int
     num_classes: int
@@ -161,6 +172,7 @@ class HeadSpec:
     side: int = 0
     index: int = 0
     modules: int = 1
+    layers: LayerList | None = None
 
     @property
     def last(self) -> bool:
@@ -168,34 +180,27 @@ class HeadSpec:
 
 
 HeadMaker = Callable[[HeadSpec], nn.Module]
-_MAKERS: dict[str, HeadMaker] = {}
+_MAKERS: Registry[HeadMaker] = Registry("a head kind")
 
 
 def register_head(kind: str) -> Callable[[HeadMaker], HeadMaker]:
     """Register `make(spec: HeadSpec) -> nn.Module` as model.head=`kind` (a method's file does; a head whose
     output is not class scores says so with `classifies = False`, and its loss registers with
     layerwise.losses.register_losses)."""
-
-    def register(make: HeadMaker) -> HeadMaker:
-        if kind in _MAKERS and _MAKERS[kind] is not make:
-            raise ValueError(f"a head kind named {kind!r} is registered already")
-        _MAKERS[kind] = make
-        return make
-
-    return register
+    return _MAKERS.register(kind)
 
 
 def head_kinds() -> list[str]:
     """Every registered model.head kind, sorted (the library's own register when layerwise.models is imported)."""
-    return sorted(_MAKERS)
+    return _MAKERS.names()
 
 
 def make_head(spec: HeadSpec) -> nn.Module:
     """The head of model.head's kind for one module (HeadSpec)."""
     kind = spec.cfg.head
-    if kind not in _MAKERS:
+    if kind not in _MAKERS.entries:
         raise LayerwiseError(f"bad config: model.head must be one of {', '.join(head_kinds())} (got {brief(kind)})")
-    return _MAKERS[kind](spec)
+    return _MAKERS.entries[kind](spec)
 
 
 @register_head("paper")

@@ -10,31 +10,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from layerwise.errors import LayerwiseError, brief
+from layerwise.registering import Registry
 
 if TYPE_CHECKING:
     from layerwise.config import ModelConfig
     from layerwise.models.staged import StagedNet
 
 Builder = Callable[["ModelConfig", int, int], "StagedNet"]
-_BUILDERS: dict[str, Builder] = {}
+_BUILDERS: Registry[Builder] = Registry("an architecture")
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
     """Register `builder(cfg, num_classes, image_size) -> StagedNet` as the architecture `name`."""
-
-    def register(builder: Builder) -> Builder:
-        if name in _BUILDERS and _BUILDERS[name] is not builder:
-            raise ValueError(f"an architecture named {name!r} is registered already")
-        _BUILDERS[name] = builder
-        return builder
-
-    return register
+    return _BUILDERS.register(name)
 
 
 def architectures() -> list[str]:
     """Names of every registered architecture, sorted. The library's own are registered already: importing this
     module runs `layerwise/models/__init__.py` first, which imports them."""
-    return sorted(_BUILDERS)
+    return _BUILDERS.names()
 
 
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
@@ -43,4 +37,4 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> Sta
         raise LayerwiseError(
             f"bad config: model.arch must be one of {', '.join(architectures())} (got {brief(cfg.arch, 60)})"
         )
-    return _BUILDERS[cfg.arch](cfg, num_classes, image_size)
+    return _BUILDERS.entries[cfg.arch](cfg, num_classes, image_size)

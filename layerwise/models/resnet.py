@@ -23,7 +23,7 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import HeadSpec, make_head
+from layerwise.models.heads import HeadSpec, LayerList, make_head
 from layerwise.models.partition import balanced_cut, unit_flops
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
@@ -96,14 +96,16 @@ def check_split(cfg: ModelConfig, points: int, what: str) -> None:
 
 
 def assemble(units: list[tuple[str, nn.Module]], ends: list[int], classifier: nn.Module,
-             shapes: list[tuple[int, int]], cfg: ModelConfig, num_classes: int) -> StagedNet:  # fmt: skip
+             shapes: list[tuple[int, int]], cfg: ModelConfig, num_classes: int,
+             layers: LayerList | None = None) -> StagedNet:  # fmt: skip
     """Modules of the named units ending at `ends`; a library head after each but the last, which ends in the
-    network's own classifier. `shapes[i]` is unit i's output (channels, side)."""
+    network's own classifier. `shapes[i]` is unit i's output (channels, side); `layers`, the units as a method
+    that copies them rebuilds them."""
     blocks, heads, start = [], [], 0
     for i, end in enumerate(ends):
         blocks.append(nn.Sequential(OrderedDict(units[start:end])))
         channels, side = shapes[end - 1]
-        heads.append(make_head(HeadSpec(channels, num_classes, cfg, side, i, len(ends))))
+        heads.append(make_head(HeadSpec(channels, num_classes, cfg, side, i, len(ends), layers)))
         start = end
     heads[-1] = classifier
     return StagedNet(blocks, heads)
@@ -130,7 +132,14 @@ def cifar_resnet(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> St
     units = cifar_units(cfg.depth, cfg.in_channels)
     check_split(cfg, len(units), f"{len(units)} units of ResNet-{cfg.depth} (its stem and {3 * n} residual blocks)")
     cuts = INFOPRO_CUTS.get(cfg.depth, {}).get(cfg.split)
-    if cuts is not None:
+    if cfg.head == "auglocal":  # AugLocal: a module per layer, the last d + 1 layers one module with the classifier
+        if cfg.split != len(units) - cfg.aux_depth:
+            raise LayerwiseError(
+                f"bad config: model.head=auglocal makes each of ResNet-{cfg.depth}'s {len(units)} layers a module "
+                f"and its last model.aux_depth + 1 one module: set model.split={len(units) - cfg.aux_depth}"
+            )
+        ends = [*range(1, cfg.split), len(units)]
+    elif cuts is not None:
         ends = [(0 if s == 0 else 1 + (s - 1) * n + b) + 1 for s, b in cuts] + [len(units)]
     elif cfg.split == len(units):  # one unit per module, the stem alone first
         ends = list(range(1, len(units) + 1))
@@ -141,7 +150,8 @@ def cifar_resnet(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> St
     classifier = nn.Sequential(
         OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(64, num_classes))
     )
-    net = assemble(units, ends, classifier, shapes, cfg, num_classes)
+    layers = LayerList(tuple(c for c, _ in shapes), BasicBlock)
+    net = assemble(units, ends, classifier, shapes, cfg, num_classes, layers)
     he_init(net)
     return net
 
