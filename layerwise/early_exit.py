@@ -94,7 +94,10 @@ def analyse(got: Delivered, run_data: Any, data: Any, compute: Precision, batch_
     """Calibrate t on the run's validation split, then the accuracy/compute curve and t's result on `data`."""
     cfg, net, heads, classes = got.cfg, got.net, got.heads, got.classes
     if len(heads) < 2:
-        raise LayerwiseError("early exit needs two heads or more; this run delivers one (end to end, or one block)")
+        raise LayerwiseError(
+            "early exit needs two heads that classify or more; this run delivers one (end to end, one block, or "
+            "a method whose other heads give no class scores)"
+        )
     if cfg.data.val_path is not None and Path(cfg.data.val_path).resolve() == Path(data).resolve():
         raise LayerwiseError(
             f"{data} is the run's own validation data (data.val_path), where early exit calibrates its threshold; "

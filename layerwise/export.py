@@ -69,7 +69,10 @@ def deployable(
     if head is not None and ensemble:
         raise LayerwiseError("--head and --ensemble exclude each other; choose one")
     if head is not None and head not in got.heads:
-        raise LayerwiseError(f"--head {head} is not one of the run's trained heads {got.heads}")
+        raise LayerwiseError(
+            f"--head {head} is not one of the run's trained heads that classify {got.heads}"
+            + (" (its own gives no class scores)" if 0 <= head < got.net.J and head not in got.net.classifying else "")
+        )
     heads = got.heads if head is None else [h for h in got.heads if h <= head]
     model = Deployable(got.net, heads, got.cfg, got.cfg.train.ensemble if ensemble else None, flip)
     return model.eval().requires_grad_(False), got

@@ -256,7 +256,10 @@ def calibrated_threshold(got) -> float | None:
     (on the run's own validation split, whatever data it then scored): None means answer with the last head. A
     one-line error naming that command when there is none."""
     if len(got.heads) < 2:
-        raise LayerwiseError("early exit needs two heads or more; this run delivers one (end to end, or one block)")
+        raise LayerwiseError(
+            "early exit needs two heads that classify or more; this run delivers one (end to end, one block, or "
+            "a method whose other heads give no class scores)"
+        )
     mtime = got.checkpoint.stat().st_mtime_ns
     saved = [
         r

@@ -77,7 +77,7 @@ def test_the_analysis_of_a_run_calibrates_on_its_validation_split_and_saves_its_
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"train": {"mode": "e2e"}}, "early exit needs two heads or more"),
+        ({"train": {"mode": "e2e"}}, "early exit needs two heads that classify or more"),
         ({"data": {"val_size": 0}}, "calibrates on the run's validation split, and this run has none"),
     ],
 )

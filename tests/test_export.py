@@ -130,7 +130,7 @@ def test_a_missing_export_dependency_is_a_one_line_error_and_no_file(run, tmp_pa
     assert err == "error: --format onnx needs the onnx and onnxscript packages: pip install 'layerwise[export]'"
     assert list(tmp_path.iterdir()) == []
     assert main(["export", str(run_dir), "--format", "pt2", "--head", "7"]) == 2
-    assert "--head 7 is not one of the run's trained heads [0, 1, 2]" in capsys.readouterr().err
+    assert "--head 7 is not one of the run's trained heads that classify [0, 1, 2]" in capsys.readouterr().err
 
 
 def test_predict_names_the_top_classes_and_reports_an_unreadable_image(run, sample_images, tmp_path, capsys):

@@ -228,20 +228,6 @@ def test_infopro_on_a_network_without_released_lambdas_asks_for_them():
     assert net.classifying == [3]
 
 
-def test_the_predsim_loss_matches_the_similarity_term_of_train_sim_loss_on_the_sim_output():
-    """PredSim's sim term is train.sim_loss's similarity matching, read from the head's own conv instead of the
-    block output: with beta 1/2 the loss is half the cross-entropy plus half sim_loss's term on sim(x)."""
-    torch.manual_seed(0)
-    head = PredSimHead(4, 4, 3)
-    x, y = torch.randn(5, 4, 4, 4), torch.tensor([0, 1, 2, 0, 1])
-    (plain,) = local_losses(RunConfig(train=TrainConfig(sim_loss=1.0)), 1)
-    seen = Seen(head(x), y, x, head)
-    with_sim = plain(Seen(seen.output, y, head.sim(x)))  # cross-entropy + the similarity term on sim(x)
-    ce = F.cross_entropy(seen.output, y)
-    assert PredSimLoss(0.5)(seen).item() == pytest.approx(0.5 * with_sim.item(), rel=1e-5)
-    assert (with_sim - ce).item() > 0
-
-
 def test_reflect_padding_mirrors_the_image_about_its_edge():
     """The row (1, 2, 3) padded by 2 with reflection reads (3, 2, 1, 2, 3, 2, 1); the crop at offset 0 of a 3x3
     image padded by 1 starts with the reflected row and column: [[5, 4, 5], [2, 1, 2], [5, 4, 5]] for the image
@@ -365,6 +351,25 @@ def copy_of_first_step(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor) -> dict
     return dict(net.named_parameters())
 
 
+def test_the_decoder_runs_in_float32_under_bf16_autocast():
+    """A decoder whose last conv gives the logit 6.3 everywhere: sigmoid 0.99816 in float32, but exactly 1.0 in
+    bf16, where the BCE against 0.98 would read -0.98 ln 0.99816 - 0.02 ln(1 - 1.0), clamped to 0.02 x 100 = 2.0
+    instead of 0.128. Under bf16 autocast the loss is float32's."""
+    head = InfoProAux(4, 3, 10, task=False, contrast=False)
+    torch.nn.init.zeros_(head.decoder.layers[3].weight)
+    torch.nn.init.constant_(head.decoder.layers[3].bias, 6.3)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    image = torch.full((2, 3, 8, 8), (0.98 - 0.5) / 0.25)
+    seen = Seen(head(torch.zeros(2, 4, 4, 4)), torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), head, image)
+    q = 1 / (1 + math.exp(-6.3))
+    by_hand = -(0.98 * math.log(q) + 0.02 * math.log(1 - q))
+    assert by_hand == pytest.approx(0.1279, abs=1e-3)
+    loss = InfoProLoss(1.0, 0.0, mean, std)
+    assert loss(seen).item() == pytest.approx(by_hand, rel=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss(seen).item() == pytest.approx(by_hand, rel=1e-4)
+
+
 @pytest.mark.parametrize("head", METHODS)
 def test_each_method_steps_under_bf16_autocast_with_finite_losses(head):
     """bf16 on the CPU (as on a GPU): the reconstruction, contrastive and similarity terms run in float32 inside
@@ -422,3 +427,42 @@ def test_torchvision_resnet18_in_two_modules_steps_with_a_method(head):
     assert torch.isfinite(losses).all() and logits.shape[-1] == 10
     if head == "predsim":
         assert net.heads[0].pred.in_features <= 4096
+
+
+def test_a_head_that_does_not_classify_outside_one_decoupled_pipeline_is_one_line(tmp_path, image_folder, monkeypatch):
+    """A head kind registered from Python whose heads give 8-d projections (all but the last): greedy training
+    would score them as classes, so the run is refused before anything is written; decoupled it trains."""
+    from custom_nets import good
+
+    import layerwise
+    from layerwise import losses as loss_module
+    from layerwise.losses import CrossEntropy, register_losses
+    from layerwise.models import LinearHead, heads, register_head
+
+    for registry in (heads._MAKERS, loss_module._LOSSES):  # registered for this test only
+        monkeypatch.setattr(registry, "entries", dict(registry.entries))
+
+    class Projection(torch.nn.Sequential):
+        classifies = False
+
+    @register_head("projection_for_test")
+    def projection(spec):
+        if spec.last:
+            return LinearHead(spec.channels, spec.num_classes)
+        return Projection(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(spec.channels, 8))
+
+    @register_losses("projection_for_test")
+    def losses(cfg, heads):
+        return [lambda seen: seen.output.pow(2).mean()] * (heads - 1) + [CrossEntropy()]
+
+    def config(mode):
+        return layerwise.config_for(good, model={"head": "projection_for_test"}, data={"val_size": 8},
+                                    train={"mode": mode, "epochs_per_block": 1, "batch_size": 16})  # fmt: skip
+
+    with pytest.raises(
+        LayerwiseError, match=r"the heads of blocks 0, 1 give no class scores .*\(train\.mode=decoupled"
+    ):
+        layerwise.fit(config("greedy"), tmp_path / "greedy", data=image_folder)
+    assert not (tmp_path / "greedy" / "checkpoints").exists()
+    summary = layerwise.fit(config("decoupled"), tmp_path / "decoupled", data=image_folder)
+    assert [("val_top1" in b) for b in summary["blocks"]] == [False, False, True]

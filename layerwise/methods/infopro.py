@@ -135,7 +135,7 @@ def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: f
 class InfoProLoss:
     """lambda1 x the binary cross-entropy of the decoder's reconstruction against the image un-normalised to [0, 1]
     (data.mean and data.std), + lambda2 x the task loss: cross-entropy of the scores (Softmax) or the supervised
-    contrastive loss of the projection (Contrast). Both in float32 outside autocast."""
+    contrastive loss of the projection (Contrast). The decoder and both terms run in float32 outside autocast."""
 
     reconstruction: float
     task: float
@@ -155,9 +155,9 @@ class InfoProLoss:
             )
         shape = (1, -1, 1, 1)
         pixels = image.float() * image.new_tensor(self.std).view(shape) + image.new_tensor(self.mean).view(shape)
-        rebuilt = seen.head.decoder(seen.features, image.shape[-2:])
-        with torch.autocast(image.device.type, enabled=False):
-            loss = self.reconstruction * F.binary_cross_entropy(rebuilt.float(), pixels.clamp(0, 1))
+        with torch.autocast(image.device.type, enabled=False):  # a bf16 sigmoid reaches 1.0 from a logit of 6.3
+            rebuilt = seen.head.decoder(seen.features.float(), image.shape[-2:])
+            loss = self.reconstruction * F.binary_cross_entropy(rebuilt, pixels.clamp(0, 1))
             if self.task > 0 and self.temperature > 0:
                 loss = loss + self.task * supervised_contrastive(seen.output, seen.targets, self.temperature)
             elif self.task > 0:

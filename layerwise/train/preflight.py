@@ -21,6 +21,13 @@ def preflight(cfg: RunConfig, data: DataBundle, net: StagedNet) -> None:
             "train.min_gain compares the blocks' validation top-1, and this run has none: "
             "give --val-data, or a data.val_size above 0"
         )
+    silent = [j for j in range(net.J) if j not in net.classifying]
+    if silent and (net.J - 1 in silent or train.mode != "decoupled" or train.placement != "single"):
+        raise LayerwiseError(
+            f"the heads of blocks {', '.join(map(str, silent))} give no class scores (model.head={cfg.model.head}): "
+            "such heads train only with every module at once in one pipeline (train.mode=decoupled, "
+            "train.placement=single), and the last head must classify"
+        )
     if train.block_epochs and len(train.block_epochs) != net.J:
         raise LayerwiseError(
             f"train.block_epochs has {len(train.block_epochs)} numbers for a network of {net.J} blocks; "
