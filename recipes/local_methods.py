@@ -1,9 +1,10 @@
 """Every local-learning method on one network, one dataset and one recipe, side by side (docs/results.md,
 "Local-learning methods"): ResNet-32 on the built-in sample (9,000 training images, 1,000 held out).
 
-    .venv/bin/python recipes/local_methods.py [--sets k4,k16] [--seeds 0,1] [--jobs 2] [--root runs/local]
-    .venv/bin/python recipes/local_methods.py --table [--root runs/local]
-    .venv/bin/python recipes/local_methods.py --memory [--sets k4,k16]   # each method's training step memory
+    .venv/bin/python recipes/local_methods.py [--sets k4,k16] [--methods e2e,predsim] [--seeds 0,1] [--jobs 2]
+        [--root runs/local] [--data PATH]
+    .venv/bin/python recipes/local_methods.py --memory [--sets k4,k16]   # each method's step memory: ROOT/memory.json
+    .venv/bin/python recipes/local_methods.py --table [--root runs/local]  # the table of what has finished
 
 - k4: ResNet-32 in InfoPro's K = 4 modules: end to end, sequential greedy (Algorithm 1, the same epochs per
   module), and every module at once (train.mode=decoupled) with a pooling + linear head ("Greedy SL"), DGL's
@@ -76,9 +77,9 @@ MEMORY_ONLY = {("k16", "e2e")}
 """Measured for --memory only: end to end trains the same network at any K (the k4 run)."""
 
 
-def command(settings: list[str], seed: int, out: Path) -> list[str]:
+def command(settings: list[str], seed: int, out: Path, data: str | None) -> list[str]:
     args = ["train", "--preset", "cifar10_resnet32_k4", "--device", "cpu", "--out", str(out), "--seed", str(seed)]
-    args += ["--epochs-per-block", str(EPOCHS)]
+    args += ["--epochs-per-block", str(EPOCHS)] + (["--data", data] if data else [])
     return args + [a for s in [*RECIPE, *settings] for a in ("--set", s)]
 
 
@@ -86,12 +87,12 @@ def out_of(root: Path, group: str, name: str, seed: int) -> Path:
     return root / f"{group}-{name}-seed{seed}"
 
 
-def train(job: tuple[Path, list[str], int]) -> None:
-    out, settings, seed = job
+def train(job: tuple[Path, list[str], int, str | None]) -> None:
+    out, settings, seed, data = job
     if (out / "summary.json").is_file():
         return
     resume = (out / "config.yaml").is_file()
-    args = ["train", "--out", str(out), "--resume"] if resume else command(settings, seed, out)
+    args = ["train", "--out", str(out), "--resume"] if resume else command(settings, seed, out, data)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     done = subprocess.run([sys.executable, "-m", "layerwise", "-q", *args], env=env, capture_output=True, text=True)
@@ -128,7 +129,10 @@ def step_memory(group: str, name: str) -> None:
     print(json.dumps({"step_bytes": max(s["step_bytes"] for s in steps)}))
 
 
-def memory(sets: list[str]) -> str:
+def memory(sets: list[str], root: Path) -> str:
+    """Measure each method's step memory (a fresh process each), keep it in ROOT/memory.json, return the table."""
+    path = root / "memory.json"
+    kept = json.loads(path.read_text()) if path.is_file() else {}
     lines = ["| set | method | step memory (MB) | against end to end |", "|---|---|---|---|"]
     for group in sets:
         measured = {}
@@ -139,10 +143,12 @@ def memory(sets: list[str]) -> str:
                 print(f"FAILED {group} {name}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             measured[name] = json.loads(done.stdout)["step_bytes"]
+        kept[group] = measured
         e2e = measured.get("e2e")
         for name, size in measured.items():
             ratio = f"{size / e2e:.2f}x" if e2e else "-"
             lines.append(f"| {group} | {name} | {size / 2**20:.0f} | {ratio} |")
+    path.write_text(json.dumps(kept, indent=2) + "\n")
     return "\n".join(lines)
 
 
@@ -168,12 +174,18 @@ def cell(values: list[float | None], digits: int = 1) -> str:
 
 
 def table(root: Path) -> str:
+    """Per method: validation top-1 of the modules that classify (K = 4: each; per layer: modules 1, 8 and 15)
+    and of the delivered network, over the seeds; training seconds, images/s, and the step memory against end to
+    end's where --memory measured it."""
+    memory = json.loads((root / "memory.json").read_text()) if (root / "memory.json").is_file() else {}
     lines = []
     for group, methods in SETS.items():
         modules = 4 if group == "k4" else 16
         shown = range(modules) if modules == 4 else (0, 7, 14)
-        lines += ["", f"{group}:", "| method | seeds | " + " | ".join(f"module {j + 1}" for j in shown)
-                  + " | delivered | train s | images/s |", "|---|---|" + "---|" * (len(shown) + 3)]  # fmt: skip
+        columns = ["method", "seeds", *(f"module {j + 1}" for j in shown), "delivered", "train s", "images/s",
+                   "step memory"]  # fmt: skip
+        lines += ["", f"{group}:", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        sizes = memory.get(group, {})
         for name in methods:
             runs = sorted(root.glob(f"{group}-{name}-seed*"))
             done = [(r.name.rsplit("seed", 1)[1], f) for r in runs if (f := figures(r))]
@@ -181,8 +193,10 @@ def table(root: Path) -> str:
                 continue
             seeds, scored = ",".join(s for s, _ in done), [f for _, f in done]
             per_module = [cell([f["modules"].get(j) for f in scored]) for j in shown]
+            size, e2e = sizes.get(name), sizes.get("e2e")
+            against = f"{size / e2e:.2f}x" if size and e2e else "-"
             rest = [cell([f["delivered"] for f in scored]), cell([f["seconds"] for f in scored], 0),
-                    cell([f["images_per_s"] for f in scored], 0)]  # fmt: skip
+                    cell([f["images_per_s"] for f in scored], 0), against]  # fmt: skip
             lines.append(f"| {name} | {seeds} | {' | '.join([*per_module, *rest])} |")
     return "\n".join(lines)
 
@@ -192,6 +206,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "local")
     parser.add_argument("--sets", default="k4,k16")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--methods", help="only these (comma-separated names of the sets' methods)")
+    parser.add_argument("--data", help="the data (default: the built-in sample)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--memory", action="store_true")
@@ -201,13 +217,16 @@ def main() -> None:
         step_memory(*args.memory_of)
         return
     if args.memory:
-        print(memory(args.sets.split(",")))
+        args.root.mkdir(parents=True, exist_ok=True)
+        print(memory(args.sets.split(","), args.root))
         return
     if not args.table:
         args.root.mkdir(parents=True, exist_ok=True)
         seeds = [int(s) for s in args.seeds.split(",")]
-        jobs = [(out_of(args.root, g, n, s), settings, s) for s in seeds for g in args.sets.split(",")
-                for n, settings in SETS[g].items() if (g, n) not in MEMORY_ONLY]  # fmt: skip
+        chosen = set(args.methods.split(",")) if args.methods else None
+        wanted = [(g, n) for g in args.sets.split(",") for n in SETS[g] if not chosen or n in chosen]
+        jobs = [(out_of(args.root, g, n, s), SETS[g][n], s, args.data) for s in seeds for g, n in wanted
+                if (g, n) not in MEMORY_ONLY]  # fmt: skip
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(train, jobs))
     print(table(args.root))
