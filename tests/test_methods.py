@@ -287,6 +287,10 @@ def test_auglocal_heads_have_the_parameters_counted_by_hand():
     assert count(net.heads[0]) == 14528 + 57728 + 650 == 72906
     assert count(net.heads[11]) == 2 * 73984 + 650 == 148618
     assert net.final_parameters() == 466_906
+    with torch.device("meta"):  # ResNet-110, d = 3: 52 modules, the last of 4 layers; layer 0 copies 18, 36, 54
+        deep = build_model(ModelConfig(arch="cifar_resnet", depth=110, split=52, head="auglocal", aux_depth=3), 10)
+    assert [len(b) for b in deep.blocks] == [1] * 51 + [4]
+    assert [type(m).__name__ for m in deep.heads[0]][:3] == ["BasicBlock"] * 3 and len(deep.heads[25]) == 5
     with pytest.raises(LayerwiseError, match=r"set model\.split=14"):
         build_model(ModelConfig(arch="cifar_resnet", depth=32, split=16, head="auglocal"), 10)
     with pytest.raises(LayerwiseError, match=r"can rebuild for model\.arch=cifar_resnet only"):
