@@ -123,3 +123,17 @@ def train_until_interrupted(cfg, out, data, epochs: int = 3) -> list[dict]:
     with pytest.raises(Interrupt):
         train(cfg, out, data, on_epoch_end=stop)
     return seen
+
+
+def whole_and_resumed(cfg, root, data, epochs: int = 2) -> tuple[dict, dict, dict, dict]:
+    """Train cfg uninterrupted in root/full, and in root/cut stopped after `epochs` epochs and resumed: (the
+    whole run's summary, the resumed run's, the whole run's final weights, the resumed run's)."""
+    from layerwise.rundir import RunDir, load_checkpoint
+    from layerwise.train import train
+
+    full = train(cfg, root / "full", data)
+    train_until_interrupted(cfg, root / "cut", data, epochs=epochs)
+    resumed = train(cfg, root / "cut", data, resume=True)
+    _, a, _ = load_checkpoint(RunDir(root / "full").final)
+    _, b, _ = load_checkpoint(RunDir(root / "cut").final)
+    return full, resumed, a, b

@@ -5,7 +5,7 @@ resumed run ends where an uninterrupted one does; every block's figures are in e
 import copy
 
 import torch
-from conftest import tiny_overrides, train_until_interrupted
+from conftest import tiny_overrides, whole_and_resumed
 from torch.nn import functional as F
 
 from layerwise.config import parse_assignment
@@ -90,11 +90,7 @@ def test_no_gradient_crosses_a_block_boundary():
 
 def test_a_resumed_decoupled_run_ends_where_an_uninterrupted_one_does(tmp_path, image_folder):
     cfg = tiny_config(epochs=3)
-    full = train(cfg, tmp_path / "full", image_folder)
-    train_until_interrupted(cfg, tmp_path / "cut", image_folder, epochs=2)  # momentum in every optimizer
-    resumed = train(cfg, tmp_path / "cut", image_folder, resume=True)
-    _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
-    _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
+    full, resumed, a, b = whole_and_resumed(cfg, tmp_path, image_folder)  # momentum in every optimizer
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final"] == full["final"]
     cut, whole = RunDir(tmp_path / "cut").read_metrics(), RunDir(tmp_path / "full").read_metrics()

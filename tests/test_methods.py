@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides, train_until_interrupted
+from conftest import tiny_overrides, whole_and_resumed
 from torch.nn import functional as F
 
 from layerwise.config import ModelConfig, RunConfig, TrainConfig, parse_assignment
@@ -17,7 +17,7 @@ from layerwise.methods.infopro import RELEASED, Decoder, InfoProAux, InfoProLoss
 from layerwise.methods.predsim import PredSimHead, PredSimLoss, predsim_pool
 from layerwise.models import build_model
 from layerwise.presets import resolve_config
-from layerwise.rundir import RunDir, load_checkpoint
+from layerwise.rundir import RunDir
 from layerwise.stages import plan_stages
 from layerwise.train import train
 from layerwise.train.stage import freeze_for
@@ -177,12 +177,7 @@ def tiny(head: str, epochs: int = 3):
 @pytest.mark.parametrize("head", ["predsim", "infopro_contrast", "auglocal"])
 def test_a_resumed_method_run_ends_where_an_uninterrupted_one_does(tmp_path, image_folder, head):
     cfg = tiny(head)
-    full = train(cfg, tmp_path / "full", image_folder)
-
-    train_until_interrupted(cfg, tmp_path / "cut", image_folder, epochs=2)  # momentum in every optimizer
-    resumed = train(cfg, tmp_path / "cut", image_folder, resume=True)
-    _, a, _ = load_checkpoint(RunDir(tmp_path / "full").final)
-    _, b, _ = load_checkpoint(RunDir(tmp_path / "cut").final)
+    full, resumed, a, b = whole_and_resumed(cfg, tmp_path, image_folder)  # momentum in every optimizer
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final"] == full["final"]
     assert any(k.startswith("heads.0.") for k in a)  # the methods' own networks are saved and resumed

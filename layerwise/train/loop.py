@@ -176,6 +176,7 @@ class Tally:
         self.scored = set(reported if scored is None else scored)
         self.scored_rows = [r for r, j in zip(self.rows, heads, strict=True) if j in self.scored]
         self.sums = torch.zeros(len(reported), len(self.columns), dtype=torch.float64, device=device)  # (heads, cols)
+        self.loss_at, self.hits_at = self.columns.index("loss"), self.columns.index("top1")  # top-1, then top-5
         self.n = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -184,10 +185,9 @@ class Tally:
         losses = loss.detach().double().view(-1)  # (H,)
         scores = logits.detach().float().view(len(self.scored_rows), len(y), -1)  # (S, B, classes)
         labels = y if y.dim() == 1 else y.argmax(1)  # (B,); data.mix: the larger share's label
-        loss_at, hits_at = self.columns.index("loss"), self.columns.index("top1")  # top-1, then top-5 hits
-        self.sums[self.rows, loss_at] += losses * len(y)
+        self.sums[self.rows, self.loss_at] += losses * len(y)
         for row, z in zip(self.scored_rows, scores, strict=True):
-            self.sums[row, hits_at : hits_at + 2] += torch.stack(topk_correct(z, labels)).double()
+            self.sums[row, self.hits_at : self.hits_at + 2] += torch.stack(topk_correct(z, labels)).double()
         self.n += len(y)
 
     def set(self, column: str, value: float) -> None:
