@@ -40,7 +40,7 @@ def test_every_kind_the_config_names_is_registered_and_built():
     from layerwise.models.resnet import BasicBlock
 
     assert set(HEADS) == set(head_kinds()) == {"paper", *FIXED_HEADS, *METHOD_HEADS, "auglocal"}
-    layers = LayerList((16, 16, 32, 64), BasicBlock)  # what AugLocal copies (the others ignore it)
+    layers = LayerList((16, 16, 32, 64), (8, 8, 4, 2), (1, 2, 3, 4), BasicBlock)  # AugLocal copies (others ignore)
     for kind in HEADS:
         cfg = ModelConfig(head=kind, head_lambdas=[1, 1, 1, 1] if kind.startswith("infopro_") else [], aux_depth=1)
         head = make_head(HeadSpec(16, 10, cfg, side=8, index=0, modules=2, layers=layers))

@@ -267,9 +267,9 @@ def test_auglocal_samples_the_layers_and_depths_of_their_code():
     assert sampled(0, 55, 3) == [18, 36, 54] and sampled(24, 55, 3) == [34, 44, 54]
     assert sampled(25, 55, 3 - 1) == [40, 54] and sampled(50, 55, 2) == [52, 54]
     assert sampled(13, 16, 5) == [14, 15]  # more depth than later layers: all of them
-    # strides follow the widths: 16 -> 32 -> 64 halves twice; 16 -> 64 at once owes two, paid one per copy
-    assert strides([32, 64], 16) == [2, 2] and strides([64, 64], 16) == [2, 2] and strides([32, 64], 32) == [1, 2]
-    assert strides([16, 32, 64], 16) == [1, 2, 2]
+    # strides follow the sides: 32 -> 16 -> 8 halves twice; 32 -> 8 at once owes two, paid one per copy
+    assert strides([16, 8], 32) == [2, 2] and strides([8, 8], 32) == [2, 2] and strides([16, 8], 16) == [1, 2]
+    assert strides([32, 16, 8], 32) == [1, 2, 2] and strides([4], 32) == [2]  # owes three, pays one
 
 
 def test_auglocal_heads_have_the_parameters_counted_by_hand():
@@ -288,8 +288,51 @@ def test_auglocal_heads_have_the_parameters_counted_by_hand():
     assert [type(m).__name__ for m in deep.heads[0]][:3] == ["BasicBlock"] * 3 and len(deep.heads[25]) == 5
     with pytest.raises(LayerwiseError, match=r"set model\.split=14"):
         build_model(ModelConfig(arch="cifar_resnet", depth=32, split=16, head="auglocal"), 10)
-    with pytest.raises(LayerwiseError, match=r"can rebuild for model\.arch=cifar_resnet only"):
+    with pytest.raises(LayerwiseError, match=r"model\.aux_depth must be below 1"):
         build_model(ModelConfig(widths=[8, 8], downsample_at=[], head="auglocal"), 10)
+
+
+def test_auglocal_on_torchvision_resnet_vgg_and_simcnn_has_the_heads_counted_by_hand():
+    """Layer 0's auxiliary network, by hand (d = 2, c = 0.5 unless said; every depth rounds to 2 here).
+    ResNet-18 (CIFAR stem, 32 px): 9 layers (the stem, 8 blocks), 7 modules; layer 0 (64 ch, 32 px) copies layers
+    4 (128 ch, 16 px: BasicBlock stride 2, 73728 + 256 + 147456 + 256 + shortcut 8192 + 256 = 230144) and 8 (512 ch,
+    4 px, owes 2, pays 1: 589824 + 1024 + 2359296 + 1024 + 65536 + 1024 = 3017728), a linear 512 x 10 + 10: 3253002.
+    VGG-11-BN: 8 conv layers ([pool] conv BN ReLU), 6 modules; layer 0 (64 ch, 32 px) copies 4 (512 ch, 4 px: pool,
+    conv 294912 + 512, BN 1024) and 7 (512 ch, 2 px: 2359296 + 512 + 1024), + 5130: 2662410.
+    SimCNN 8-16-16-32, P at 1 and 3, d = 1: 3 modules, the last two blocks together; layer 0 (8 ch, 32 px) copies
+    layer 3 (32 ch, 8 px: P then conv 9 x 32 x 32 = 9216, BN 64), depth 1 adds BatchNorm1d(32) (64), + 330: 9674."""
+    resnet18 = ModelConfig(arch="resnet", depth=18, split=7, stem="cifar", head="auglocal")
+    net = build_model(resnet18, 10, image_size=32)
+    assert [len(b) for b in net.blocks] == [4, 1, 1, 1, 1, 1, 3]  # the stem's four units, a block each, the last 3
+    assert count(net.heads[0]) == 230144 + 3017728 + 5130 == 3253002
+    assert [type(m).__name__ for m in net.heads[0]][:2] == ["BasicBlock", "BasicBlock"]
+    vgg = build_model(ModelConfig(arch="vgg", depth=11, split=6, head="auglocal"), 10, image_size=32)
+    assert [len(b) for b in vgg.blocks] == [3, 4, 4, 3, 4, 11]  # the pool before a conv starts its module
+    assert count(vgg.heads[0]) == 296448 + 2360832 + 5130 == 2662410
+    sim = build_model(ModelConfig(widths=[8, 16, 16, 32], downsample_at=[1, 3], head="auglocal", aux_depth=1), 10)
+    assert [type(b).__name__ for b in sim.blocks] == ["Block", "Block", "Sequential"] and len(sim.blocks[2]) == 2
+    assert count(sim.heads[0]) == 9216 + 64 + 64 + 330 == 9674
+    with pytest.raises(LayerwiseError, match=r"set model\.split=7"):
+        build_model(ModelConfig(arch="resnet", depth=18, split=4, head="auglocal"), 10, image_size=32)
+    torch.manual_seed(0)  # a decoupled step on ResNet-18: every module's loss, no gradient lost
+    cfg = RunConfig(model=resnet18, train=TrainConfig(mode="decoupled"))
+    module = freeze_for(net, plan_stages(net.J, "decoupled")[0], local_losses(cfg, net.J))
+    losses, logits = module(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    losses.sum().backward()
+    assert len(losses) == 7 and torch.isfinite(losses).all() and logits.shape == (7, 2, 10)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_auglocal_on_a_users_stages_is_one_line():
+    """model.arch=custom cannot list its layers for copying: refused when the network is built."""
+    from custom_nets import good
+
+    import layerwise
+
+    cfg = layerwise.config_for(good, model={"head": "auglocal"})
+    with pytest.raises(LayerwiseError, match=r"cuts the network between its layers") as info:
+        build_model(cfg.model, 10)
+    assert "\n" not in str(info.value)
 
 
 def batch_of_eight() -> tuple[torch.Tensor, torch.Tensor]:

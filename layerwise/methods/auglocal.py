@@ -9,8 +9,9 @@ import math
 
 from torch import nn
 
+from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import HeadSpec, LinearHead, register_head
+from layerwise.models.heads import HeadSpec, LayerList, LinearHead, register_cut, register_head
 
 
 def depths(layers: int, d: int, c: float) -> list[int]:
@@ -29,17 +30,34 @@ def sampled(layer: int, layers: int, depth: int) -> list[int]:
     return [round(layer + (layers - layer - 1) / depth * i) for i in range(1, depth + 1)]
 
 
-def strides(widths: list[int], start: int) -> list[int]:
-    """The copies' strides: each copy owes log2 of its width over the one before (from `start` channels), and pays
-    a stride of 2 at a time while it owes any, as their code does whatever the original layer's stride."""
-    owed, out, channels = 0, [], start
-    for width in widths:
-        owed += int(math.log2(width // channels))
+def strides(sides: list[int], start: int) -> list[int]:
+    """The copies' strides: each copy owes log2 of how much smaller its layer's output is than the one before
+    (from `start` px), and pays a stride of 2 at a time while it owes any. Their code reads the widths (log2 of
+    each over the one before), which halve the side where they double in the ResNets; the sides say the same for
+    VGG's last stage, which pools without widening."""
+    owed, out, side = 0, [], start
+    for now in sides:
+        owed += int(math.log2(side // now))
         stride = 2 if owed >= 1 else 1
         owed -= stride == 2
         out.append(stride)
-        channels = width
+        side = now
     return out
+
+
+@register_cut("auglocal")
+def per_layer(cfg: ModelConfig, layers: LayerList) -> list[int]:
+    """Each layer a module but the last d + 1, which form the final one (their CIFAR scripts), so model.split =
+    layers - d (0: the network has no model.split, as simcnn)."""
+    count = len(layers.widths)
+    split = count - cfg.aux_depth
+    if split < 2 or cfg.split not in (0, split):
+        raise LayerwiseError(
+            f"bad config: model.head=auglocal makes each of the network's {count} layers a module and its last "
+            f"model.aux_depth + 1 one module: "
+            + (f"set model.split={split}" if split >= 2 else f"model.aux_depth must be below {count - 1}")
+        )
+    return [*layers.ends[: split - 1], layers.ends[-1]]
 
 
 class AugLocalHead(nn.Sequential):
@@ -56,8 +74,7 @@ def auglocal_head(spec: HeadSpec) -> nn.Module:
     cfg, net = spec.cfg, spec.layers
     if net is None:
         raise LayerwiseError(
-            "model.head=auglocal builds copies of the network's later layers, which the library can rebuild for "
-            "model.arch=cifar_resnet only"
+            "model.head=auglocal builds copies of the network's later layers: its builder must give HeadSpec.layers"
         )
     if spec.last:  # the final module's classifier is the network's own (assemble replaces this one)
         return LinearHead(spec.channels, spec.num_classes)
@@ -66,7 +83,7 @@ def auglocal_head(spec: HeadSpec) -> nn.Module:
     chosen = sampled(spec.index, count, depth)
     widths = [net.widths[j] for j in chosen]
     copies, channels = [], spec.channels
-    for width, stride in zip(widths, strides(widths, channels), strict=True):
+    for width, stride in zip(widths, strides([net.sides[j] for j in chosen], spec.side), strict=True):
         copies.append(net.rebuild(channels, width, stride))
         channels = width
     return AugLocalHead(copies, channels, spec.num_classes, norm=depth <= 1)

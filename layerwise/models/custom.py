@@ -19,7 +19,7 @@ from torch import nn
 
 from layerwise.config import IMPORT_PATH, ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import HeadSpec, make_head
+from layerwise.models.heads import HeadSpec, make_head, module_ends
 from layerwise.models.heads import InfoProHead as InfoProHead  # where it lived before heads.py
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet, classifies
@@ -43,6 +43,7 @@ def staged_from_stages(
         raise LayerwiseError(f"give one head (an nn.Module) per stage: {len(stages)} stages, {len(heads)} heads")
     shapes = output_shapes(stages, (cfg.in_channels, image_size, image_size))
     if heads is None:
+        module_ends(cfg, None, lambda: list(range(1, len(stages) + 1)))  # the stages are the modules: no other cut
         heads = []
         for j, shape in enumerate(shapes):
             if len(shape) != 4:

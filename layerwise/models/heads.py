@@ -152,11 +152,40 @@ settings. config.HEADS names the library's kinds, the methods' among them."""
 
 @dataclass(frozen=True)
 class LayerList:
-    """A network's layers as a method that copies them rebuilds them (AugLocal): each layer's output channels, and
-    `rebuild(in_channels, out_channels, stride)`, a fresh layer of the network's kind."""
+    """A network's layers as a method that cuts the network between them or copies them sees them (AugLocal): each
+    layer's output `widths` (channels) and `sides` (px square), where it `ends` among the builder's units
+    (exclusive), and `rebuild(in_channels, out_channels, stride)`, a fresh layer of the network's kind (stride 2
+    halves the side)."""
 
     widths: tuple[int, ...]
+    sides: tuple[int, ...]
+    ends: tuple[int, ...]
     rebuild: Callable[[int, int, int], nn.Module]
+
+
+Cut = Callable[[ModelConfig, LayerList], list[int]]
+_CUTS: Registry[Cut] = Registry("a head kind's cut")
+
+
+def register_cut(kind: str) -> Callable[[Cut], Cut]:
+    """Register `cut(cfg, layers) -> ends`: where the modules end among the builder's units (LayerList.ends), for
+    a head kind that decides the modules itself (AugLocal: one per layer). A builder asks with module_ends."""
+    return _CUTS.register(kind)
+
+
+def module_ends(cfg: ModelConfig, layers: LayerList | None, own: Callable[[], list[int]]) -> list[int]:
+    """Where each module ends among a builder's units: model.head's own cut of `layers` where the kind has one,
+    else the builder's (`own()`). A builder that cannot list its layers passes None, and such a kind is refused."""
+    cut = _CUTS.entries.get(cfg.head)
+    if cut is None:
+        return own()
+    if layers is None:
+        raise LayerwiseError(
+            f"bad config: model.head={cfg.head} cuts the network between its layers and rebuilds them, which the "
+            "library can do for model.arch cifar_resnet, resnet, vgg and simcnn (a builder of your own passes a "
+            "LayerList: docs/usage.md)"
+        )
+    return cut(cfg, layers)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.models.blocks import Block
-from layerwise.models.heads import AuxClassifier, HeadLayout, HeadSpec, VGGClassifier, make_head
+from layerwise.models.heads import AuxClassifier, HeadLayout, HeadSpec, LayerList, VGGClassifier, make_head, module_ends
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
 
@@ -15,11 +15,21 @@ from layerwise.models.staged import StagedNet
 def simcnn(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> StagedNet:
     """Blocks [P] -> conv3x3 -> [BN] -> ReLU of model.widths, each with the paper's head for model.k (or
     model.head's other kind: heads.make_head)."""
-    blocks, heads, channels, side = [], [], cfg.in_channels, image_size
+    shapes, side = [], image_size
     for j, width in enumerate(cfg.widths):
-        blocks.append(Block(channels, width, "s2d" if j in cfg.downsample_at else None, cfg.batchnorm, _bias(cfg)))
-        channels, side = width, side // 2 if j in cfg.downsample_at else side
-        heads.append(make_head(HeadSpec(width, num_classes, cfg, side, j, len(cfg.widths))))
+        side = side // 2 if j in cfg.downsample_at else side
+        shapes.append((width, side))
+    count, make = len(shapes), rebuild(cfg)
+    listed = LayerList(tuple(cfg.widths), tuple(s for _, s in shapes), tuple(range(1, count + 1)), make)
+    ends = module_ends(cfg, listed, lambda: list(range(1, count + 1)))
+    blocks, heads, channels = [], [], cfg.in_channels
+    for i, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):  # a module of several: AugLocal's last
+        layers = []
+        for j in range(start, end):  # each block, then its module's head: the draws of the paper's order
+            layers.append(make(channels, cfg.widths[j], 2 if j in cfg.downsample_at else 1))
+            channels = cfg.widths[j]
+        blocks.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+        heads.append(make_head(HeadSpec(channels, num_classes, cfg, shapes[end - 1][1], i, len(ends), listed)))
     net = StagedNet(blocks, heads)
     if cfg.bn_weight_init == "uniform":  # PyTorch 0.4's BatchNorm: weight ~ U[0, 1), bias 0
         for m in net.modules():
@@ -44,6 +54,15 @@ def vgg11(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNe
     net = StagedNet(blocks, heads)
     init_vgg(net)
     return net
+
+
+def rebuild(cfg: ModelConfig):
+    """rebuild(in_channels, out_channels, stride) of a SimCNN block (stride 2: with P, space-to-depth)."""
+
+    def block(in_channels: int, channels: int, stride: int) -> Block:
+        return Block(in_channels, channels, "s2d" if stride == 2 else None, cfg.batchnorm, _bias(cfg))
+
+    return block
 
 
 def _bias(cfg: ModelConfig) -> bool:

@@ -23,7 +23,8 @@ from torch import nn
 
 from layerwise.config import ModelConfig
 from layerwise.errors import LayerwiseError
-from layerwise.models.heads import HeadSpec, LayerList, make_head
+from layerwise.models.blocks import Block
+from layerwise.models.heads import HeadSpec, LayerList, make_head, module_ends
 from layerwise.models.partition import balanced_cut, unit_flops
 from layerwise.models.registry import register_model
 from layerwise.models.staged import StagedNet
@@ -111,6 +112,31 @@ def assemble(units: list[tuple[str, nn.Module]], ends: list[int], classifier: nn
     return StagedNet(blocks, heads)
 
 
+def layer_list(shapes: Sequence[tuple[int, int]], ends: Sequence[int], rebuild) -> LayerList:
+    """The LayerList of layers with output `shapes` (channels, side) ending at `ends` among the units."""
+    return LayerList(tuple(c for c, _ in shapes), tuple(s for _, s in shapes), tuple(ends), rebuild)
+
+
+def torchvision_block(kind: type[nn.Module]):
+    """rebuild(in_channels, out_channels, stride) of torchvision's BasicBlock or Bottleneck (out_channels counts
+    the expansion), with torchvision's 1x1 conv + BN shortcut where the shape changes."""
+
+    def rebuild(in_channels: int, channels: int, stride: int) -> nn.Module:
+        downsample = None
+        if stride != 1 or in_channels != channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
+        return kind(in_channels, channels // kind.expansion, stride, downsample)
+
+    return rebuild
+
+
+def vgg_layer(in_channels: int, channels: int, stride: int) -> nn.Module:
+    """rebuild of a VGG-BN layer: [2x2 max-pool where stride 2] -> conv3x3 (bias) -> BN -> ReLU."""
+    return Block(in_channels, channels, "maxpool" if stride == 2 else None, batchnorm=True, bias=True)
+
+
 def he_init(net: nn.Module) -> None:
     """InfoPro's initialisation: every conv N(0, 2 / (k*k*out_channels)) (He, fan-out), BN weight 1, bias 0."""
     for m in net.modules():
@@ -132,25 +158,21 @@ def cifar_resnet(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> St
     units = cifar_units(cfg.depth, cfg.in_channels)
     check_split(cfg, len(units), f"{len(units)} units of ResNet-{cfg.depth} (its stem and {3 * n} residual blocks)")
     cuts = INFOPRO_CUTS.get(cfg.depth, {}).get(cfg.split)
-    if cfg.head == "auglocal":  # AugLocal: a module per layer, the last d + 1 layers one module with the classifier
-        if cfg.split != len(units) - cfg.aux_depth:
-            raise LayerwiseError(
-                f"bad config: model.head=auglocal makes each of ResNet-{cfg.depth}'s {len(units)} layers a module "
-                f"and its last model.aux_depth + 1 one module: set model.split={len(units) - cfg.aux_depth}"
-            )
-        ends = [*range(1, cfg.split), len(units)]
-    elif cuts is not None:
-        ends = [(0 if s == 0 else 1 + (s - 1) * n + b) + 1 for s, b in cuts] + [len(units)]
-    elif cfg.split == len(units):  # one unit per module, the stem alone first
-        ends = list(range(1, len(units) + 1))
-    else:
-        ends = [1 + e for e in even_ends(3 * n, cfg.split)]  # the stem joins the first module
     sides = [image_size] * (1 + n) + [-(-image_size // 2)] * n + [-(-image_size // 4)] * n  # stride 2, padding 1
     shapes = list(zip([16] + [16] * n + [32] * n + [64] * n, sides, strict=True))
+    layers = layer_list(shapes, range(1, len(units) + 1), BasicBlock)
+
+    def own() -> list[int]:
+        if cuts is not None:
+            return [(0 if s == 0 else 1 + (s - 1) * n + b) + 1 for s, b in cuts] + [len(units)]
+        if cfg.split == len(units):  # one unit per module, the stem alone first
+            return list(range(1, len(units) + 1))
+        return [1 + e for e in even_ends(3 * n, cfg.split)]  # the stem joins the first module
+
+    ends = module_ends(cfg, layers, own)
     classifier = nn.Sequential(
         OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(64, num_classes))
     )
-    layers = LayerList(tuple(c for c, _ in shapes), BasicBlock)
     net = assemble(units, ends, classifier, shapes, cfg, num_classes, layers)
     he_init(net)
     return net
@@ -177,9 +199,12 @@ def resnet(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedN
     check_split(cfg, len(blocks), f"{len(blocks)} residual blocks of ResNet-{cfg.depth}")
     units = [*stem, *blocks]  # the stem's four layers keep torchvision's names in the first module
     costs, shapes = unit_flops([u for _, u in units], (cfg.in_channels, image_size, image_size))
-    ends = balanced_cut(costs, cfg.split, first=len(stem) + 1)  # the stem and at least one block
+    shapes = [(shape[1], shape[2]) for shape in shapes]
+    layer_ends = range(len(stem), len(units) + 1)  # the stem one layer, then each block
+    layers = layer_list([shapes[e - 1] for e in layer_ends], layer_ends, torchvision_block(type(blocks[0][1])))
+    ends = module_ends(cfg, layers, lambda: balanced_cut(costs, cfg.split, first=len(stem) + 1))  # stem + a block
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), fc=model.fc))
-    return assemble(units, ends, classifier, [(shape[1], shape[2]) for shape in shapes], cfg, num_classes)
+    return assemble(units, ends, classifier, shapes, cfg, num_classes, layers)
 
 
 @register_model("vgg")
@@ -196,17 +221,22 @@ def vgg(cfg: ModelConfig, num_classes: int, image_size: int = 224) -> StagedNet:
         layers[0] = nn.Conv2d(cfg.in_channels, layers[0].out_channels, 3, padding=1)
     pools = [i + 1 for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     segments = [nn.Sequential(*layers[a:b]) for a, b in zip([0, *pools[:-1]], pools, strict=True)]
-    check_split(cfg, len(segments), f"{len(segments)} pooling stages of VGG-{cfg.depth}")
-    costs, _ = unit_flops(segments, (cfg.in_channels, image_size, image_size))
-    ends = balanced_cut(costs, cfg.split)
+
+    def own() -> list[int]:
+        check_split(cfg, len(segments), f"{len(segments)} pooling stages of VGG-{cfg.depth}")
+        costs, _ = unit_flops(segments, (cfg.in_channels, image_size, image_size))
+        return [pools[e - 1] for e in balanced_cut(costs, cfg.split)]
+
     named = [(f"features_{i}", m) for i, m in enumerate(layers)]
-    ends = [pools[e - 1] for e in ends]
     per_layer, side = [], image_size  # (channels, side) after each layer
     for m in layers:
         side = side // 2 if isinstance(m, nn.MaxPool2d) else side
         per_layer.append((m.out_channels if isinstance(m, nn.Conv2d) else per_layer[-1][0], side))
+    relus = [i + 1 for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]  # a layer: [pool] conv BN ReLU
+    convs = layer_list([per_layer[e - 1] for e in relus], [*relus[:-1], len(layers)], vgg_layer)
+    ends = module_ends(cfg, convs, own)
     classifier = nn.Sequential(OrderedDict(avgpool=model.avgpool, flatten=nn.Flatten(), classifier=model.classifier))
-    return assemble(named, ends, classifier, per_layer, cfg, num_classes)
+    return assemble(named, ends, classifier, per_layer, cfg, num_classes, convs)
 
 
 def split_modules(units: Sequence[nn.Module], k: int, image: tuple[int, int, int]) -> list[nn.Sequential]:
