@@ -13,7 +13,7 @@ $(BIN)/layerwise: pyproject.toml requirements.txt
 
 setup: $(BIN)/layerwise
 
-# The optional [export] and [tensorboard] dependencies, which the tests use (the demo does not need them).
+# The optional [export], [tensorboard] and [timm] dependencies, which the tests use (the demo does not need them).
 $(VENV)/.export: requirements-export.txt $(BIN)/layerwise
 	$(BIN)/pip install -q -r requirements-export.txt
 	touch $@

@@ -19,8 +19,11 @@ IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 """model.builder's form, package.module:function: nothing else reaches importlib or an error message."""
 
-SPLIT_ARCHS = ("cifar_resnet", "resnet", "vgg")
-"""Architectures cut into model.split modules of a network of model.depth layers."""
+DEPTH_ARCHS = ("cifar_resnet", "resnet", "vgg")
+"""Architectures of model.depth layers."""
+
+SPLIT_ARCHS = (*DEPTH_ARCHS, "timm")
+"""Architectures cut into model.split modules."""
 
 HEADS = ("paper", "infopro", "dgl", "linear", "predsim", "infopro_softmax", "infopro_contrast", "auglocal")
 """The library's model.head kinds; layerwise.models.heads.make_head builds each (the local-learning methods' from
@@ -39,7 +42,8 @@ class ModelConfig:
     """A registered architecture (`layerwise presets` lists them; layerwise.models.register_model adds one):
     `simcnn` (the paper's SimCNN: P is space-to-depth), `vgg11` (VGG-11-BN cut into blocks: P is a max-pool, heads
     use the paper's VGG auxiliary design and the last head is VGG's own classifier), `custom` (model.builder),
-    `cifar_resnet`, `resnet` or `vgg` (split into model.split modules: layerwise.models.resnet)."""
+    `cifar_resnet`, `resnet` or `vgg` (split into model.split modules: layerwise.models.resnet), `timm` (the timm
+    model model.name, split into model.split modules: layerwise.models.timm_models)."""
     k: int = 3
     """The paper's k: hidden layers of each auxiliary problem, the block included. Heads have k-1 convs."""
     widths: list[int] = field(default_factory=lambda: [128, 128, 256, 256])
@@ -73,10 +77,16 @@ class ModelConfig:
     """Layers of the ResNet or VGG to split: cifar_resnet 6n+2 (20, 32, 56, 110), resnet 18/34/50/101/152,
     vgg 11/13/16/19. Unused by simcnn, vgg11 and custom."""
     split: int = 0
-    """K, the number of locally trained modules cifar_resnet, resnet and vgg are cut into."""
+    """K, the number of locally trained modules cifar_resnet, resnet, vgg and timm are cut into."""
     stem: str = "imagenet"
     """resnet's first layers: `imagenet` (7x7 stride-2 conv, max-pool) or `cifar` (3x3 stride-1 conv, no
-    max-pool), for 32 px images."""
+    max-pool), for 32 px images. A timm model's `cifar` stem: its first conv at stride 1 (same size out) and the
+    max-pool before its first block dropped."""
+    name: str = ""
+    """model.arch=timm: the timm model (`timm.list_models()`: resnet18, efficientnet_b0, convnext_atto, ...)."""
+    weights: str = ""
+    """model.arch=timm: a local weights file for fine-tuning (.safetensors, or a state_dict that torch reads with
+    weights_only), loaded before the cut; a classifier of another number of classes is left as initialised."""
     head: str = "paper"
     """The heads the library builds for SimCNN and for networks that bring none (model.arch=custom without heads,
     the split ResNets' local modules), and with them the local loss: `paper` (k-1 convs, averaging, BN, linear, as
@@ -132,8 +142,15 @@ class ModelConfig:
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
         _check(self.stem in ("imagenet", "cifar"), f"model.stem must be 'imagenet' or 'cifar' (got {brief(self.stem)})")
         _check(
-            (self.depth > 0 and self.split > 0) == (self.arch in SPLIT_ARCHS),
-            f"model.depth and model.split (K) go with model.arch {', '.join(SPLIT_ARCHS)}, and only with them",
+            (self.depth > 0) == (self.arch in DEPTH_ARCHS) and (self.split > 0) == (self.arch in SPLIT_ARCHS),
+            f"model.depth and model.split (K) go with model.arch {', '.join(DEPTH_ARCHS)}, model.split alone with "
+            "timm, and only with them",
+        )
+        _check(bool(self.name) == (self.arch == "timm"), "model.name goes with model.arch=timm, and only with it")
+        _check(not self.weights or self.arch == "timm", "model.weights goes with model.arch=timm only")
+        _check(
+            not self.name or IDENTIFIER.fullmatch(self.name.replace(".", "_")) is not None,
+            f"model.name must be a timm model's name (got {brief(self.name)})",
         )
         _check(
             IDENTIFIER.fullmatch(self.head) is not None,

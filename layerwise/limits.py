@@ -52,6 +52,8 @@ MAX_MEMBER_BYTES = Limit("LAYERWISE_MAX_MEMBER_BYTES", 64 * MiB, "bytes")
 """One file read into memory: an archive member, an image, a CIFAR-10 batch (31 MiB each in the real archive)."""
 MAX_ARCHIVE_BYTES = Limit("LAYERWISE_MAX_ARCHIVE_BYTES", 8 * GiB, "bytes")
 """All the members read out of one archive, or extracted from it by `bench`."""
+MAX_WEIGHTS_BYTES = Limit("LAYERWISE_MAX_WEIGHTS_BYTES", 2 * GiB, "bytes")
+"""A model.weights file (timm): ConvNeXt-XL's are 1.4 GB."""
 DIST_TIMEOUT = Limit("LAYERWISE_DIST_TIMEOUT", 1800, "seconds")
 """How long a collective waits for a peer process before giving up (PyTorch's own default: 30 minutes)."""
 
@@ -90,10 +92,11 @@ class Budget:
             )
 
 
-def check_file_size(name: object, size: int, cap: float | None = None) -> None:
-    cap = MAX_MEMBER_BYTES.get() if cap is None else cap
+def check_file_size(name: object, size: int, cap: float | None = None, limit: Limit = MAX_MEMBER_BYTES) -> None:
+    """Refuse a file over `cap` (default: `limit`'s value), naming the setting that raises it."""
+    cap = limit.get() if cap is None else cap
     if size > cap:
         raise LayerwiseError(
-            f"{name} is {human_bytes(size)}, more than {MAX_MEMBER_BYTES.env}={human_bytes(cap)}; "
-            f"raise {MAX_MEMBER_BYTES.env} if you trust the file"
+            f"{name} is {human_bytes(size)}, more than {limit.env}={human_bytes(cap)}; raise {limit.env} if you "
+            "trust the file"
         )

@@ -57,6 +57,8 @@ def test_every_preset_is_described_once():
 @pytest.mark.parametrize("preset", sorted(SPEC) + sorted(OWN))
 def test_the_preset_builds_the_network_its_description_gives(preset):
     spec, cfg = {**SPEC, **OWN}[preset], load_preset(preset)
+    if cfg.model.arch == "timm":
+        pytest.importorskip("timm", reason="timm is an optional extra (layerwise[timm])")
     channels, size = spec["input"]
     assert (cfg.model.in_channels, cfg.data.image_size) == (channels, size)
     with torch.device("meta"):

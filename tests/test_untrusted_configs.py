@@ -224,6 +224,7 @@ IMPORT_SITES = {
 }
 ALLOWED_LOADS = {
     ("rundir.py", "read_checkpoint", "torch.load"),  # weights_only=True, asserted below
+    ("models/timm_models.py", "read_weights", "torch.load"),  # model.weights: weights_only=True, asserted below
     ("data/cifar.py", "load_batch", "load"),  # CifarUnpickler(...).load(): the allow-list above
     ("config.py", "load_yaml", "yaml.load"),  # Loader=_ConfigLoader, asserted below: safe, and no aliases
 }

@@ -1,7 +1,7 @@
 """Models: invertible downsampling, blocks, auxiliary heads, the staged network and the architecture registry."""
 
 from layerwise import methods  # noqa: F401  (register the local-learning methods' heads and losses)
-from layerwise.models import custom, paper, resnet  # noqa: F401  (register the architectures)
+from layerwise.models import custom, paper, resnet, timm_models  # noqa: F401  (register the architectures)
 from layerwise.models.blocks import Block
 from layerwise.models.downsample import SpaceToDepth
 from layerwise.models.heads import (
