@@ -219,19 +219,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = []
     for name in list_presets():
         cfg = load_preset(name)
-        with torch.device("meta"):  # sizes ImageNet models without allocating them
-            net = build_model(cfg.model, cfg.model.num_classes, cfg.data.image_size)
+        try:
+            with torch.device("meta"):  # sizes ImageNet models without allocating them
+                net = build_model(cfg.model, cfg.model.num_classes, cfg.data.image_size)
+        except LayerwiseError as e:  # an optional extra not installed (timm): listed, not counted
+            net, note = None, f" ({one_line(e)})"
+        else:
+            note = ""
         rows.append(
             {
                 "name": name,
                 "arch": cfg.model.arch,
-                "J": net.J,
+                "J": net.J if net else None,
                 "k": cfg.model.k if cfg.model.head == "paper" else None,
                 "mode": cfg.train.mode,
-                "params_final_m": round(net.final_parameters() / 1e6, 2),
-                "params_heads_m": round(net.head_parameters() / 1e6, 2),
+                "params_final_m": round(net.final_parameters() / 1e6, 2) if net else None,
+                "params_heads_m": round(net.head_parameters() / 1e6, 2) if net else None,
                 "paper": cfg.paper,
-                "description": cfg.description,
+                "description": cfg.description + note,
             }
         )
     if args.json:
@@ -241,9 +246,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     print(f"{'preset':<{wide}} {'arch':<12} {'J':>2} {'k':>2} {'mode':<9} {'final (M)':>9} {'heads (M)':>9}  paper")
     for r in rows:
         paper = ", ".join(f"{k} {v:g}" for k, v in r["paper"].items())
+        sizes = f"{r['params_final_m']:>9.2f} {r['params_heads_m']:>9.2f}" if r["J"] else f"{'-':>9} {'-':>9}"
         print(
-            f"{r['name']:<{wide}} {r['arch']:<12} {r['J']:>2} {r['k'] or '-':>2} {r['mode']:<9} "
-            f"{r['params_final_m']:>9.2f} {r['params_heads_m']:>9.2f}  {paper}"
+            f"{r['name']:<{wide}} {r['arch']:<12} {r['J'] or '-':>2} {r['k'] or '-':>2} {r['mode']:<9} {sizes}  {paper}"
         )
     print("final = every block + the last head (the delivered network); heads = all auxiliary heads.")
     print(f"architectures (model.arch): {', '.join(architectures())}")
@@ -302,6 +307,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps({"model": model, "input": inputs}, indent=2))
     else:
         print(format_report(model, inputs))
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from layerwise.data.shards import write_shards
+    from layerwise.limits import amount
+
+    index = write_shards(args.src, args.out, int(amount(args.shard_size, "bytes", "--shard-size")))
+    for split, rows in index["splits"].items():
+        print(f"{split}: {sum(r['samples'] for r in rows)} images in {len(rows)} shards")
+    print(f"shards, classes.json and index.json in {args.out}")
     return 0
 
 
@@ -429,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true", help="JSON lines: one object per image, errors included")
     q.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("shard", help="write a dataset as tar shards (WebDataset's format) with an index")
+    s.add_argument("src", help="an image folder (or its archive), the ImageNet layout or a CIFAR-10 python archive")
+    s.add_argument("out", help="the folder for the shards, classes.json and index.json")
+    s.add_argument("--shard-size", default="512M", help="the most bytes per shard (512M)")
+    s.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("presets", help="list presets with J, k and parameter counts")
     p.add_argument("--json", action="store_true")

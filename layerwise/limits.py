@@ -33,17 +33,23 @@ class Limit:
         text = os.environ.get(self.env)
         if text is None or not text.strip():
             return self.default
-        found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([KMG]i?B?)?\s*", text, re.IGNORECASE)
-        value = float(found.group(1)) if found else math.nan
-        if found and found.group(2):
-            if self.unit != "bytes":
-                value = math.nan
-            else:
-                value *= 1024 ** ("KMG".index(found.group(2)[0].upper()) + 1)
-        if not (math.isfinite(value) and value > 0):
-            example = "64M, 2G" if self.unit == "bytes" else "1800"
-            raise LayerwiseError(f"{self.env}={text!r} is not a positive number of {self.unit} (for example {example})")
-        return value
+        return amount(text, self.unit, self.env)
+
+
+def amount(text: str, unit: str, name: str) -> float:
+    """A positive number of `unit` from text; bytes take a K, M or G binary suffix (64M). One line naming
+    `name` (an environment variable, an option) otherwise."""
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([KMG]i?B?)?\s*", text, re.IGNORECASE)
+    value = float(found.group(1)) if found else math.nan
+    if found and found.group(2):
+        if unit != "bytes":
+            value = math.nan
+        else:
+            value *= 1024 ** ("KMG".index(found.group(2)[0].upper()) + 1)
+    if not (math.isfinite(value) and value > 0):
+        example = "64M, 2G" if unit == "bytes" else "1800"
+        raise LayerwiseError(f"{name}={text!r} is not a positive number of {unit} (for example {example})")
+    return value
 
 
 MAX_IMAGE_PIXELS = Limit("LAYERWISE_MAX_IMAGE_PIXELS", PIL_MAX_IMAGE_PIXELS, "pixels")

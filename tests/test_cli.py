@@ -38,7 +38,7 @@ def test_presets_lists_every_preset_with_counts(capsys):
     assert code == 0
     for name in list_presets():
         assert name in out
-    assert "architectures (model.arch): cifar_resnet, custom, resnet, simcnn, vgg, vgg11" in out
+    assert "architectures (model.arch): cifar_resnet, custom, resnet, simcnn, timm, vgg, vgg11" in out
     code, out, _ = run_cli(["presets", "--json"], capsys)
     rows = {r["name"]: r for r in json.loads(out)}
     assert round(rows["imagenet_simcnn_k3"]["params_final_m"]) == 102

@@ -185,7 +185,8 @@ def _cifar_examples(path: Path, train: bool) -> tuple[list[str], Decoded]:
     return classes, Decoded(images, labels)
 
 
-def _records(path: Path) -> list[Record]:
+def image_records(path: Path) -> list[Record]:
+    """Every image of an ImageFolder tree or its archive, with its split and class folder."""
     records = _records_from_dir(path) if path.is_dir() else _records_from_archive(path)
     if not records:
         raise LayerwiseError(f"no images found in {path}; expected <root>/<class>/<image> folders")
@@ -211,7 +212,7 @@ def open_train(path: str | Path | None, decode: bool, size: int) -> TrainSource:
             raise LayerwiseError("a CIFAR-10 python archive needs data.augment=cifar")
         classes, train = _cifar_examples(path, train=True)
         return TrainSource(classes, train, None, f"CIFAR-10 python archive {path}")
-    records = _records(path)
+    records = image_records(path)
     splits = {r.split for r in records}
     if "train" in splits:
         train_records = [r for r in records if r.split == "train"]
@@ -242,7 +243,7 @@ def open_eval(path: str | Path, decode: bool, size: int, classes: list[str]) -> 
         src_classes, data = _cifar_examples(path, train=False)
         remap = torch.tensor([_class_index(classes, c, path) for c in src_classes])
         return Decoded(data.images, remap[data.labels])
-    records = _records(path)
+    records = image_records(path)
     splits = {r.split for r in records}
     chosen = next((s for s in ("test", "val") if s in splits), None)
     if chosen is not None:
