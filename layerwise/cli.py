@@ -314,7 +314,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from layerwise.data.shards import write_shards
     from layerwise.limits import amount
 
-    index = write_shards(args.src, args.out, int(amount(args.shard_size, "bytes", "--shard-size")))
+    index = write_shards(args.src, args.out, int(amount(args.shard_size, "bytes", "--shard-size")), args.seed)
     for split, rows in index["splits"].items():
         print(f"{split}: {sum(r['samples'] for r in rows)} images in {len(rows)} shards")
     print(f"shards, classes.json and index.json in {args.out}")
@@ -450,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="an image folder (or its archive), the ImageNet layout or a CIFAR-10 python archive")
     s.add_argument("out", help="the folder for the shards, classes.json and index.json")
     s.add_argument("--shard-size", default="512M", help="the most bytes per shard (512M)")
+    s.add_argument("--seed", type=int, default=0, help="the seed of each split's sample order (0)")
     s.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("presets", help="list presets with J, k and parameter counts")

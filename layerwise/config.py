@@ -233,7 +233,13 @@ class DataConfig:
     split_seed: int = 0
     """Seed of the held-out split; fixed apart from train.seed so runs with other seeds share a validation set."""
     workers: int = 4
-    """DataLoader worker processes (`imagenet` augmentation only)."""
+    """DataLoader worker processes (`imagenet` augmentation only). Sharded data has this many readers per process
+    (at least 1) whatever the CPUs, so that every process deals the shards alike."""
+    shuffle_buffer: int = 1000
+    """Sharded training data: the encoded images each reader holds to shuffle its shards' samples (0: none)."""
+    corrupt: str = "fatal"
+    """Sharded data: a sample that cannot be decoded stops the run (`fatal`) or is skipped with a warning and
+    counted in the metrics (`skip`)."""
 
     def __post_init__(self) -> None:
         _check(self.augment in ("cifar", "imagenet"), "data.augment must be 'cifar' or 'imagenet'")
@@ -266,6 +272,8 @@ class DataConfig:
         _check(self.val_size >= 0, "data.val_size must be >= 0 (a count, or a fraction below 1)")
         _check(self.val_path != "", "data.val_path must be a path, or null for none")
         _check(self.workers >= 0, "data.workers must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        _check(self.corrupt in ("fatal", "skip"), f"data.corrupt must be fatal or skip (got {brief(self.corrupt)})")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -537,6 +545,8 @@ def idle_settings(cfg: RunConfig) -> dict[str, str]:
     if d.augment == "cifar":
         idle["data.workers"] = "data.augment=cifar keeps the images in memory, without DataLoader workers"
         idle["data.resize_size"] = "only data.augment=imagenet resizes its validation images"
+        why = "data.augment=cifar decodes shards into memory once"
+        idle.update(dict.fromkeys(["data.shuffle_buffer", "data.corrupt"], why))
     else:
         idle["data.crop_padding"] = "data.augment=imagenet crops without padding (RandomResizedCrop)"
     if d.augment != "cifar" or d.crop_padding == 0:

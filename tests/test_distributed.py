@@ -19,7 +19,7 @@ from conftest import tiny_overrides, write_folder
 from layerwise.cli import main
 from layerwise.config import parse_assignment
 from layerwise.data import build_data
-from layerwise.data.loaders import Batching, Feed, MemoryLoader, shard
+from layerwise.data.loaders import Batching, Feed, MemoryLoader
 from layerwise.data.sources import Decoded
 from layerwise.distributed import Dist
 from layerwise.errors import LayerwiseError
@@ -393,7 +393,7 @@ def test_the_processes_shares_of_each_batch_make_up_the_global_batch(n, batch, w
 
 def test_evaluation_shards_cover_every_image_once():
     examples = Decoded(torch.zeros(11, 3, 2, 2, dtype=torch.uint8), torch.arange(11))
-    labels = torch.cat([shard(examples, Dist(r, 3)).labels for r in range(3)])
+    labels = torch.cat([examples.part(Dist(r, 3)).labels for r in range(3)])
     assert sorted(labels.tolist()) == list(range(11))
 
 

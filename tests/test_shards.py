@@ -27,14 +27,17 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def test_an_image_folder_comes_back_byte_for_byte_with_its_labels(image_folder, tmp_path):
-    """48 JPEGs of 3 classes in shards of at most 16 KiB: every sample is its source file's bytes, in the folder's
-    order (class by class, by name), labelled with the class folder's index; the index counts them."""
-    index = write_shards(image_folder, tmp_path / "shards", 16 * 1024)
+    """48 JPEGs of 3 classes in shards of at most 16 KiB: every sample is its source file's bytes, labelled with
+    the class folder's index, in the order torch.randperm draws from the seed (not the folder's, class by class);
+    the index counts them."""
+    index = write_shards(image_folder, tmp_path / "shards", 16 * 1024, seed=5)
     files = sorted(image_folder.glob("*/*.jpg"))
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(5)).tolist()
+    assert order != sorted(order)
     got = everything(tmp_path / "shards", "train")
-    assert [data for _, data, _ in got] == [f.read_bytes() for f in files]
+    assert [data for _, data, _ in got] == [files[i].read_bytes() for i in order]
     classes = sorted(p.name for p in image_folder.iterdir())
-    assert [label for _, _, label in got] == [classes.index(f.parent.name) for f in files]
+    assert [label for _, _, label in got] == [classes.index(files[i].parent.name) for i in order]
     assert [key for key, _, _ in got] == [f"{i:08d}" for i in range(48)]
     rows = index["splits"]["train"]
     assert len(rows) > 2 and sum(r["samples"] for r in rows) == 48
@@ -53,6 +56,8 @@ def test_a_rerun_keeps_whole_shards_and_rewrites_the_rest_identically(image_fold
     write_shards(image_folder, out, 16 * 1024)
     assert digests(out) == first
     assert (out / names[2]).stat().st_mtime_ns == kept
+    write_shards(image_folder, out, 16 * 1024, seed=1)  # another order: every shard is rewritten
+    assert not set(digests(out).items()) & set(first.items())
 
 
 def test_the_imagenet_layout_and_a_cifar_archive_keep_their_splits(imagenet_folder, cifar_archive, tmp_path):
@@ -61,11 +66,13 @@ def test_the_imagenet_layout_and_a_cifar_archive_keep_their_splits(imagenet_fold
     index = write_shards(imagenet_folder, tmp_path / "imagenet", 1 << 20)
     assert {s: sum(r["samples"] for r in rows) for s, rows in index["splits"].items()} == {"train": 24, "val": 6}
     write_shards(cifar_archive, tmp_path / "cifar", 1 << 20)
+    g = torch.Generator().manual_seed(0)  # the default seed's order, split after split
     for split, train in (("train", True), ("test", False)):
         _, images, labels = read_cifar_python(cifar_archive, train)
+        order = torch.randperm(len(labels), generator=g)
         got = everything(tmp_path / "cifar", split)
-        assert torch.equal(torch.stack([decode_bytes(d, k) for k, d, _ in got]), images)
-        assert [label for _, _, label in got] == labels.tolist()
+        assert torch.equal(torch.stack([decode_bytes(d, k) for k, d, _ in got]), images[order])
+        assert [label for _, _, label in got] == labels[order].tolist()
 
 
 def shard_of(members: list[tuple[str, bytes]], path: Path, kind: bytes = tarfile.REGTYPE) -> Path:

@@ -10,7 +10,7 @@ Under torchrun (`Dist`) `batch_size` is the global batch: every process draws th
 same global batches and takes its own contiguous share of each, so the processes together see exactly the
 batches one process would. The last batch of an epoch is split as evenly as `tensor_split` makes it (shares
 differ by at most one image); it is dropped only when it holds fewer images than there are processes.
-Evaluation loaders hold every world_size-th image (`shard`), so each image is scored exactly once.
+Evaluation loaders hold their process's part of the images (`part`), so each image is scored exactly once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from layerwise.config import DataConfig
 from layerwise.data.augment import Augmentation, EpochPlan
 from layerwise.data.images import read_image
-from layerwise.data.sources import Decoded, Examples, Files
+from layerwise.data.sources import Decoded, Files
 from layerwise.distributed import SINGLE, Dist
 from layerwise.locks import release_inherited_locks
 
@@ -90,6 +90,8 @@ class Loader(Protocol):
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]: ...
 
+    def epoch_counts(self) -> dict[str, int]: ...
+
 
 class Batched:
     """What every loader shares: an epoch cut into global batches by `self.batching` (a Batching)."""
@@ -108,12 +110,10 @@ class Batched:
     def num_examples(self) -> int:
         return self.batching.n
 
-
-def shard(examples: Examples, where: Dist) -> Examples:
-    """Every world_size-th example from this process's rank on: the processes' shards cover each example once."""
-    if not where.active:
-        return examples
-    return examples.subset(torch.arange(where.rank, len(examples), where.world_size))
+    def epoch_counts(self) -> dict[str, int]:
+        """What the last epoch's images held beyond the data's own (shard_loader.py's repeats, drops and skipped
+        samples), for the metrics; nothing for a loader that shows each image once."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -242,12 +242,3 @@ class StreamLoader(Batched):
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             yield self.normalize(x), y.to(self.device, non_blocking=True)
-
-
-def make_loader(examples: Examples, cfg: DataConfig, feed: Feed) -> Loader:
-    """A training loader over every example (each process takes its share of each batch), or an evaluation
-    loader over this process's shard."""
-    examples = examples if feed.train else shard(examples, feed.where)
-    if isinstance(examples, Decoded):
-        return MemoryLoader(examples, cfg, feed)
-    return StreamLoader(examples, cfg, feed)

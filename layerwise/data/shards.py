@@ -1,9 +1,11 @@
 """Tar shards in WebDataset's format, for data on shared filesystems where a million small files are slow to list
 and read: `layerwise shard SRC OUT` writes them, `read_shard` streams one back.
 
-A shard `{split}-{n:06d}.tar` holds samples one after the other, each two members that share a key: the encoded
+Each split's samples are written in a seeded random order (the source lists them class by class), so that every
+shard mixes the classes and a split's first samples are a random subset of it. A shard `{split}-{n:06d}.tar`
+holds samples one after the other, each two members that share a key: the encoded
 image exactly as the source held it (`{key}.jpg`, `.png`, `.webp` or `.gif`) and its class index as text
-(`{key}.cls`); the key is the sample's index within its split (8 digits). Beside the shards, `classes.json` (the
+(`{key}.cls`); the key is the sample's position in its split's order (8 digits). Beside the shards, `classes.json` (the
 class names, in label order) and `index.json` (each split's shards with their sample counts and sizes, so every
 process knows an epoch's length without reading them). The members carry no owner, time or mode of the source,
 so the same source gives byte-identical shards, and a rerun keeps the shards already written (each is written
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from layerwise.data.cifar import is_cifar_python, read_cifar_python
@@ -90,6 +93,15 @@ def samples_of(src: Path) -> tuple[list[str], list[Sample]]:
     return classes, samples
 
 
+def shuffled(samples: list[Sample], seed: int) -> list[Sample]:
+    """Each split's samples (splits in their order) in an order drawn from `seed`."""
+    g, out = torch.Generator().manual_seed(seed), []
+    for split in dict.fromkeys(s.split for s in samples):
+        mine = [s for s in samples if s.split == split]
+        out += [mine[i] for i in torch.randperm(len(mine), generator=g).tolist()]
+    return out
+
+
 def sample_of(record: Record, split: str, label: int) -> Sample:
     size = len(record.data) if record.data is not None else Path(record.name).stat().st_size
     return Sample(split, label, record.name, extension(record.name), size, record.data)
@@ -117,25 +129,26 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def shard_names(path: Path) -> list[str] | None:
-    """The member names of a whole shard on disk, or None where it cannot be read to its end."""
+def shard_members(path: Path) -> list[tuple[str, int]] | None:
+    """The (name, size) of each member of a whole shard on disk, or None where it cannot be read to its end."""
     try:
         with tarfile.open(path, "r:") as tar:
-            return tar.getnames()
+            return [(m.name, m.size) for m in tar.getmembers()]
     except (OSError, tarfile.TarError, EOFError):
         return None
 
 
-def write_shards(src: str | Path, out: str | Path, shard_bytes: int) -> dict:
-    """Shard `src` into `out` (see the module's docstring); returns the index. A shard already in `out` with the
-    planned members is kept."""
+def write_shards(src: str | Path, out: str | Path, shard_bytes: int, seed: int = 0) -> dict:
+    """Shard `src` into `out` (see the module's docstring), each split's samples in the order drawn from `seed`;
+    returns the index. A shard already in `out` with the planned members (names and sizes) is kept."""
     src, out = check_path(src), Path(out)
     if shard_bytes < 16 * BLOCK:
         raise LayerwiseError(f"--shard-size must be at least {16 * BLOCK} bytes")
     classes, samples = samples_of(src)
+    samples = shuffled(samples, seed)
     out.mkdir(parents=True, exist_ok=True)
     layout = plan(samples, shard_bytes)
-    index = {"format": FORMAT, "classes": classes, "splits": {}}
+    index = {"format": FORMAT, "classes": classes, "seed": seed, "splits": {}}
     first = {split: min(i for shard in shards for i in shard) for split, shards in layout.items()}
     bar = tqdm(total=len(samples), desc="sharding", unit="img", disable=None, mininterval=1.0)
     for split, shards in layout.items():
@@ -143,8 +156,12 @@ def write_shards(src: str | Path, out: str | Path, shard_bytes: int) -> dict:
         for n, positions in enumerate(shards):
             name = f"{split}-{n:06d}.tar"
             keys = [f"{i - first[split]:08d}" for i in positions]
-            members = [f"{k}.{m}" for k, i in zip(keys, positions, strict=True) for m in (samples[i].ext, "cls")]
-            if shard_names(out / name) != members:
+            members = [
+                member
+                for k, i in zip(keys, positions, strict=True)
+                for member in ((f"{k}.{samples[i].ext}", samples[i].size), (f"{k}.cls", len(str(samples[i].label))))
+            ]
+            if shard_members(out / name) != members:
 
                 def write(f, positions=positions, keys=keys) -> None:
                     with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from layerwise.data.cifar import is_cifar_python, read_cifar_python, reading_archive
 from layerwise.data.images import IMAGE_EXTENSIONS, decode_bytes, read_image
+from layerwise.distributed import Dist
 from layerwise.errors import LayerwiseError
 from layerwise.limits import Budget
 
@@ -37,6 +38,12 @@ class Decoded:
     def subset(self, index: torch.Tensor) -> Decoded:
         return Decoded(self.images[index], self.labels[index])
 
+    def fixed(self, k: int, seed: int) -> Decoded:
+        return self.subset(fixed_order(len(self), seed)[:k])
+
+    def part(self, where: Dist) -> Decoded:
+        return self.subset(part_of(len(self), where))
+
 
 @dataclass
 class Files:
@@ -51,8 +58,26 @@ class Files:
     def subset(self, index: torch.Tensor) -> Files:
         return Files([self.paths[i] for i in index.tolist()], [self.labels[i] for i in index.tolist()])
 
+    def fixed(self, k: int, seed: int) -> Files:
+        return self.subset(fixed_order(len(self), seed)[:k])
+
+    def part(self, where: Dist) -> Files:
+        return self.subset(part_of(len(self), where))
+
+
+def fixed_order(n: int, seed: int) -> torch.Tensor:
+    """A seeded order of n examples, whose first k are a fixed subset (`fixed(k, seed)`)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def part_of(n: int, where: Dist) -> torch.Tensor:
+    """Every world_size-th of n examples from this process's rank on (`part`): the processes' parts cover each
+    example once."""
+    return torch.arange(where.rank, n, where.world_size)
+
 
 Examples = Decoded | Files
+"""(shard_loader.Shards is the third kind; data/__init__.py's LOADERS gives each its loader.)"""
 
 
 @dataclass
@@ -170,7 +195,7 @@ def _decode(records: list[Record], size: int | None, desc: str) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _to_examples(records: list[Record], classes: list[str], decode: bool, size: int, desc: str) -> Examples:
+def to_examples(records: list[Record], classes: list[str], decode: bool, size: int, desc: str) -> Examples:
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r.label] for r in records]
     if decode:
@@ -227,8 +252,8 @@ def open_train(path: str | Path | None, decode: bool, size: int) -> TrainSource:
     unknown = sorted({r.label for r in val_records} - set(classes))
     if unknown:
         raise LayerwiseError(f"val/ class folder {unknown[0]!r} is not among the train/ classes; rename or remove it")
-    train = _to_examples(train_records, classes, decode, size, "decoding train")
-    val = _to_examples(val_records, classes, decode, size, "decoding val") if val_records else None
+    train = to_examples(train_records, classes, decode, size, "decoding train")
+    val = to_examples(val_records, classes, decode, size, "decoding val") if val_records else None
     return TrainSource(classes, train, val, f"image folder {path}")
 
 
@@ -241,7 +266,7 @@ def open_eval(path: str | Path, decode: bool, size: int, classes: list[str]) -> 
     path = check_path(path)
     if is_cifar_python(path):
         src_classes, data = _cifar_examples(path, train=False)
-        remap = torch.tensor([_class_index(classes, c, path) for c in src_classes])
+        remap = torch.tensor([class_index(classes, c, path) for c in src_classes])
         return Decoded(data.images, remap[data.labels])
     records = image_records(path)
     splits = {r.split for r in records}
@@ -251,11 +276,11 @@ def open_eval(path: str | Path, decode: bool, size: int, classes: list[str]) -> 
     elif splits != {""}:
         raise LayerwiseError(f"{path} has only a train/ split; evaluate on data no one trained on (val/ or test/)")
     for label in sorted({r.label for r in records}):
-        _class_index(classes, label, path)
-    return _to_examples(records, classes, decode, size, "decoding eval")
+        class_index(classes, label, path)
+    return to_examples(records, classes, decode, size, "decoding eval")
 
 
-def _class_index(classes: list[str], label: str, path: Path) -> int:
+def class_index(classes: list[str], label: str, path: Path) -> int:
     if label not in classes:
         raise LayerwiseError(
             f"class {label!r} in {path} is not one the run was trained on ({', '.join(classes[:10])}...); remove it"

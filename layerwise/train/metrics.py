@@ -170,6 +170,9 @@ def summarize(cfg: RunConfig, net: StagedNet, rows: list[dict], stages, seconds:
         "wall_seconds_this_session": seconds,
         "paper": cfg.paper,
     }
+    counted = [r["data"] for r in rows if "data" in r]  # sharded data's repeats, drops and skipped samples
+    if counted:
+        summary["data"] = {k: sum(c[k] for c in counted) for k in counted[0]}
     if scored != "val":  # say so: these are not validation figures
         what = TRAIN_EVAL if scored else "the augmented training batches"
         summary["no_validation"] = f"data.val_size=0 and no data.val_path; the figures are on {what}"

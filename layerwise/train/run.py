@@ -278,7 +278,7 @@ class Run:
                 for key, loader in loaders.items()
                 if loader is not None
             }
-        row = epoch_row(stage, epoch, lr, stats, scored)
+        row = {**epoch_row(stage, epoch, lr, stats, scored), **self.data_counts()}
         self.depth.record(row)
         extra, states = self.runner.state()
         meta = {"stage": stage.index, "stage_name": stage.name, "block": stage.block, "epoch": epoch + 1, "lr": lr,
@@ -288,6 +288,16 @@ class Run:
         log.info(format_row(row))
         for sink in self.sinks:
             sink.add(row)
+
+    def data_counts(self) -> dict[str, dict[str, int]]:
+        """{"data": the epoch's repeated, dropped and skipped images over every process}, for a loader that has
+        them (shard_loader.py), else {}. Every process has the same kind of loader, so all or none sum."""
+        counts = self.parts.data.train.epoch_counts()
+        if not counts:
+            return {}
+        values = torch.tensor(list(counts.values()), dtype=torch.int64, device=self.parts.precision.device)
+        summed = self.where.sum(values)
+        return {"data": dict(zip(counts, summed.tolist(), strict=True))}
 
     def save(self, path: Path, meta: dict, states=None, first: Callable[[], None] | None = None) -> None:
         """Rank 0: snapshot the weights (and `states`) now; the writer runs `first`, if given, then saves them
