@@ -91,6 +91,8 @@ def estimate(preset: str, mode: str, a: Assumptions, gpus_list: list[int]) -> di
         rows.append(row)
     epochs = cfg.train.epochs_per_block
     hours = {g: epochs * sum(r[f"{g}_gpus"]["seconds"] for r in rows) / 3600 for g in gpus_list}
+    # the cores that would decode as fast as one GPU computes: the fastest stage's images/s over a core's
+    gpu_rates = [(TRAIN_IMAGES + VAL_IMAGES) / r[f"{gpus_list[0]}_gpus"]["gpu"] * gpus_list[0] for r in rows]
     paced_by = {g: [r[f"{g}_gpus"]["pace"] for r in rows] for g in gpus_list}
     return {
         "preset": preset,
@@ -99,6 +101,10 @@ def estimate(preset: str, mode: str, a: Assumptions, gpus_list: list[int]) -> di
         "stages": rows,
         "hours": hours,
         "paced_by": paced_by,
+        "cores_per_gpu_needed": {
+            "every_stage": max(gpu_rates) / a.core_rate,
+            "mean_stage": sum(gpu_rates) / len(gpu_rates) / a.core_rate,
+        },
     }
 
 
@@ -122,13 +128,16 @@ def main() -> None:
         return
     print(f"assumptions: {dataclasses.asdict(a)}")
     header = f"{'preset':<22} {'mode':<6} {'GFLOP/img':>9} " + " ".join(f"{f'{g} GPU h':>9}" for g in args.gpus)
-    print(header + "  stages paced by gpu / input / all-reduce, on " + ", ".join(map(str, args.gpus)) + " GPUs")
+    paced_by = "  stages paced by gpu / input / all-reduce, on " + ", ".join(map(str, args.gpus)) + " GPUs"
+    print(header + paced_by + "  cores per GPU for no stage to wait (mean stage)")
     for r in results:
         total = sum(s["train_gflops_per_image"] for s in r["stages"])
         hours = " ".join(f"{r['hours'][g]:>9.1f}" for g in args.gpus)
         paces = [r["paced_by"][g] for g in args.gpus]
         paced = ", ".join("/".join(str(p.count(k)) for k in ("gpu", "input", "all-reduce")) for p in paces)
-        print(f"{r['preset']:<22} {r['mode']:<6} {total:>9.1f} {hours}  {paced}")
+        cores = r["cores_per_gpu_needed"]
+        needed = f"{cores['every_stage']:.0f} ({cores['mean_stage']:.0f})"
+        print(f"{r['preset']:<22} {r['mode']:<6} {total:>9.1f} {hours}  {paced}  {needed}")
 
 
 if __name__ == "__main__":

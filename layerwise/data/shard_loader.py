@@ -177,6 +177,18 @@ def crop_seed(seed: int, position: int, rereading: int) -> int:
     return hash((seed, position, rereading)) & (2**63 - 1)
 
 
+def seeded(transform: v2.Transform, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """transform(image) with the CPU generator seeded, and left as it was (the training process may read shards
+    itself). torch.manual_seed would cost 100x more: it seeds every device's generator."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(state)
+
+
 class ShardStream(IterableDataset):
     """The readers of one process, for one epoch: DataLoader worker i runs readers i, i + workers, ... and hands
     over (uint8 crops, labels, samples skipped) chunks."""
@@ -213,9 +225,8 @@ class ShardStream(IterableDataset):
                 if position in bad:  # met before in this epoch: skipped again, warned and counted once
                     continue
                 try:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(crop_seed(reading.seed, position, rereading))
-                        image = reading.transform(decode_bytes(raw, name))
+                    seed = crop_seed(reading.seed, position, rereading)
+                    image = seeded(reading.transform, decode_bytes(raw, name), seed)
                 except LayerwiseError as e:
                     if not reading.skip:
                         raise
