@@ -92,7 +92,7 @@ def estimate(preset: str, mode: str, a: Assumptions, gpus_list: list[int]) -> di
     epochs = cfg.train.epochs_per_block
     hours = {g: epochs * sum(r[f"{g}_gpus"]["seconds"] for r in rows) / 3600 for g in gpus_list}
     # the cores that would decode as fast as one GPU computes: the fastest stage's images/s over a core's
-    gpu_rates = [(TRAIN_IMAGES + VAL_IMAGES) / r[f"{gpus_list[0]}_gpus"]["gpu"] * gpus_list[0] for r in rows]
+    gpu_rates = [(TRAIN_IMAGES + VAL_IMAGES) / (r[f"{gpus_list[0]}_gpus"]["gpu"] * gpus_list[0]) for r in rows]
     paced_by = {g: [r[f"{g}_gpus"]["pace"] for r in rows] for g in gpus_list}
     return {
         "preset": preset,
@@ -111,7 +111,7 @@ def estimate(preset: str, mode: str, a: Assumptions, gpus_list: list[int]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU")
-    parser.add_argument("--core-rate", type=float, default=440.0, help="images/s per CPU core (decode + crop)")
+    parser.add_argument("--core-rate", type=float, default=255.0, help="images/s per CPU core (decode + crop: shards, docs/scaling.md)")
     parser.add_argument("--cores-per-gpu", type=int, default=12)
     parser.add_argument("--busbw-node", type=float, default=360.0, help="all-reduce GB/s within a node (NVLink)")
     parser.add_argument("--busbw-net", type=float, default=40.0, help="all-reduce GB/s between nodes")
