@@ -111,7 +111,8 @@ def estimate(preset: str, mode: str, a: Assumptions, gpus_list: list[int]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU")
-    parser.add_argument("--core-rate", type=float, default=255.0, help="images/s per CPU core (decode + crop: shards, docs/scaling.md)")
+    rate = "images/s per CPU core (decode + crop; shards, docs/scaling.md)"
+    parser.add_argument("--core-rate", type=float, default=255.0, help=rate)
     parser.add_argument("--cores-per-gpu", type=int, default=12)
     parser.add_argument("--busbw-node", type=float, default=360.0, help="all-reduce GB/s within a node (NVLink)")
     parser.add_argument("--busbw-net", type=float, default=40.0, help="all-reduce GB/s between nodes")
