@@ -237,6 +237,9 @@ class DataConfig:
     (at least 1) whatever the CPUs, so that every process deals the shards alike."""
     shuffle_buffer: int = 1000
     """Sharded training data: the encoded images each reader holds to shuffle its shards' samples (0: none)."""
+    decode: str = "cpu"
+    """Sharded data (`imagenet` augmentation): where images are decoded and cropped, `cpu` (in the DataLoader
+    workers) or `gpu` (batched decode_jpeg and the crops on the training GPU; layerwise.data.decoding)."""
     corrupt: str = "fatal"
     """Sharded data: a sample that cannot be decoded stops the run (`fatal`) or is skipped with a warning and
     counted in the metrics (`skip`)."""
@@ -273,6 +276,7 @@ class DataConfig:
         _check(self.val_path != "", "data.val_path must be a path, or null for none")
         _check(self.workers >= 0, "data.workers must be >= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        _check(self.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu (got {brief(self.decode)})")
         _check(self.corrupt in ("fatal", "skip"), f"data.corrupt must be fatal or skip (got {brief(self.corrupt)})")
 
 
@@ -546,7 +550,7 @@ def idle_settings(cfg: RunConfig) -> dict[str, str]:
         idle["data.workers"] = "data.augment=cifar keeps the images in memory, without DataLoader workers"
         idle["data.resize_size"] = "only data.augment=imagenet resizes its validation images"
         why = "data.augment=cifar decodes shards into memory once"
-        idle.update(dict.fromkeys(["data.shuffle_buffer", "data.corrupt"], why))
+        idle.update(dict.fromkeys(["data.shuffle_buffer", "data.corrupt", "data.decode"], why))
     else:
         idle["data.crop_padding"] = "data.augment=imagenet crops without padding (RandomResizedCrop)"
     if d.augment != "cifar" or d.crop_padding == 0:

@@ -58,6 +58,8 @@ MAX_MEMBER_BYTES = Limit("LAYERWISE_MAX_MEMBER_BYTES", 64 * MiB, "bytes")
 """One file read into memory: an archive member, an image, a CIFAR-10 batch (31 MiB each in the real archive)."""
 MAX_ARCHIVE_BYTES = Limit("LAYERWISE_MAX_ARCHIVE_BYTES", 8 * GiB, "bytes")
 """All the members read out of one archive, or extracted from it by `bench`."""
+MAX_BUFFER_BYTES = Limit("LAYERWISE_MAX_BUFFER_BYTES", 1 * GiB, "bytes")
+"""The encoded images one shard reader holds to shuffle (data.shuffle_buffer of them, at most this many bytes)."""
 MAX_WEIGHTS_BYTES = Limit("LAYERWISE_MAX_WEIGHTS_BYTES", 2 * GiB, "bytes")
 """A model.weights file (timm): ConvNeXt-XL's are 1.4 GB."""
 DIST_TIMEOUT = Limit("LAYERWISE_DIST_TIMEOUT", 1800, "seconds")

@@ -5,20 +5,10 @@
 # unfinished one resumed. Results go in docs/results.md ("ResNet-18 at the demo's scale").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-layerwise=${LAYERWISE:-.venv/bin/layerwise}
+source recipes/resumable.sh
 demo_recipe=(--epochs-per-block 4 --batch-size 64 --lr 0.05 --set train.lr_step=3 --set train.lr_gamma=0.2
   --set train.reset_momentum_at_decay=true --set train.weight_decay=0.0005 --set data.val_size=1000
   --set train.train_eval_size=1000)
-run() {  # OUT ARGS...: train into OUT unless it has finished, resuming an interrupted run
-  local out=$1
-  shift
-  if [[ -f $out/summary.json ]]; then return; fi
-  if [[ -f $out/config.yaml ]]; then
-    /usr/bin/time -f "$out %e s" "$layerwise" train --out "$out" --resume
-  else
-    /usr/bin/time -f "$out %e s" "$layerwise" train --out "$out" "$@"
-  fi
-}
 for seed in 0 1; do
   run runs/demo-scale/resnet18-k2-seed$seed --preset cifar10_resnet18_k2 "${demo_recipe[@]}" --seed $seed
 done

@@ -17,7 +17,8 @@ only way a tar of a folder can be read without extracting it), `shards` (`ShardL
 own shards through the shuffle buffer). One timed epoch after an untimed one, uint8 crops in batches of 64,
 one thread per process. Workers are not lowered to the CPUs here (training lowers them), so 4 workers on 2
 cores show the cost of oversubscription. With webdataset installed, its tar reader is timed against
-`read_shard` on the same shards, without decoding (the choice between them: docs/decisions.md).
+`read_shard` on the same shards, without decoding (the choice between them: docs/decisions.md). `--gpu` adds
+the shards with data.decode=gpu: JPEGs decoded in batches and cropped on the GPU (recipes/device_check.sh).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def epoch_seconds(loader) -> float:
     t0 = time.perf_counter()
     for _ in loader.batches(seed=1):
         pass
+    if loader.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -113,7 +116,7 @@ def reader_rates(shards: Path) -> dict[str, float]:
     return out
 
 
-def measure(root: Path, workers: list[int], batch: int) -> dict:
+def measure(root: Path, workers: list[int], batch: int, gpu: bool) -> dict:
     crop, resize = SIZES[root.name]
     cfg = DataConfig(augment="imagenet", image_size=crop, resize_size=resize, val_size=0)
     total = sum(p.stat().st_size for p in (root / "folder").rglob("*.jpg"))
@@ -127,6 +130,10 @@ def measure(root: Path, workers: list[int], batch: int) -> dict:
                        ("shards", lambda c: ShardLoader(shards, c, Feed(batch, cpu, True)))):  # fmt: skip
         rates[path] = {w: round(n / epoch_seconds(make(DataConfig(**{**vars(cfg), "workers": w}))), 1)
                        for w in workers}  # fmt: skip
+    if gpu:  # data.decode=gpu: readers pass JPEGs on, the GPU decodes and crops them
+        feed, decode = Feed(batch, torch.device("cuda"), True), {**vars(cfg), "decode": "gpu"}
+        on_gpu = {w: ShardLoader(shards, DataConfig(**{**decode, "workers": w}), feed) for w in workers}
+        rates["shards_gpu_decode"] = {w: round(n / epoch_seconds(loader), 1) for w, loader in on_gpu.items()}
     rates["readers_samples_per_s"] = {k: round(v) for k, v in reader_rates(root / "shards").items()}
     return rates
 
@@ -140,6 +147,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--gpu", action="store_true", help="also the shards with data.decode=gpu (needs CUDA)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     loaders.usable_workers = shard_loader.usable_workers = lambda asked: asked  # measure 4 workers on 2 cores too
@@ -151,7 +159,7 @@ def main() -> None:
                 write_set(root, sample_jpegs(args.cifar or sample_path(), args.cifar_images))
             else:
                 write_set(root, enlarged(sample_jpegs(sample_path(), args.images), (375, 500), args.quality))
-            result["sets"][name] = measure(root, args.workers, args.batch_size)
+            result["sets"][name] = measure(root, args.workers, args.batch_size, args.gpu)
             print(json.dumps({name: result["sets"][name]}), flush=True)
     print(json.dumps(result, indent=2))
 

@@ -32,9 +32,10 @@ def write_solid(root: Path, split: str, numbers: range) -> None:
 
 
 def config(workers: int = 2, **more) -> DataConfig:
-    """Streamed (imagenet) data that leaves the colours as they are: mean 0, std 1, crops of SIDE."""
-    return DataConfig(augment="imagenet", image_size=SIDE, resize_size=SIDE, mean=[0.0] * 3, std=[1.0] * 3,
-                      workers=workers, **more)  # fmt: skip
+    """Streamed (imagenet) data that leaves the colours as they are: mean 0, std 1, crops of SIDE (unless `more`
+    says otherwise)."""
+    given = {"image_size": SIDE, "resize_size": SIDE, **more}
+    return DataConfig(augment="imagenet", mean=[0.0] * 3, std=[1.0] * 3, workers=workers, **given)
 
 
 def numbers(x: torch.Tensor) -> list[int]:

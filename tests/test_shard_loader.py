@@ -4,20 +4,34 @@ shards by folder, pattern or list, and the same scores as the folder the shards 
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision.io import encode_png
 
 from layerwise.config import parse_assignment
-from layerwise.data import build_data, build_eval_loader
-from layerwise.data.loaders import Batching, Feed
-from layerwise.data.shard_loader import ShardLoader, Shards, expand, is_shard_spec, open_train_shards, quotas, shares
-from layerwise.data.shards import write_shards
+from layerwise.data import build_data, build_eval_loader, decoding
+from layerwise.data.decoding import CropInReader, CropOnDevice
+from layerwise.data.loaders import Batching, Feed, imagenet_transform
+from layerwise.data.shard_loader import (
+    Shard,
+    ShardLoader,
+    Shards,
+    expand,
+    is_shard_spec,
+    open_train_shards,
+    quotas,
+    shares,
+    train_plan,
+)
+from layerwise.data.shards import read_shard, write_shards
 from layerwise.distributed import SINGLE, Dist
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate import evaluate
@@ -33,13 +47,14 @@ and data, the class's header and data), a shard 2 end blocks more."""
 
 @pytest.fixture(scope="module")
 def solid(tmp_path_factory) -> Path:
-    """Shards of 40 training images (5 shards of 8) and 12 validation images (8 + 4), numbered 0..51."""
+    """Shards of 40 training images (5 shards of 8) and 12 validation images (6 + 6: a split's shards are equal to
+    within one image), numbered 0..51."""
     root = tmp_path_factory.mktemp("solid")
     write_solid(root / "images", "train", range(40))
     write_solid(root / "images", "val", range(40, 52))
     index = write_shards(root / "images", root / "shards", EIGHT)
     assert [r["samples"] for r in index["splits"]["train"]] == [8] * 5
-    assert [r["samples"] for r in index["splits"]["val"]] == [8, 4]
+    assert [r["samples"] for r in index["splits"]["val"]] == [6, 6]
     return root / "shards"
 
 
@@ -97,21 +112,21 @@ def test_two_processes_with_two_readers_each_see_the_dataset_with_the_drops_and_
 
 
 def test_evaluation_scores_every_image_once_over_the_processes(solid):
-    """The 8 + 4 validation images: process 0 reads the shard of 8, process 1 the one of 4; with three processes
-    the third has none and still takes part."""
+    """The 6 + 6 validation images: each of two processes reads one shard; with three processes the third has
+    none and still takes part."""
     val = build_data(config(), solid, 4, CPU).val  # the shards' val split
     assert sorted(n for b in seen(val) for n in b) == list(range(40, 52))
     for world in (2, 3):
-        parts = [build_data(config(), solid, 4, CPU, where=Dist(r, world)).val for r in range(world)]
+        parts = [build_data(config(workers=1), solid, 4, CPU, where=Dist(r, world)).val for r in range(world)]
         got = [n for p in parts for b in seen(p) for n in b]
         assert sorted(got) == list(range(40, 52))
-    assert [len(p.shards) for p in parts] == [8, 4, 0]
+    assert [len(p.shards) for p in parts] == [6, 6, 0]
 
 
 def test_more_readers_than_shards_is_one_line(solid):
     shards = open_train_shards(solid, False, 4).train
     with pytest.raises(LayerwiseError, match=r"5 shards cannot give each of 2 process\(es\) x 3 reader\(s\) one"):
-        next(loader(shards, 8, 0, 2, workers=3).batches())
+        loader(shards, 8, 0, 2, workers=3)
 
 
 def test_a_corrupt_sample_stops_the_epoch_or_is_skipped_and_counted(tmp_path):
@@ -202,3 +217,137 @@ def test_a_run_on_shards_counts_the_skipped_samples_in_its_metrics_and_summary(t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["data"] == {"repeated": 0, "dropped": 0, "skipped": 1} for r in rows)
     assert json.loads((out / "summary.json").read_text())["data"] == {"repeated": 0, "dropped": 0, "skipped": 6}
+
+
+def jpeg_and_png_samples(image_folder: Path) -> list[tuple[bytes, str]]:
+    files = sorted(image_folder.glob("*/*.jpg"))[:6]
+    png = encode_png(torch.arange(3 * 20 * 28, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 20, 28))
+    return [(f.read_bytes(), f.name) for f in files] + [(bytes(png.numpy()), "odd.png")]
+
+
+def test_decoding_on_the_device_crops_as_the_reader_does(image_folder):
+    """data.decode=gpu's plumbing on the CPU: the batched decode_jpeg and the crops drawn from the same seeds give
+    exactly the reader's crops (torchvision's decode and v2 transforms), JPEGs and a PNG alike."""
+    transform = imagenet_transform(config(image_size=24, resize_size=32), train=True)
+    reader, device = CropInReader(transform), CropOnDevice(transform)
+    samples = jpeg_and_png_samples(image_folder)
+    seeds = list(range(100, 100 + len(samples)))
+    names = [name for _, name in samples]
+    crops = reader.unpack(
+        reader.pack([reader.item(r, n, s) for (r, n), s in zip(samples, seeds, strict=True)], seeds, names), CPU
+    )
+    items = [device.item(r, n, s) for (r, n), s in zip(samples, seeds, strict=True)]
+    assert [d.dim() for d, _ in items] == [1] * 6 + [3]  # JPEGs stay encoded, the PNG is decoded by the reader
+    on_device = device.unpack(device.pack(items, seeds, names), CPU)
+    assert on_device.shape == (7, 3, 24, 24) and torch.equal(on_device, crops)
+    shifted = device.unpack(device.pack(items, [s + 1 for s in seeds], names), CPU)
+    assert not torch.equal(shifted, crops)  # the seeds draw the crops
+
+
+def test_a_shard_loader_decoding_on_the_device_yields_the_batches_of_one_decoding_in_its_workers(
+    image_folder, tmp_path, monkeypatch
+):
+    """The whole loader with data.decode=gpu, its device check lifted so that the CPU stands in for the GPU."""
+    write_shards(image_folder, tmp_path / "shards", 16 * 1024)
+    shards = open_train_shards(tmp_path / "shards", False, 24).train
+    feed = Feed(8, CPU, True)
+    cpu = list(ShardLoader(shards, config(image_size=24, resize_size=32), feed).batches(seed=4))
+    monkeypatch.setattr(decoding, "check_device", lambda device: None)
+    gpu = list(ShardLoader(shards, config(image_size=24, resize_size=32, decode="gpu"), feed).batches(seed=4))
+    assert len(cpu) == len(gpu) == 6
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(cpu, gpu, strict=True))
+
+
+def test_decoding_on_the_gpu_is_refused_where_it_cannot_run(image_folder, tmp_path):
+    write_shards(image_folder, tmp_path / "shards", 16 * 1024)
+    with pytest.raises(LayerwiseError, match=r"data\.decode=gpu decodes on a CUDA device, and this run trains on cpu"):
+        build_data(config(decode="gpu", val_size=0), tmp_path / "shards", 8, CPU)
+    with pytest.raises(LayerwiseError, match=r"data\.decode=gpu is for shards"):
+        build_data(config(decode="gpu", val_size=8), image_folder, 8, CPU)
+    with pytest.raises(LayerwiseError, match=r"data\.decode has no effect here"):
+        resolve_config("demo", None, [parse_assignment("data.decode=gpu")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decoding_on_the_gpu_gives_the_workers_labels_and_nearly_their_pixels(image_folder, tmp_path):
+    """nvJPEG and libjpeg round differently: the same crops, pixels within a few levels."""
+    write_shards(image_folder, tmp_path / "shards", 16 * 1024)
+    shards = open_train_shards(tmp_path / "shards", False, 24).train
+    cuda = torch.device("cuda")
+    cfg = config(image_size=24, resize_size=32)
+    cpu = list(ShardLoader(shards, cfg, Feed(8, cuda, True)).batches(seed=4))
+    gpu = list(ShardLoader(shards, config(image_size=24, resize_size=32, decode="gpu"), Feed(8, cuda, True)).batches(4))
+    for (a, ya), (b, yb) in zip(cpu, gpu, strict=True):
+        assert torch.equal(ya, yb)
+        assert (a - b).abs().mean() * 255 < 3
+
+
+def test_a_deal_that_would_show_images_more_than_twice_is_refused_on_every_process():
+    """Shards of 10, 10, 10, 10 and 1 for 5 processes: whichever process gets the shard of 1 owes 8 or 9 images."""
+    shards = Shards(tuple(Shard(Path(f"s{i}.tar"), n, 10 * i) for i, n in enumerate([10, 10, 10, 10, 1])), (0, 1))
+    for rank in range(5):
+        where = Dist(rank, 5)
+        with pytest.raises(LayerwiseError, match=r"gives process \d shards of 1 images for its [89]"):
+            train_plan(shards, 1, Batching(41, 5, where), where, seed=0)
+    assert ShardLoader(shards, config(workers=1), Feed(5, CPU, True, Dist(0, 5))).epoch_counts() == {
+        "repeated": 0, "dropped": 0, "skipped": 0}  # fmt: skip
+
+
+def test_evaluation_skips_a_corrupt_sample_without_showing_another_twice(tmp_path):
+    write_solid(tmp_path / "images", "train", range(16))
+    write_solid(tmp_path / "images", "val", range(16, 32))
+    (tmp_path / "images" / "val" / "b" / "0025.png").write_bytes(b"not a png")
+    write_shards(tmp_path / "images", tmp_path / "shards", EIGHT)
+    val = build_data(config(corrupt="skip"), tmp_path / "shards", 4, CPU).val
+    got = [n for b in seen(val) for n in b]
+    assert sorted(got) == [n for n in range(16, 32) if n != 25]
+    assert val.epoch_counts()["skipped"] == 1
+
+
+def test_a_shard_with_fewer_samples_than_its_index_says_is_one_line(solid, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for f in solid.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    index = json.loads((folder / "index.json").read_text())
+    index["splits"]["train"][0]["samples"] = 9
+    (folder / "index.json").write_text(json.dumps(index))
+    shards = open_train_shards(folder, False, 4).train
+    with pytest.raises(LayerwiseError, match=r"train-000000\.tar holds 8 samples where index\.json says 9"):
+        seen(loader(shards, 8, 0, 1, workers=0))
+
+
+def test_an_extended_tar_header_is_refused_before_its_body_is_read(tmp_path):
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("00000000.jpg")
+        info.pax_headers = {"comment": "x" * 100_000}
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(LayerwiseError, match=r"pax\.tar is unreadable after sample None \(.*extended or special"):
+        list(read_shard(path, 3))
+
+
+def test_a_rerun_on_a_changed_source_keeps_no_shard_of_the_old_plan(tmp_path):
+    """Solid PNGs all weigh the same, so a shard of the old source has the new plan's member names and sizes: the
+    plan's digests tell them apart, and the result is what a fresh run writes."""
+    write_solid(tmp_path / "images", "train", range(40))
+    write_shards(tmp_path / "images", tmp_path / "shards", EIGHT)
+    write_solid(tmp_path / "images", "train", range(40, 48))
+    write_shards(tmp_path / "images", tmp_path / "shards", EIGHT)
+    write_shards(tmp_path / "images", tmp_path / "fresh", EIGHT)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("*.tar")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "fresh").glob("*.tar")
+    }
+
+
+def test_only_shards_are_taken_for_shards(solid, tmp_path, image_folder):
+    odd = tmp_path / "odd{0..1}"
+    odd.mkdir()
+    assert not is_shard_spec(odd) and not is_shard_spec(image_folder)
+    (image_folder / "index.json").write_text('{"a stray": "file"}')
+    assert not is_shard_spec(image_folder)
+    assert is_shard_spec(f"{solid}/train-{{000000..000001}}.tar") and not is_shard_spec(tmp_path / "no{such}")
+    listing = tmp_path / "twice.txt"
+    listing.write_text(f"{solid}/train-000000.tar\n{solid}/train-000000.tar\n")
+    with pytest.raises(LayerwiseError, match="names a shard twice"):
+        open_train_shards(listing, False, 4)

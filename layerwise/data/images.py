@@ -43,12 +43,9 @@ def open_header(raw: bytes) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def decode_bytes(raw: bytes, name: str) -> torch.Tensor:
-    """(3, H, W) uint8 RGB from an encoded image; a one-line error naming `name` for anything else.
-
-    Grayscale, palette and RGBA images become RGB (alpha is dropped, as torchvision's RGB mode does); 16-bit
-    images are scaled to 8 bits.
-    """
+def checked_header(raw: bytes, name: str) -> Image.Image:
+    """PIL's image for the bytes, its header read and its size within LAYERWISE_MAX_IMAGE_PIXELS; one line naming
+    `name` otherwise. Nothing is decoded yet."""
     limit = MAX_IMAGE_PIXELS.get()
     try:
         image = open_header(raw)
@@ -60,6 +57,17 @@ def decode_bytes(raw: bytes, name: str) -> torch.Tensor:
             f"{name} is {width}x{height} = {width * height:,} pixels, more than "
             f"{MAX_IMAGE_PIXELS.env}={int(limit):,}; raise it if you trust the image"
         )
+    return image
+
+
+def decode_bytes(raw: bytes, name: str) -> torch.Tensor:
+    """(3, H, W) uint8 RGB from an encoded image; a one-line error naming `name` for anything else.
+
+    Grayscale, palette and RGBA images become RGB (alpha is dropped, as torchvision's RGB mode does); 16-bit
+    images are scaled to 8 bits.
+    """
+    image = checked_header(raw, name)
+    width, height = image.size
     try:
         if image.format == "GIF" or getattr(image, "is_animated", False):  # frame 0 (PIL opens there) alone
             pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()

@@ -30,6 +30,7 @@ from layerwise.data.augment import Augmentation, EpochPlan
 from layerwise.data.images import read_image
 from layerwise.data.sources import Decoded, Files
 from layerwise.distributed import SINGLE, Dist
+from layerwise.errors import LayerwiseError
 from layerwise.locks import release_inherited_locks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -212,6 +213,9 @@ class StreamLoader(Batched):
     """
 
     def __init__(self, files: Files, cfg: DataConfig, feed: Feed):
+        if cfg.decode != "cpu":
+            why = "an image folder decodes in the DataLoader workers"
+            raise LayerwiseError(f"data.decode={cfg.decode} is for shards (layerwise shard); {why}: remove it")
         device, train = feed.device, feed.train
         self.dataset = FileDataset(files, imagenet_transform(cfg, train))
         self.batch_size, self.device, self.train = feed.batch_size, device, train

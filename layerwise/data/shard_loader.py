@@ -7,42 +7,48 @@ An epoch of training, under P processes with W readers each (data.workers, at le
   the P x W readers holds the fewest samples so far; every process draws the same deal;
 - the epoch is cut into global batches as the in-memory and file loaders cut it (`Batching`: the same number of
   steps at any P), so process p must deliver exactly its shares, L_p images. A process whose shards hold more
-  drops its last samples; one whose shards hold fewer reads its shards again from the start (repeats). Over the
-  processes the drops and repeats are equal in number: each epoch is the dataset's size in images, every image
-  at most twice, and `epoch_counts` says how many were repeated and dropped (the metrics and summary carry it);
+  drops its last samples; one whose shards hold fewer reads its shards again from the start (repeats). A deal
+  that would leave a process less than half its shares is refused, so no image is shown more than twice in an
+  epoch; `epoch_counts` says how many were repeated and dropped (the metrics and summary carry it). Over the
+  processes the epoch is the dataset's size, less a last batch smaller than P (which every loader drops), so the
+  drops and repeats are equal in number but for those;
 - a reader passes its samples through a shuffle buffer (data.shuffle_buffer encoded images, a generator seeded
   with the epoch's seed, the process and the reader) before decoding them;
 - a sample's random crop and flip are drawn from a seed of the epoch's seed and the sample's position in the
   dataset alone, so the same image gets the same crop however many processes or workers read it.
 
-The epoch is reproducible for the same P and W: a run resumes exactly at an epoch boundary. It also resumes on
-another P or W, with the same images, drops and repeats aside, in another order. Evaluation deals the shards in
-their order to the processes' readers and reads each sample once, without drops or repeats (`evaluate` sums
-the processes' counts). A sample that cannot be decoded is fatal, one line naming the shard and key, or with
-data.corrupt=skip, a warning, replaced by the reader's next sample, and counted (once an epoch).
+The epoch is reproducible for the same P and W and the same number of DataLoader processes (data.workers is
+lowered to the CPUs there are, and a worker that runs several readers interleaves their chunks otherwise): a run
+resumes exactly at an epoch boundary. It also resumes on another P or W, with the same images, drops and repeats
+aside, in another order. Evaluation deals the shards in their order to the processes' readers and reads each
+sample once, without drops or repeats (`evaluate` sums the processes' counts). A sample that cannot be decoded
+is fatal, one line naming the shard and key, or with data.corrupt=skip, a warning, replaced by the reader's next
+sample (not in evaluation, which scores the others), and counted (once an epoch).
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2
 
 from layerwise.config import DataConfig
-from layerwise.data.images import decode_bytes
+from layerwise.data.decoding import Decoding, decoding_for
 from layerwise.data.loaders import Batch, Batched, Batching, Feed, Normalize, imagenet_transform, usable_workers
-from layerwise.data.shards import read_index, read_shard
+from layerwise.data.shards import FORMAT, read_index, read_shard
 from layerwise.data.sources import Decoded, Record, TrainSource, class_index, to_examples
 from layerwise.distributed import SINGLE, Dist
-from layerwise.errors import LayerwiseError
-from layerwise.limits import RUN_FILE
+from layerwise.errors import LayerwiseError, one_line
+from layerwise.limits import MAX_BUFFER_BYTES, RUN_FILE, Budget
 from layerwise.locks import release_inherited_locks
 from layerwise.safe_io import read_text
 
@@ -97,11 +103,11 @@ class Shards:
 
 def deal(shards: list[Shard], readers: int) -> list[list[Shard]]:
     """Each shard, in the order given, to the reader holding the fewest samples so far (the first on ties)."""
-    held, loads = [[] for _ in range(readers)], [0] * readers
+    held, loads = [[] for _ in range(readers)], [(0, r) for r in range(readers)]
     for s in shards:
-        r = loads.index(min(loads))
+        load, r = heapq.heappop(loads)
         held[r].append(s)
-        loads[r] += s.samples
+        heapq.heappush(loads, (load + s.samples, r))
     return held
 
 
@@ -143,13 +149,17 @@ class EpochPlan:
 def train_plan(shards: Shards, readers: int, batching: Batching, where: Dist, seed: int) -> EpochPlan:
     """The epoch's deal (see the module's docstring): the same on every process, this process's part of it."""
     slots = where.world_size * readers
-    if len(shards.shards) < slots:
-        raise LayerwiseError(
-            f"{len(shards.shards)} shards cannot give each of {where.world_size} process(es) x {readers} reader(s) "
-            "one: write smaller shards (layerwise shard --shard-size) or lower data.workers"
-        )
     order = torch.randperm(len(shards.shards), generator=torch.Generator().manual_seed(seed)).tolist()
-    dealt = deal([shards.shards[i] for i in order], slots)[where.rank * readers : (where.rank + 1) * readers]
+    everyone = deal([shards.shards[i] for i in order], slots)
+    for p in range(where.world_size):  # the same verdict on every process
+        holds = sum(s.samples for mine in everyone[p * readers : (p + 1) * readers] for s in mine)
+        owes = sum(shares(batching, Dist(p, where.world_size)))
+        if 2 * holds < owes:
+            raise LayerwiseError(
+                f"this epoch's deal gives process {p} shards of {holds} images for its {owes}, so it would show "
+                "them more than twice: write more shards of equal size (layerwise shard --shard-size)"
+            )
+    dealt = everyone[where.rank * readers : (where.rank + 1) * readers]
     held = [sum(s.samples for s in mine) for mine in dealt]
     need = sum(shares(batching, where))
     return EpochPlan(
@@ -161,32 +171,26 @@ def train_plan(shards: Shards, readers: int, batching: Batching, where: Dist, se
 
 @dataclass(frozen=True)
 class Reading:
-    """How readers turn samples into uint8 crops: `transform`, the shuffle buffer's size (0: none), `chunk`
+    """How readers turn samples into uint8 crops: `decoding` (data.decode), the shuffle buffer's size (0: none), `chunk`
     images per item handed to the main process, whether a corrupt sample is skipped, and the epoch's seed."""
 
-    transform: v2.Transform
+    decoding: Decoding
     buffer: int
     chunk: int
     skip: bool
     seed: int
 
 
+def mixed(*numbers: int) -> int:
+    """A seed made of integers: the same on every machine and Python build (hash() is not: it differs between
+    32- and 64-bit builds and maps -1 and -2 alike)."""
+    return int.from_bytes(hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest(), "little") >> 1
+
+
 def crop_seed(seed: int, position: int, rereading: int) -> int:
     """The seed of a sample's crop: the epoch's seed, its position in the dataset and how many times its reader
     has read it before in the epoch."""
-    return hash((seed, position, rereading)) & (2**63 - 1)
-
-
-def seeded(transform: v2.Transform, image: torch.Tensor, seed: int) -> torch.Tensor:
-    """transform(image) with the CPU generator seeded, and left as it was (the training process may read shards
-    itself). torch.manual_seed would cost 100x more: it seeds every device's generator."""
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        return transform(image)
-    finally:
-        generator.set_state(state)
+    return mixed(seed, position, rereading)
 
 
 class ShardStream(IterableDataset):
@@ -202,20 +206,25 @@ class ShardStream(IterableDataset):
         for r in range(worker, len(self.plan.readers), workers):
             yield from self.chunks(r)
 
-    def chunks(self, r: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        images, labels, skipped = [], [], 0
-        for image, label, skips in self.crops(r):
-            images.append(image)
+    def chunks(self, r: int) -> Iterator[tuple[Any, torch.Tensor, int]]:
+        """Reader r's samples in chunks: (packed by data.decode's way, or None for none, labels, samples skipped)."""
+        items, seeds, names, labels, skipped = [], [], [], [], 0
+        pack = self.reading.decoding.pack
+        for item, seed, name, label, skips in self.crops(r):
+            items.append(item)
+            seeds.append(seed)
+            names.append(name)
             labels.append(self.labels[label])
             skipped += skips
-            if len(images) == self.reading.chunk:
-                yield torch.stack(images), torch.tensor(labels), skipped
-                images, labels, skipped = [], [], 0
-        if images or skipped:
-            yield (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)), torch.tensor(labels), skipped
+            if len(items) == self.reading.chunk:
+                yield pack(items, seeds, names), torch.tensor(labels), skipped
+                items, seeds, names, labels, skipped = [], [], [], [], 0
+        if items or skipped:
+            yield (pack(items, seeds, names) if items else None), torch.tensor(labels, dtype=torch.int64), skipped
 
-    def crops(self, r: int) -> Iterator[tuple[torch.Tensor, int, int]]:
-        """Reader r's (crop, label, samples skipped before it), exactly its quota of them."""
+    def crops(self, r: int) -> Iterator[tuple[Any, int, str, int, int]]:
+        """Reader r's (item, its crop's seed, name, label, samples skipped before it): exactly its quota of them,
+        or (evaluation) each of its samples once."""
         reader, reading = self.plan.readers[r], self.reading
         quota = reader.quota if reader.quota is not None else sum(s.samples for s in reader.shards)
         done, skipped, rereading, bad = 0, 0, 0, set()
@@ -226,41 +235,51 @@ class ShardStream(IterableDataset):
                     continue
                 try:
                     seed = crop_seed(reading.seed, position, rereading)
-                    image = seeded(reading.transform, decode_bytes(raw, name), seed)
+                    item = reading.decoding.item(raw, name, seed)
                 except LayerwiseError as e:
                     if not reading.skip:
-                        raise
+                        raise LayerwiseError(f"{one_line(e)} (or skip such samples: data.corrupt=skip)") from None
                     log.warning("data.corrupt=skip: %s", e)
                     skipped += 1
                     bad.add(position)
                     continue
-                yield image, label, skipped
+                yield item, seed, name, label, skipped
                 done, skipped = done + 1, 0
                 if done == quota:
                     return
+            if reader.quota is None:  # evaluation: one pass, a skipped sample is not replaced
+                return
             if done == before:
                 raise LayerwiseError(f"no sample of {reader.shards[0].path} and the shards after it can be decoded")
             rereading += 1
 
     def shuffled(self, r: int) -> Iterator[tuple[str, bytes, int, int]]:
-        """Reader r's samples (name, encoded image, label, dataset position), through the shuffle buffer."""
-        size = self.reading.buffer
-        pick = random.Random(hash((self.reading.seed, self.rank, r)))
-        buffer = []
+        """Reader r's samples (name, encoded image, label, dataset position), through the shuffle buffer: up to
+        data.shuffle_buffer samples and LAYERWISE_MAX_BUFFER_BYTES of them; when it is full, each new sample takes
+        the place of one drawn at random, which goes on."""
+        size, cap = self.reading.buffer, MAX_BUFFER_BYTES.get()
+        pick = random.Random(mixed(self.reading.seed, self.rank, r))
+        buffer, held = [], 0
         for s in self.plan.readers[r].shards:
-            for i, (key, raw, label) in enumerate(read_shard(s.path, len(self.labels))):
-                if i == s.samples:
+            count = 0
+            for key, raw, label in read_shard(s.path, len(self.labels)):
+                if count == s.samples:
                     break
-                sample = (f"{s.path}:{key}", raw, label, s.first + i)
+                sample = (f"{s.path}:{key}", raw, label, s.first + count)
+                count += 1
                 if size <= 1:
                     yield sample
-                    continue
-                if len(buffer) < size:
+                elif len(buffer) < size and (held + len(raw) <= cap or not buffer):
                     buffer.append(sample)
-                    continue
-                j = pick.randrange(size)
-                yield buffer[j]
-                buffer[j] = sample
+                    held += len(raw)
+                else:
+                    j = pick.randrange(len(buffer))
+                    out, buffer[j] = buffer[j], sample
+                    held += len(raw) - len(out[1])
+                    yield out
+            if count < s.samples:
+                raise LayerwiseError(f"shard {s.path} holds {count} samples where index.json says {s.samples}; run "
+                                     "layerwise shard again")  # fmt: skip
         pick.shuffle(buffer)
         yield from buffer
 
@@ -273,9 +292,18 @@ class ShardLoader(Batched):
         self.batching = Batching(len(shards), feed.batch_size, feed.where if feed.train else SINGLE)
         self.readers = max(1, cfg.workers)  # the same on every process: the deal depends on it
         self.workers = min(usable_workers(cfg.workers), self.readers)
-        self.transform, self.normalize = imagenet_transform(cfg, feed.train), Normalize(cfg.mean, cfg.std, feed.device)
+        self.decoding = decoding_for(cfg.decode, imagenet_transform(cfg, feed.train), feed.device)
+        self.normalize = Normalize(cfg.mean, cfg.std, feed.device)
         self.buffer, self.skip = cfg.shuffle_buffer, cfg.corrupt == "skip"
-        self.counts: dict[str, int] = {}
+        # every process sums them after every epoch, a pipeline's later processes, which read nothing, too
+        self.counts = {"repeated": 0, "dropped": 0, "skipped": 0}
+        slots = self.readers * feed.where.world_size
+        if feed.train and len(shards.shards) < slots:
+            raise LayerwiseError(
+                f"{len(shards.shards)} shards cannot give each of {feed.where.world_size} process(es) x "
+                f"{self.readers} reader(s) one: write smaller shards (layerwise shard --shard-size) or lower "
+                "data.workers"
+            )
 
     def plan(self, seed: int) -> EpochPlan:
         if self.train:
@@ -283,32 +311,41 @@ class ShardLoader(Batched):
         return EpochPlan(tuple(Reader(tuple(mine), None) for mine in deal(list(self.shards.shards), self.readers)))
 
     def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
-        seed = hash((seed, epoch)) & (2**63 - 1)
+        seed = mixed(seed, epoch)
         plan = self.plan(seed)
         sizes = shares(self.batching, self.where if self.train else SINGLE)
         chunk = max(sizes, default=1)
-        reading = Reading(self.transform, self.buffer if self.train else 0, chunk, self.skip, seed)
+        reading = Reading(self.decoding, self.buffer if self.train else 0, chunk, self.skip, seed)
         loader = DataLoader(
             ShardStream(plan, self.shards, reading, self.where.rank if self.train else 0),
             batch_size=None,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),  # not the global generator's next draw
             persistent_workers=False,
             worker_init_fn=release_inherited_locks,
         )
         self.counts = {"repeated": plan.repeated, "dropped": plan.dropped, "skipped": 0}
         for x, y in self.rebatched(iter(loader), sizes):
-            yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+            yield self.normalize(x), y.to(self.device, non_blocking=True)
 
     def rebatched(self, chunks: Iterator, sizes: list[int]) -> Iterator[Batch]:
-        """The readers' chunks cut into batches of `sizes`, counting the skipped samples."""
+        """The readers' chunks as uint8 crops on the device (data.decode's way), cut into batches of `sizes`;
+        counting the skipped samples."""
         xs, ys, held = [], [], 0
         for size in sizes:
             while held < size:
-                x, y, skipped = next(chunks)
+                packed, y, skipped = next(chunks, (None, None, 0))
+                if y is None and not self.train and held:  # evaluation without the samples it skipped
+                    yield torch.cat(xs), torch.cat(ys)
+                    return
+                if y is None and not self.train:
+                    return
+                if y is None:  # the plan's quotas add up to the shares: this is a defect, not bad data
+                    raise LayerwiseError(f"the shard readers ended {size - held} images short of a batch")
                 self.counts["skipped"] += skipped
                 if len(y):  # a reader's last chunk may hold skips alone
-                    xs.append(x)
+                    xs.append(self.decoding.unpack(packed, self.device))
                     ys.append(y)
                     held += len(y)
             x, y = torch.cat(xs), torch.cat(ys)
@@ -325,11 +362,19 @@ class ShardLoader(Batched):
 
 
 def is_shard_spec(path: str | Path | None) -> bool:
-    """Whether `--data` names shards: a brace pattern, a folder with index.json or a .txt list of shards."""
+    """Whether `--data` names shards: a brace pattern (a path that does not exist, with a {first..last} range), a
+    folder whose index.json is a shard index's, or a .txt list of shards."""
     if path is None:
         return False
-    text, p = str(path), Path(path).expanduser()
-    return "{" in text or (p.is_dir() and (p / "index.json").is_file()) or (p.is_file() and p.suffix == ".txt")
+    p = Path(path).expanduser()
+    if not p.exists():
+        return RANGE.search(str(path)) is not None
+    if p.is_dir():
+        try:
+            return FORMAT in read_text(p / "index.json", RUN_FILE)[:1000]
+        except (OSError, ValueError):  # none, or not text: an image folder
+            return False
+    return p.suffix == ".txt"
 
 
 def expand(pattern: str) -> list[str]:
@@ -346,7 +391,10 @@ def expand(pattern: str) -> list[str]:
 
 def listed(path: Path) -> list[str]:
     """The shards of a list file: one path per line (relative to the file's folder), blank and # lines aside."""
-    lines = [line.strip() for line in read_text(path, RUN_FILE).splitlines()]
+    try:
+        lines = [line.strip() for line in read_text(path, RUN_FILE).splitlines()]
+    except (OSError, ValueError) as e:
+        raise LayerwiseError(f"cannot read the shard list {path} ({type(e).__name__})") from None
     names = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
     if not names:
         raise LayerwiseError(f"{path} lists no shards; write one shard path per line")
@@ -362,6 +410,8 @@ def named_shards(spec: str | Path) -> tuple[dict, dict[str, list[Shard]]]:
         splits = index["splits"].items()
         return index, {split: rows_to_shards(p, rows, [r["name"] for r in rows]) for split, rows in splits}
     names = listed(p) if p.is_file() else expand(str(p))
+    if len({Path(n).name for n in names}) != len(names):
+        raise LayerwiseError(f"{spec} names a shard twice; name each once")
     folders = {Path(n).parent for n in names}
     if len(folders) != 1:
         raise LayerwiseError(f"{spec}: the shards must sit in one folder, beside its index.json")
@@ -398,12 +448,12 @@ def to_source(shards: list[Shard], index: dict, classes: list[str], decode: bool
     labels = tuple(class_index(classes, c, shards[0].path.parent) for c in names)
     if not decode:
         return Shards(tuple(shards), labels)
-    records = [
-        Record(f"{s.path}:{key}", "", names[label], raw)
-        for s in shards
-        for i, (key, raw, label) in enumerate(read_shard(s.path, len(names)))
-        if i < s.samples
-    ]
+    budget, records = Budget(shards[0].path.parent), []
+    for s in shards:
+        for i, (key, raw, label) in enumerate(read_shard(s.path, len(names))):
+            if i < s.samples:
+                budget.take(f"{s.path}:{key}", len(raw))
+                records.append(Record(f"{s.path}:{key}", "", names[label], raw))
     return to_examples(records, classes, True, size, "decoding shards")
 
 

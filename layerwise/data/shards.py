@@ -14,7 +14,9 @@ under a temporary name and renamed when whole) and writes the rest.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import re
 import tarfile
@@ -108,18 +110,20 @@ def sample_of(record: Record, split: str, label: int) -> Sample:
 
 
 def plan(samples: list[Sample], shard_bytes: int) -> dict[str, list[list[int]]]:
-    """Each split's shards as lists of sample positions: consecutive samples while the shard stays within
-    `shard_bytes` (at least one each)."""
+    """Each split's shards as lists of sample positions: as many shards as filling each up to `shard_bytes` takes
+    (at least one sample each), then the split's samples dealt into that many runs of consecutive samples whose
+    counts differ by at most one, so that no shard is a small remainder (readers then hold alike)."""
     shards: dict[str, list[list[int]]] = {}
-    room = 0
-    for i, s in enumerate(samples):
-        need = member_bytes(s.size) + member_bytes(len(str(s.label)))
-        own = shards.setdefault(s.split, [])
-        if not own or room + need > shard_bytes:
-            own.append([])
-            room = 2 * BLOCK  # the end-of-archive blocks
-        own[-1].append(i)
-        room += need
+    for split in dict.fromkeys(s.split for s in samples):
+        mine = [i for i, s in enumerate(samples) if s.split == split]
+        count, room = 0, shard_bytes
+        for i in mine:
+            need = member_bytes(samples[i].size) + member_bytes(len(str(samples[i].label)))
+            if room + need > shard_bytes:
+                count, room = count + 1, 2 * BLOCK  # the end-of-archive blocks
+            room += need
+        bounds = [len(mine) * k // count for k in range(count + 1)]
+        shards[split] = [mine[a:b] for a, b in itertools.pairwise(bounds)]
     return shards
 
 
@@ -140,42 +144,69 @@ def shard_members(path: Path) -> list[tuple[str, int]] | None:
 
 def write_shards(src: str | Path, out: str | Path, shard_bytes: int, seed: int = 0) -> dict:
     """Shard `src` into `out` (see the module's docstring), each split's samples in the order drawn from `seed`;
-    returns the index. A shard already in `out` with the planned members (names and sizes) is kept."""
+    returns the index.
+
+    A rerun keeps a shard that is whole, holds the planned members (names and sizes) and was planned with the same
+    sources (`plan.json`: a digest of each shard's source names, sizes and labels, written before any shard). A
+    shard whose plan changed is deleted first, so an interrupted rerun cannot keep it. A source file changed in
+    place at the same size goes unnoticed: delete the shards to start afresh."""
     src, out = check_path(src), Path(out)
     if shard_bytes < 16 * BLOCK:
         raise LayerwiseError(f"--shard-size must be at least {16 * BLOCK} bytes")
     classes, samples = samples_of(src)
     samples = shuffled(samples, seed)
     out.mkdir(parents=True, exist_ok=True)
-    layout = plan(samples, shard_bytes)
+    layout = {
+        f"{split}-{n:06d}.tar": (split, positions)
+        for split, shards in plan(samples, shard_bytes).items()
+        for n, positions in enumerate(shards)
+    }
+    digests = {name: digest(samples, positions) for name, (_, positions) in layout.items()}
+    planned = previous_plan(out)
+    for name in layout:
+        if planned.get(name) != digests[name]:
+            (out / name).unlink(missing_ok=True)
+    write_text(out / "plan.json", json.dumps(digests, indent=1) + "\n", out)
     index = {"format": FORMAT, "classes": classes, "seed": seed, "splits": {}}
-    first = {split: min(i for shard in shards for i in shard) for split, shards in layout.items()}
+    first = {split: positions[0] for split, positions in reversed(layout.values())}
     bar = tqdm(total=len(samples), desc="sharding", unit="img", disable=None, mininterval=1.0)
-    for split, shards in layout.items():
-        rows = index["splits"][split] = []
-        for n, positions in enumerate(shards):
-            name = f"{split}-{n:06d}.tar"
-            keys = [f"{i - first[split]:08d}" for i in positions]
-            members = [
-                member
-                for k, i in zip(keys, positions, strict=True)
-                for member in ((f"{k}.{samples[i].ext}", samples[i].size), (f"{k}.cls", len(str(samples[i].label))))
-            ]
-            if shard_members(out / name) != members:
+    for name, (split, positions) in layout.items():
+        keys = [f"{i - first[split]:08d}" for i in positions]
+        members = [
+            member
+            for k, i in zip(keys, positions, strict=True)
+            for member in ((f"{k}.{samples[i].ext}", samples[i].size), (f"{k}.cls", len(str(samples[i].label))))
+        ]
+        if shard_members(out / name) != members:
 
-                def write(f, positions=positions, keys=keys) -> None:
-                    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                        for key, i in zip(keys, positions, strict=True):
-                            add_member(tar, f"{key}.{samples[i].ext}", samples[i].encoded())
-                            add_member(tar, f"{key}.cls", str(samples[i].label).encode())
+            def write(f, positions=positions, keys=keys) -> None:
+                with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                    for key, i in zip(keys, positions, strict=True):
+                        add_member(tar, f"{key}.{samples[i].ext}", samples[i].encoded())
+                        add_member(tar, f"{key}.cls", str(samples[i].label).encode())
 
-                atomic_write(out / name, write, out)
-            rows.append({"name": name, "samples": len(positions), "bytes": (out / name).stat().st_size})
-            bar.update(len(positions))
+            atomic_write(out / name, write, out)
+        row = {"name": name, "samples": len(positions), "bytes": (out / name).stat().st_size}
+        index["splits"].setdefault(split, []).append(row)
+        bar.update(len(positions))
     bar.close()
     write_text(out / "classes.json", json.dumps(classes) + "\n", out)
     write_text(out / "index.json", json.dumps(index, indent=1) + "\n", out)
     return index
+
+
+def digest(samples: list[Sample], positions: list[int]) -> str:
+    lines = "\n".join(f"{samples[i].name}\t{samples[i].size}\t{samples[i].label}" for i in positions)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def previous_plan(out: Path) -> dict[str, str]:
+    """The digests of an earlier run's plan.json, or none where it is missing or not ours."""
+    try:
+        found = json.loads(read_text(out / "plan.json", RUN_FILE))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def read_index(folder: Path) -> dict:
@@ -194,9 +225,20 @@ def read_index(folder: Path) -> dict:
             isinstance(r, dict) and isinstance(r.get("name"), str) and re.fullmatch(r"\w+-\d{6}\.tar", r["name"])
             and isinstance(r.get("samples"), int) and r["samples"] > 0 for r in rows
         )  # fmt: skip
-    if not ok:
+    names = [r["name"] for rows in index["splits"].values() for r in rows] if ok else []
+    if not ok or len(set(names)) != len(names):
         raise LayerwiseError(f"{folder / 'index.json'} is not a layerwise shard index ({FORMAT})")
     return index
+
+
+class PlainMember(tarfile.TarInfo):
+    """A tar header that refuses the extended ones (pax, GNU long names, sparse files): tarfile would read their
+    whole body into memory before any member is seen, and `layerwise shard` writes none."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile):
+        if self.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE):
+            raise tarfile.HeaderError(f"an extended or special header ({self.type!r})")
+        return super()._proc_member(tarfile_)
 
 
 def read_shard(path: Path, classes: int) -> Iterator[tuple[str, bytes, int]]:
@@ -206,7 +248,7 @@ def read_shard(path: Path, classes: int) -> Iterator[tuple[str, bytes, int]]:
     cap = MAX_MEMBER_BYTES.get()
     key, image, label = None, None, None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|", tarinfo=PlainMember) as tar:
             for member in tar:
                 found = KEY.fullmatch(member.name)
                 if not member.isfile() or found is None:
@@ -233,6 +275,6 @@ def read_shard(path: Path, classes: int) -> Iterator[tuple[str, bytes, int]]:
                     yield key, image, label
                     key, image, label = None, None, None
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise LayerwiseError(f"shard {path} is unreadable after sample {key} ({type(e).__name__})") from None
+        raise LayerwiseError(f"shard {path} is unreadable after sample {key} ({type(e).__name__}: {e})") from None
     if key is not None:
         raise LayerwiseError(f"shard {path}: sample {key} is incomplete")
