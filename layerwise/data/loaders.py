@@ -195,12 +195,12 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 def usable_workers(asked: int) -> int:
     """data.workers, lowered (with a warning) to the CPUs this process may run on: more workers than CPUs only
-    cost memory. The random crops of streamed data depend on the worker count, so say so."""
+    cost memory. Streamed batches depend on the worker count (a folder's crops, shards' order), so say so."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if asked <= cpus:
         return asked
     log.warning(
-        "data.workers=%d is more than the %d CPUs here: using %d (streamed crops differ from a run with %d workers)",
+        "data.workers=%d is more than the %d CPUs here: using %d (streamed batches differ from a run with %d workers)",
         asked, cpus, cpus, asked,
     )  # fmt: skip
     return cpus
