@@ -17,7 +17,7 @@ import torch
 from torchvision.io import encode_png
 
 from layerwise.config import parse_assignment
-from layerwise.data import build_data, build_eval_loader, decoding
+from layerwise.data import build_data, build_eval_loader, decoding, shard_loader
 from layerwise.data.decoding import CropInReader, CropOnDevice
 from layerwise.data.loaders import Batching, Feed, imagenet_transform
 from layerwise.data.shard_loader import (
@@ -351,3 +351,21 @@ def test_only_shards_are_taken_for_shards(solid, tmp_path, image_folder):
     listing.write_text(f"{solid}/train-000000.tar\n{solid}/train-000000.tar\n")
     with pytest.raises(LayerwiseError, match="names a shard twice"):
         open_train_shards(listing, False, 4)
+
+
+@pytest.mark.parametrize("buffer", [0, 1000])
+def test_the_batches_are_the_readers_not_the_cpus(tmp_path, monkeypatch, buffer):
+    """Four readers run by 4, 2 or 1 worker processes (data.workers lowered to the CPUs): the same batches. 7
+    shards of 8 leave one reader with 8 images and three with 16, in chunks of 2 (batches of 2), so one reader ends
+    4 chunks early and from there the DataLoader interleaves the workers' chunks otherwise than the readers' order
+    (without in_reader_order this test fails)."""
+    write_solid(tmp_path / "images", "train", range(56))
+    write_shards(tmp_path / "images", tmp_path / "shards", EIGHT)
+    shards = open_train_shards(tmp_path / "shards", False, 4).train
+    got = []
+    for workers in (4, 2, 1):
+        monkeypatch.setattr(shard_loader, "usable_workers", lambda asked, workers=workers: workers)
+        one = loader(shards, 2, 0, 1, workers=4, shuffle_buffer=buffer)
+        assert one.workers == workers
+        got.append(seen(one, seed=2))
+    assert got[0] == got[1] == got[2]

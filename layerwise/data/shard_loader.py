@@ -17,9 +17,9 @@ An epoch of training, under P processes with W readers each (data.workers, at le
 - a sample's random crop and flip are drawn from a seed of the epoch's seed and the sample's position in the
   dataset alone, so the same image gets the same crop however many processes or workers read it.
 
-The epoch is reproducible for the same P and W and the same number of DataLoader processes (data.workers is
-lowered to the CPUs there are, and a worker that runs several readers interleaves their chunks otherwise): a run
-resumes exactly at an epoch boundary. It also resumes on another P or W, with the same images, drops and repeats
+The epoch is reproducible for the same P and W, however many DataLoader processes run the readers (data.workers
+is lowered to the CPUs there are; `in_reader_order` puts the chunks in the readers' order): a run resumes exactly
+at an epoch boundary. It also resumes on another P or W, with the same images, drops and repeats
 aside, in another order. Evaluation deals the shards in their order to the processes' readers and reads each
 sample once, without drops or repeats (`evaluate` sums the processes' counts). A sample that cannot be decoded
 is fatal, one line naming the shard and key, or with data.corrupt=skip, a warning, replaced by the reader's next
@@ -28,6 +28,7 @@ sample (not in evaluation, which scores the others), and counted (once an epoch)
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 import logging
@@ -193,34 +194,46 @@ def crop_seed(seed: int, position: int, rereading: int) -> int:
     return mixed(seed, position, rereading)
 
 
+Chunk = tuple[int, bool, Any, torch.Tensor, int]
+"""(reader, whether it is the reader's last, its samples packed by data.decode's way or None for none, their
+labels, the samples skipped before them)."""
+
+
 class ShardStream(IterableDataset):
-    """The readers of one process, for one epoch: DataLoader worker i runs readers i, i + workers, ... and hands
-    over (uint8 crops, labels, samples skipped) chunks."""
+    """The readers of one process, for one epoch: DataLoader worker i runs readers i, i + workers, ... a chunk
+    of each in turn (`in_reader_order` puts the chunks back in the readers' order, whatever the workers)."""
 
     def __init__(self, plan: EpochPlan, shards: Shards, reading: Reading, rank: int):
         self.plan, self.labels, self.reading, self.rank = plan, shards.labels, reading, rank
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for r in range(worker, len(self.plan.readers), workers):
-            yield from self.chunks(r)
+        streams = [self.chunks(r) for r in range(worker, len(self.plan.readers), workers)]
+        while streams:
+            for stream in list(streams):
+                chunk = next(stream)  # a reader's chunks end with one marked last
+                yield chunk
+                if chunk[1]:
+                    streams.remove(stream)
 
-    def chunks(self, r: int) -> Iterator[tuple[Any, torch.Tensor, int]]:
-        """Reader r's samples in chunks: (packed by data.decode's way, or None for none, labels, samples skipped)."""
+    def chunks(self, r: int) -> Iterator[Chunk]:
+        """Reader r's samples in chunks of `reading.chunk`, the last (perhaps empty) marked."""
         items, seeds, names, labels, skipped = [], [], [], [], 0
         pack = self.reading.decoding.pack
         for item, seed, name, label, skips in self.crops(r):
+            skipped += skips
+            if item is None:  # skips after the last sample
+                continue
             items.append(item)
             seeds.append(seed)
             names.append(name)
             labels.append(self.labels[label])
-            skipped += skips
             if len(items) == self.reading.chunk:
-                yield pack(items, seeds, names), torch.tensor(labels), skipped
+                yield r, False, pack(items, seeds, names), torch.tensor(labels), skipped
                 items, seeds, names, labels, skipped = [], [], [], [], 0
-        if items or skipped:
-            yield (pack(items, seeds, names) if items else None), torch.tensor(labels, dtype=torch.int64), skipped
+        packed = pack(items, seeds, names) if items else None
+        yield r, True, packed, torch.tensor(labels, dtype=torch.int64), skipped
 
     def crops(self, r: int) -> Iterator[tuple[Any, int, str, int, int]]:
         """Reader r's (item, its crop's seed, name, label, samples skipped before it): exactly its quota of them,
@@ -248,6 +261,8 @@ class ShardStream(IterableDataset):
                 if done == quota:
                     return
             if reader.quota is None:  # evaluation: one pass, a skipped sample is not replaced
+                if skipped:
+                    yield None, 0, "", 0, skipped
                 return
             if done == before:
                 raise LayerwiseError(f"no sample of {reader.shards[0].path} and the shards after it can be decoded")
@@ -326,10 +341,10 @@ class ShardLoader(Batched):
             worker_init_fn=release_inherited_locks,
         )
         self.counts = {"repeated": plan.repeated, "dropped": plan.dropped, "skipped": 0}
-        for x, y in self.rebatched(iter(loader), sizes):
+        for x, y in self.rebatched(in_reader_order(iter(loader), len(plan.readers)), sizes):
             yield self.normalize(x), y.to(self.device, non_blocking=True)
 
-    def rebatched(self, chunks: Iterator, sizes: list[int]) -> Iterator[Batch]:
+    def rebatched(self, chunks: Iterator[tuple[Any, torch.Tensor, int]], sizes: list[int]) -> Iterator[Batch]:
         """The readers' chunks as uint8 crops on the device (data.decode's way), cut into batches of `sizes`;
         counting the skipped samples."""
         xs, ys, held = [], [], 0
@@ -356,6 +371,23 @@ class ShardLoader(Batched):
 
     def epoch_counts(self) -> dict[str, int]:
         return dict(self.counts)
+
+
+def in_reader_order(chunks: Iterator[Chunk], readers: int) -> Iterator[tuple[Any, torch.Tensor, int]]:
+    """(packed, labels, skipped) of the readers' chunks in a fixed order, a chunk of each reader in turn, however
+    many workers ran them and however the DataLoader interleaved those: so the batches depend on the readers (P and
+    W), not on the CPUs. A chunk that comes early waits (only near an epoch's end, when readers finish unevenly)."""
+    waiting = {r: collections.deque() for r in range(readers)}
+    alive = list(range(readers))
+    while alive:
+        for r in list(alive):
+            while not waiting[r]:
+                chunk = next(chunks)
+                waiting[chunk[0]].append(chunk)
+            _, last, packed, y, skipped = waiting[r].popleft()
+            yield packed, y, skipped
+            if last:
+                alive.remove(r)
 
 
 # ---------------------------------------------------------------- naming shards
