@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source recipes/resumable.sh
-models=${MODELS:-"regnety_002 mobilenetv3_small_100 efficientnet_b0"}
+models=${MODELS:-"regnety_002 mobilenetv3_small_100"}  # any timm CNNs: MODELS="efficientnet_b0 resnet18"
 demo_recipe=(--epochs-per-block 4 --batch-size 64 --lr 0.05 --set train.lr_step=3 --set train.lr_gamma=0.2
   --set train.reset_momentum_at_decay=true --set train.weight_decay=0.0005 --set data.val_size=1000
   --set train.train_eval_size=1000 --seed 0)
