@@ -262,8 +262,9 @@ def test_decoding_on_the_gpu_is_refused_where_it_cannot_run(image_folder, tmp_pa
     write_shards(image_folder, tmp_path / "shards", 16 * 1024)
     with pytest.raises(LayerwiseError, match=r"data\.decode=gpu decodes on a CUDA device, and this run trains on cpu"):
         build_data(config(decode="gpu", val_size=0), tmp_path / "shards", 8, CPU)
-    with pytest.raises(LayerwiseError, match=r"data\.decode=gpu is for shards"):
-        build_data(config(decode="gpu", val_size=8), image_folder, 8, CPU)
+    for setting in ({"decode": "gpu"}, {"shuffle_buffer": 10}, {"corrupt": "skip"}):
+        with pytest.raises(LayerwiseError, match=r"data\.\w+=\w+ is for shards \(layerwise shard\), not an image"):
+            build_data(config(val_size=8, **setting), image_folder, 8, CPU)
     with pytest.raises(LayerwiseError, match=r"data\.decode has no effect here"):
         resolve_config("demo", None, [parse_assignment("data.decode=gpu")])
 

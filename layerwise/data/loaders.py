@@ -213,9 +213,12 @@ class StreamLoader(Batched):
     """
 
     def __init__(self, files: Files, cfg: DataConfig, feed: Feed):
-        if cfg.decode != "cpu":
-            why = "an image folder decodes in the DataLoader workers"
-            raise LayerwiseError(f"data.decode={cfg.decode} is for shards (layerwise shard); {why}: remove it")
+        shard_settings = {"data.decode": (cfg.decode, DataConfig.decode),
+                          "data.shuffle_buffer": (cfg.shuffle_buffer, DataConfig.shuffle_buffer),
+                          "data.corrupt": (cfg.corrupt, DataConfig.corrupt)}  # fmt: skip
+        for key, (value, default) in shard_settings.items():
+            if value != default:
+                raise LayerwiseError(f"{key}={value} is for shards (layerwise shard), not an image folder: remove it")
         device, train = feed.device, feed.train
         self.dataset = FileDataset(files, imagenet_transform(cfg, train))
         self.batch_size, self.device, self.train = feed.batch_size, device, train
