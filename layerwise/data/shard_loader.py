@@ -363,7 +363,7 @@ class ShardLoader(Batched):
                     xs.append(self.decoding.unpack(packed, self.device))
                     ys.append(y)
                     held += len(y)
-            x, y = torch.cat(xs), torch.cat(ys)
+            x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))  # no copy for a whole chunk
             yield x[:size], y[:size]
             xs, ys, held = [x[size:]], [y[size:]], held - size
         for _, _, skipped in chunks:  # the readers are done; a last chunk may carry skips only
